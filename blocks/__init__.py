@@ -1,0 +1,5 @@
+"""Prefect Blocks: typed, saved configuration for invoiceflow."""
+
+from blocks.extractor import ExtractorBlock
+
+__all__ = ["ExtractorBlock"]

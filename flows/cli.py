@@ -1,0 +1,264 @@
+"""The `invoiceflow` command: local stack, runs, manifest status, one-off extraction.
+
+Prefect is imported inside the commands, after the stack's environment (PREFECT_API_URL,
+PREFECT_HOME) is in place, so every command talks to the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from invoiceflow import stack
+
+app = typer.Typer(
+    help="invoiceflow: invoice PDFs in S3 → validated JSON, via Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option(help="Where the local stack keeps its state (default ./.invoiceflow)."),
+]
+
+
+def _use_local_stack(state_dir: Path | None) -> stack.StackInfo | None:
+    """Point this process at the local stack unless PREFECT_API_URL is already set."""
+    info = stack.load(state_dir)
+    if os.environ.get("PREFECT_API_URL") and (
+        info is None or os.environ["PREFECT_API_URL"] != info.api_url
+    ):
+        return None  # the user configured another stack; respect it
+    if info is None or not stack.is_running(info):
+        err.print(
+            "[red]The local stack is not running.[/] Start it with `invoiceflow up`, "
+            "or set PREFECT_API_URL to use another Prefect server."
+        )
+        raise typer.Exit(2)
+    os.environ.update(info.env())
+    return info
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    s3_port: Annotated[int, typer.Option(help="Local S3 (moto) port.")] = 5055,
+    samples: Annotated[int, typer.Option(help="Sample invoices to upload.")] = 12,
+    bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "invoiceflow",
+) -> None:
+    """Start (or reuse) the local Prefect server and S3, and provision them."""
+    try:
+        with console.status("starting Prefect server and S3 on 127.0.0.1 …"):
+            info, reused = stack.up(
+                state_dir, prefect_port=prefect_port, s3_port=s3_port, bucket=bucket
+            )
+    except stack.StackError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    os.environ.update(info.env())
+    from flows.provision import provision_local
+
+    _, uploaded = asyncio.run(
+        provision_local(bucket=info.bucket, endpoint_url=info.s3_endpoint, samples=samples)
+    )
+    verb = "reused" if reused else "started"
+    console.print(
+        f"[green]Local stack {verb}.[/] Prefect UI: {info.ui_url}  "
+        f"S3: {info.s3_endpoint}  bucket: {info.bucket}  "
+        f"new sample invoices: {uploaded}"
+    )
+    console.print("To use it from a shell:  eval $(invoiceflow env)")
+
+
+@app.command()
+def down(state_dir: StateDir = None) -> None:
+    """Stop the local stack's servers."""
+    info = stack.down(state_dir)
+    console.print("Local stack stopped." if info else "No local stack was running.")
+
+
+@app.command()
+def env(state_dir: StateDir = None) -> None:
+    """Print `export` lines pointing a shell at the local stack."""
+    info = stack.load(state_dir)
+    if info is None:
+        err.print("No local stack; run `invoiceflow up` first.")
+        raise typer.Exit(2)
+    for key, value in info.env().items():
+        print(f"export {key}={value}")
+
+
+@app.command()
+def run(
+    state_dir: StateDir = None,
+    prefix: Annotated[str, typer.Option(help="S3 prefix holding the PDFs.")] = "incoming/",
+    selection: Annotated[Literal["new", "failed", "all"], typer.Option()] = "new",
+    concurrency: Annotated[int, typer.Option(help="Max LLM calls in flight.")] = 8,
+    extractor_block: Annotated[str, typer.Option()] = "invoiceflow-extractor",
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's run logs.")] = False,
+) -> None:
+    """Run the process-invoices flow now, showing progress, then the manifest table."""
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    info = _use_local_stack(state_dir)
+    from flows.params import ProcessInvoicesParams
+    from flows.process_invoices import process_invoices
+
+    params = ProcessInvoicesParams(
+        source_prefix=prefix,
+        selection=selection,
+        max_llm_concurrency=concurrency,
+        extractor_block=extractor_block,
+    )
+    store = _manifest_store(params.bucket_block, params.manifest_key)
+    before = _finished_under(store, params.source_prefix)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = asyncio.run(process_invoices(params))
+        except Exception as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="process-invoices")
+    worker.start()
+    total = sum(1 for _ in store.s3.list_pdfs(params.source_prefix))
+    with Progress(
+        TextColumn("[bold]invoices"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("invoices", total=total)
+        while worker.is_alive():
+            progress.update(bar, completed=_finished_under(store, params.source_prefix))
+            worker.join(0.5)
+        progress.update(bar, completed=_finished_under(store, params.source_prefix))
+    _print_manifest(store, params.source_prefix)
+    summary = outcome.get("summary")
+    processed = getattr(summary, "processed", None)
+    if processed == 0 or (processed is None and "error" not in outcome):
+        console.print(f"Nothing new under {prefix} ({before} already finished).")
+    elif summary is not None:
+        console.print(f"Processed {processed} invoices.")
+    if info is not None:
+        console.print(f"Prefect UI: {info.ui_url}")
+    if "error" in outcome:
+        err.print(f"[red]Run failed:[/] {outcome['error']}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    state_dir: StateDir = None,
+    prefix: Annotated[str, typer.Option(help="Only invoices under this prefix.")] = "",
+    bucket_block: Annotated[str, typer.Option()] = "invoiceflow-bucket",
+    manifest_key: Annotated[str, typer.Option()] = "manifest.json",
+) -> None:
+    """Summarize the manifest: counts per status and one row per invoice."""
+    _use_local_stack(state_dir)
+    _print_manifest(_manifest_store(bucket_block, manifest_key), prefix)
+
+
+@app.command()
+def extract(
+    pdf: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    extractor: Annotated[Literal["rules", "openai"], typer.Option()] = "rules",
+    base_url: Annotated[str | None, typer.Option(envvar="OPENAI_BASE_URL")] = None,
+    model: Annotated[str, typer.Option(envvar="OPENAI_MODEL")] = "gpt-4o-mini",
+) -> None:
+    """Print the fields extracted from one local PDF. Needs no Prefect server and no S3.
+
+    For --extractor openai the key is read from OPENAI_API_KEY, never from the command line.
+    """
+    from invoiceflow.pdf import PdfError, parse_pdf
+
+    try:
+        parsed = parse_pdf(pdf.read_bytes())
+    except PdfError as exc:
+        err.print(f"[red]{pdf}: {exc.kind}: {exc}[/]")
+        raise typer.Exit(1) from None
+    if extractor == "rules":
+        from invoiceflow.extractors.rules import RulesExtractor
+
+        ex = RulesExtractor()
+    else:
+        from invoiceflow.extractors.openai import OpenAIExtractor
+
+        ex = OpenAIExtractor(
+            base_url=base_url or "https://api.openai.com/v1",
+            api_key=os.environ.get("OPENAI_API_KEY", ""),
+            model=model,
+        )
+    invoice = asyncio.run(ex.extract(parsed.text))
+    sys.stdout.write(invoice.model_dump_json(indent=2) + "\n")
+
+
+def _manifest_store(bucket_block: str, manifest_key: str):
+    from prefect_aws import S3Bucket
+
+    from invoiceflow.manifest import ManifestStore
+    from invoiceflow.storage import S3Store
+
+    async def load() -> S3Bucket:
+        return await S3Bucket.load(bucket_block)
+
+    bucket = asyncio.run(load())
+    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+
+    def read_only_lock():
+        raise RuntimeError("the CLI only reads the manifest")
+
+    return ManifestStore(s3, manifest_key, lock=read_only_lock)
+
+
+def _finished_under(store, prefix: str) -> int:
+    snap = store.read_sync()
+    return sum(
+        1
+        for k, e in snap.entries.items()
+        if k.startswith(prefix) and e["status"] in ("done", "failed")
+    )
+
+
+def _print_manifest(store, prefix: str) -> None:
+    snap = store.read_sync()
+    rows = sorted((k, e) for k, e in snap.entries.items() if k.startswith(prefix))
+    table = Table(title=f"manifest s3://{store.s3.bucket}/{store.key}  (revision {snap.revision})")
+    for col in ("invoice", "status", "vendor", "total", "currency", "attempts", "error"):
+        table.add_column(col, justify="right" if col in ("total", "attempts") else "left")
+    for key, e in rows:
+        style = {"done": "green", "failed": "red"}.get(e["status"], "yellow")
+        error = f"{e.get('error_kind')}: {e.get('error_message')}" if e.get("error_kind") else ""
+        table.add_row(
+            key,
+            f"[{style}]{e['status']}[/]",
+            e.get("vendor_name") or "",
+            e.get("total") or "",
+            e.get("currency") or "",
+            str(e["attempts"]),
+            error,
+        )
+    console.print(table)
+    counts: dict[str, int] = {}
+    for _, e in rows:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    console.print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "empty manifest")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,85 @@
+"""Flow parameters. Titles and descriptions become the Prefect UI's run form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class ProcessInvoicesParams(BaseModel):
+    source_prefix: str = Field(
+        default="incoming/",
+        title="Source prefix",
+        description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
+    )
+    selection: Literal["new", "failed", "all"] = Field(
+        default="new",
+        title="Which invoices",
+        description="`new`: not yet done (new, changed, or failed transiently). "
+        "`failed`: every failed invoice, permanent failures included. "
+        "`all`: everything under the prefix again (re-bills the LLM).",
+    )
+    max_llm_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        title="Max LLM concurrency",
+        description="Extraction calls in flight at once in this run.",
+    )
+    invoices_per_task: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        title="Invoices per task",
+        description="0 chooses automatically: one invoice per task for small runs (each "
+        "visible and retried on its own), chunks for large runs so the Prefect server "
+        "is not the bottleneck.",
+    )
+    results_prefix: str = Field(
+        default="results/",
+        title="Results prefix",
+        description="Where one JSON result per invoice is written.",
+    )
+    manifest_key: str = Field(
+        default="manifest.json",
+        title="Manifest key",
+        description="The S3 object recording every invoice's status.",
+    )
+    bucket_block: str = Field(
+        default="invoiceflow-bucket",
+        title="S3 bucket block",
+        description="Name of the saved prefect-aws S3Bucket block.",
+    )
+    extractor_block: str = Field(
+        default="invoiceflow-extractor",
+        title="Extractor block",
+        description="Name of the saved Invoice Extractor block (rules or an LLM).",
+    )
+    manifest_lock: str = Field(
+        default="invoiceflow-manifest",
+        title="Manifest lock",
+        description="Global concurrency limit (size 1) serializing manifest writes.",
+    )
+    commit_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        title="Manifest commit interval (s)",
+        description="Longest an update waits to be batched into one manifest write.",
+    )
+
+    @field_validator("source_prefix", "results_prefix")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        value = value.lstrip("/")
+        if ".." in value.split("/"):
+            raise ValueError("prefix must not contain '..'")
+        return value if not value or value.endswith("/") else value + "/"
+
+    def chunk_size(self, n: int) -> int:
+        if self.invoices_per_task:
+            return self.invoices_per_task
+        # ≤50 invoices: one per task. Beyond, ~50 chunks per stage keeps task runs (each
+        # ~60 ms of server CPU) a small share of the work while still pipelining.
+        return 1 if n <= 50 else -(-n // 50)

@@ -1,0 +1,35 @@
+"""Process the invoice PDFs under an S3 prefix into one JSON result each.
+
+invoices = list_invoices(prefix)           # claim new ones in the manifest
+parsed   = parse_invoices.map(chunks)      # pypdf, on the thread pool
+results  = extract_invoices(parsed)        # async LLM calls, bounded concurrency
+every status change is group-committed to the manifest under a slot of size one
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.params import ProcessInvoicesParams
+from flows.summary import RunSummary, summarize
+from flows.tasks import extract_when_parsed, list_invoices, open_pipeline, parse_invoices
+from invoiceflow.pipeline import chunked
+
+
+@flow(name="process-invoices", task_runner=ThreadPoolTaskRunner(max_workers=4))
+async def process_invoices(
+    params: ProcessInvoicesParams = ProcessInvoicesParams(),
+) -> RunSummary:
+    async with open_pipeline(params) as pipeline:
+        invoices = await list_invoices(pipeline, params.selection)
+        chunks = chunked(invoices, params.chunk_size(len(invoices)))
+        parsed = parse_invoices.map(chunks, unmapped(pipeline))
+        results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
+    return await summarize(params, [o for chunk in results for o in chunk])
+
+
+if __name__ == "__main__":
+    asyncio.run(process_invoices())

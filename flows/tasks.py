@@ -1,0 +1,76 @@
+"""Tasks of the process-invoices flow. Each is a thin call into `InvoicePipeline`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect_aws import S3Bucket
+
+from blocks.extractor import ExtractorBlock
+from flows.lock import check_manifest_lock, manifest_lock
+from flows.params import ProcessInvoicesParams
+from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
+from invoiceflow.pipeline import (
+    InvoiceOutcome,
+    InvoicePipeline,
+    ParsedDoc,
+    PipelineConfig,
+    WorkItem,
+)
+from invoiceflow.storage import S3Store
+
+
+@contextlib.asynccontextmanager
+async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoicePipeline]:
+    """Load the blocks, verify the manifest lock, and run one group committer."""
+    await check_manifest_lock(params.manifest_lock)
+    bucket = await S3Bucket.load(params.bucket_block)
+    extractor_block = await ExtractorBlock.load(params.extractor_block)
+    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    store = ManifestStore(s3, params.manifest_key, lock=manifest_lock(params.manifest_lock))
+    extractor = extractor_block.build()
+    config = PipelineConfig(
+        source_prefix=params.source_prefix,
+        results_prefix=params.results_prefix,
+        run_id=str(flow_run.id),
+        max_concurrency=params.max_llm_concurrency,
+    )
+    try:
+        async with GroupCommitter(store, max_wait_s=params.commit_interval_s) as committer:
+            yield InvoicePipeline(s3, committer, extractor, config)
+    finally:
+        aclose = getattr(extractor, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# Pipeline objects are live (clients, the committer); they are not cache inputs.
+@task(cache_policy=NO_CACHE)
+async def list_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
+    return await pipeline.select(selection)
+
+
+@task(cache_policy=NO_CACHE)
+def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[ParsedDoc]:
+    return pipeline.parse_many(items)
+
+
+@task(cache_policy=NO_CACHE)
+async def extract_invoices(
+    docs: list[ParsedDoc], pipeline: InvoicePipeline
+) -> list[InvoiceOutcome]:
+    return list(await asyncio.gather(*(pipeline.extract(doc) for doc in docs)))
+
+
+async def extract_when_parsed(
+    parsed: PrefectFuture[list[ParsedDoc]], pipeline: InvoicePipeline
+) -> list[InvoiceOutcome]:
+    # .result() blocks, so wait for the parse task off the event loop.
+    docs = await asyncio.to_thread(parsed.result)
+    return await extract_invoices(docs, pipeline)

@@ -1,0 +1,180 @@
+"""S3 access: listing, reading, writing results, and conditional puts for the manifest.
+
+Plain boto3 so the domain stays testable without Prefect. Transient S3 errors (5xx,
+SlowDown, throttling, connection resets) are retried by botocore's own `standard`
+retry mode; conditional-write conflicts (412/409) are surfaced as `PreconditionFailed`
+for the caller to re-read and re-apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object changed (412) or a write raced it (409)."""
+
+
+class S3Object(tuple[bytes, str]):
+    """(body, etag) pair; a tuple so it unpacks naturally."""
+
+    @property
+    def body(self) -> bytes:
+        return self[0]
+
+    @property
+    def etag(self) -> str:
+        return self[1]
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region_name: str = "us-east-1",
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    max_attempts: int = 8,
+    max_pool_connections: int = 64,
+) -> Any:
+    """A boto3 S3 client with botocore's standard retry mode and a pool sized for fan-out."""
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=5,
+        read_timeout=30,
+        # Path-style keeps loopback endpoints (moto, MinIO) working without DNS tricks.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region_name,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        config=config,
+    )
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    etag: str
+    size: int
+
+
+def _clean_etag(etag: str) -> str:
+    return etag.strip('"')
+
+
+class S3Store:
+    """One bucket, addressed by key. Thread-safe (boto3 clients are)."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    def list_pdfs(self, prefix: str) -> Iterator[ListedObject]:
+        """Every `*.pdf` under `prefix`, following pagination."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].lower().endswith(".pdf"):
+                    yield ListedObject(obj["Key"], _clean_etag(obj["ETag"]), obj["Size"])
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> S3Object:
+        """Body and ETag; NoSuchKey surfaces as KeyError."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                raise KeyError(key) from exc
+            raise
+        if max_bytes is not None and resp["ContentLength"] > max_bytes:
+            resp["Body"].close()
+            raise ValueError(f"{key} is {resp['ContentLength']} bytes, over the {max_bytes} limit")
+        return S3Object((resp["Body"].read(), _clean_etag(resp["ETag"])))
+
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> str:
+        resp = self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
+        )
+        return _clean_etag(resp["ETag"])
+
+    def put_conditional(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None,
+        content_type: str = "application/json",
+    ) -> str:
+        """Write only if the object still has ETag `if_match`, or is absent when None.
+
+        Returns the new ETag; raises `PreconditionFailed` when someone else won.
+        """
+        condition = {"IfMatch": f'"{if_match}"'} if if_match else {"IfNoneMatch": "*"}
+        try:
+            resp = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **condition
+            )
+        except ClientError as exc:
+            # 409 ConditionalRequestConflict is real S3's answer to a racing conditional
+            # write; NoSuchKey means If-Match against an object someone deleted.
+            if _code(exc) in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+                "409",
+                "NoSuchKey",
+                "404",
+            ):
+                raise PreconditionFailed(f"{key}: {_code(exc)}") from exc
+            raise
+        return _clean_etag(resp["ETag"])
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+_UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
+
+
+def invoice_id(source_key: str, source_prefix: str = "") -> str:
+    """A stable, path-safe id for a source key: its name relative to the prefix.
+
+    Sub-folders become `__`, anything outside word characters, dots, dashes and spaces
+    becomes `_`, and `..` can never survive, so a result key cannot escape its prefix.
+    A short hash keeps ids unique when sanitising maps two keys onto one name.
+    """
+    rel = source_key[len(source_prefix) :] if source_key.startswith(source_prefix) else source_key
+    rel = unicodedata.normalize("NFC", rel.lstrip("/"))
+    stem = rel[:-4] if rel.lower().endswith(".pdf") else rel
+    parts = [_UNSAFE.sub("_", p).strip(" .") or "_" for p in stem.split("/") if p]
+    safe = "__".join(parts)[:180] or "_"
+    if safe != stem:
+        safe = f"{safe}-{hashlib.sha1(source_key.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def result_key(results_prefix: str, inv_id: str) -> str:
+    key = posixpath.join(results_prefix, f"{inv_id}.json")
+    if not key.startswith(results_prefix):  # defence in depth against traversal
+        raise ValueError(f"unsafe result key {key!r}")
+    return key
