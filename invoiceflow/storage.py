@@ -83,10 +83,13 @@ class S3Store:
         self.client = client
         self.bucket = bucket
 
-    def list_pdfs(self, prefix: str) -> Iterator[ListedObject]:
+    def list_pdfs(self, prefix: str, *, page_size: int = 1000) -> Iterator[ListedObject]:
         """Every `*.pdf` under `prefix`, following pagination."""
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+        )
+        for page in pages:
             for obj in page.get("Contents", []):
                 if obj["Key"].lower().endswith(".pdf"):
                     yield ListedObject(obj["Key"], _clean_etag(obj["ETag"]), obj["Size"])

@@ -1,0 +1,58 @@
+# Needs only python3 and make: uv is bootstrapped into .tools/ when not on PATH.
+UV_VERSION ?= 0.13.8
+UV ?= $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+PYTEST_ARGS ?=
+N ?= 1000
+L ?= 2
+C ?= 32
+
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export UV_LINK_MODE = copy
+
+.PHONY: help sync run up down status test lint format bench clean
+
+help:
+	@echo "make run    start (or reuse) the local stack and process the sample invoices"
+	@echo "make test   lint, then run the whole test suite against real local servers"
+	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
+	@echo "make down   stop the local stack"
+
+$(CURDIR)/.tools/bin/uv:
+	python3 -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen
+	@touch $@
+
+sync: .venv/.synced
+
+run: sync
+	$(UV) run invoiceflow up
+	$(UV) run invoiceflow run
+
+up: sync
+	$(UV) run invoiceflow up
+
+down: sync
+	$(UV) run invoiceflow down
+
+status: sync
+	$(UV) run invoiceflow status
+
+lint: sync
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+format: sync
+	$(UV) run ruff format .
+	$(UV) run ruff check --fix .
+
+test: lint
+	$(UV) run pytest $(PYTEST_ARGS)
+
+bench: sync
+	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C)
+
+clean: down
+	rm -rf .invoiceflow .pytest_cache
