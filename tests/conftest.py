@@ -30,15 +30,19 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 @pytest.fixture(scope="session")
 def local_stack() -> Iterator[stack.StackInfo]:
     """Prefect server + S3 + bucket + manifest lock + blocks, for the whole session."""
-    info, _ = stack.up(STATE_DIR, prefect_port=PREFECT_PORT, s3_port=S3_PORT,
-                       bucket="invoiceflow-test")
+    info, _ = stack.up(
+        STATE_DIR, prefect_port=PREFECT_PORT, s3_port=S3_PORT, bucket="invoiceflow-test"
+    )
     try:
         from flows.provision import provision_local
 
-        asyncio.run(provision_local(bucket=info.bucket, endpoint_url=info.s3_endpoint,
-                                    samples=0))
+        asyncio.run(provision_local(bucket=info.bucket, endpoint_url=info.s3_endpoint, samples=0))
         yield info
     finally:
+        # Flush queued run logs while the server is still there to take them.
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
         stack.down(STATE_DIR)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
 
@@ -49,7 +53,8 @@ def s3_endpoint() -> Iterator[str]:
     port = stack.free_port()
     proc = subprocess.Popen(
         [stack._bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,8 +70,9 @@ def s3_store(s3_endpoint: str):
     """A fresh bucket on the session's moto server."""
     from invoiceflow.storage import S3Store, make_s3_client
 
-    client = make_s3_client(endpoint_url=s3_endpoint, aws_access_key_id="test",
-                            aws_secret_access_key="test")
+    client = make_s3_client(
+        endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test"
+    )
     store = S3Store(client, f"test-{uuid.uuid4().hex[:12]}")
     store.ensure_bucket()
     return store
