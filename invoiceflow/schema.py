@@ -10,11 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # ISO 4217 codes we accept. Kept explicit so a typo ("EUR0", "US$") is a validation
 # error instead of a silently wrong currency.
-ISO_4217 = frozenset(
-    """AED ARS AUD BGN BRL CAD CHF CLP CNY COP CZK DKK EGP EUR GBP HKD HUF IDR ILS INR ISK
-    JPY KES KRW MAD MXN MYR NGN NOK NZD PEN PHP PKR PLN QAR RON RSD RUB SAR SEK SGD THB
-    TRY TWD UAH USD VND ZAR""".split()
-)
+_ISO_4217_CODES = """
+AED ARS AUD BGN BRL CAD CHF CLP CNY COP CZK DKK EGP EUR GBP HKD HUF IDR ILS INR ISK JPY
+KES KRW MAD MXN MYR NGN NOK NZD PEN PHP PKR PLN QAR RON RSD RUB SAR SEK SGD THB TRY TWD
+UAH USD VND ZAR
+"""
+ISO_4217 = frozenset(_ISO_4217_CODES.split())
 
 Money = Annotated[Decimal, Field(max_digits=18, decimal_places=4)]
 
