@@ -25,7 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (make, CI logs) would otherwise be squeezed into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
 StateDir = Annotated[
@@ -54,8 +55,12 @@ def _use_local_stack(state_dir: Path | None) -> stack.StackInfo | None:
 @app.command()
 def up(
     state_dir: StateDir = None,
-    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
-    s3_port: Annotated[int, typer.Option(help="Local S3 (moto) port.")] = 5055,
+    prefect_port: Annotated[
+        int | None, typer.Option(help="Prefect server port [default: 4200].")
+    ] = None,
+    s3_port: Annotated[
+        int | None, typer.Option(help="Local S3 (moto) port [default: 5055].")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Sample invoices to upload.")] = 12,
     bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "invoiceflow",
 ) -> None:

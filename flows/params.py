@@ -69,6 +69,14 @@ class ProcessInvoicesParams(BaseModel):
         description="Longest an update waits to be batched into one manifest write.",
     )
 
+    max_commit_batch: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        title="Manifest commit batch",
+        description="Most status updates written in one manifest commit.",
+    )
+
     @field_validator("source_prefix", "results_prefix")
     @classmethod
     def _folder(cls, value: str) -> str:

@@ -42,7 +42,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         max_concurrency=params.max_llm_concurrency,
     )
     try:
-        async with GroupCommitter(store, max_wait_s=params.commit_interval_s) as committer:
+        async with GroupCommitter(
+            store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
+        ) as committer:
             yield InvoicePipeline(s3, committer, extractor, config)
     finally:
         aclose = getattr(extractor, "aclose", None)

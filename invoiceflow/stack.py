@@ -22,6 +22,9 @@ from pathlib import Path
 
 import httpx
 
+DEFAULT_PREFECT_PORT = 4200
+DEFAULT_S3_PORT = 5055
+
 
 class StackError(RuntimeError):
     """The local stack cannot start or be reached; the message says what to do."""
@@ -169,16 +172,32 @@ def is_running(info: StackInfo) -> bool:
 def up(
     state_dir: Path | None = None,
     *,
-    prefect_port: int = 4200,
-    s3_port: int = 5055,
+    prefect_port: int | None = None,
+    s3_port: int | None = None,
     bucket: str = "invoiceflow",
     timeout_s: float = 120,
 ) -> tuple[StackInfo, bool]:
-    """Start (or reuse) the stack. Returns (info, reused)."""
+    """Start (or reuse) the stack. Returns (info, reused).
+
+    Ports left as None reuse the running stack's, or default to 4200 (Prefect) and
+    5055 (S3) for a new one.
+    """
     state = (state_dir or default_state_dir()).resolve()
     existing = load(state)
     if existing is not None and is_running(existing):
+        wanted = {
+            "--prefect-port": (prefect_port, existing.prefect_port),
+            "--s3-port": (s3_port, existing.s3_port),
+        }
+        for flag, (asked, running) in wanted.items():
+            if asked is not None and asked != running:
+                raise StackError(
+                    f"the local stack is already running with {flag} {running}; "
+                    f"run `invoiceflow down` first to move it to {asked}"
+                )
         return existing, True
+    prefect_port = prefect_port or DEFAULT_PREFECT_PORT
+    s3_port = s3_port or DEFAULT_S3_PORT
     if existing is not None:
         down(state)  # half-dead leftovers: clean them before starting anew
 
