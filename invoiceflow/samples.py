@@ -1,0 +1,680 @@
+"""Deterministic sample invoices (PDF + ground truth) for tests, demos and evals.
+
+Everything random flows from one `random.Random(seed)`, and the PDF creation date is
+pinned, so the same seed always yields byte-identical PDFs and the same `Invoice`.
+Only fpdf2's core fonts are used (no font downloads); their encoding is set to
+windows-1252 so that "€" can be printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Final, Literal
+
+from fpdf import FPDF
+
+from invoiceflow.schema import Invoice, LineItem
+
+CENT: Final = Decimal("0.01")
+_PDF_EPOCH: Final = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+NumberStyle = Literal["en", "de", "ch", "sv"]
+Column = Literal["pos", "desc", "qty", "unit", "amount"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Locale:
+    numbers: NumberStyle
+    date_formats: tuple[str, ...]  # strftime patterns; %B/%b are always English
+
+
+_LOCALES: Final[dict[str, _Locale]] = {
+    "US": _Locale("en", ("%B %d, %Y", "%m/%d/%Y", "%b %d, %Y", "%Y-%m-%d")),
+    "GB": _Locale("en", ("%d/%m/%Y", "%d %B %Y", "%d-%b-%Y", "%Y-%m-%d")),
+    "IE": _Locale("en", ("%d/%m/%Y", "%d %B %Y")),
+    "CA": _Locale("en", ("%Y-%m-%d", "%B %d, %Y")),
+    "AU": _Locale("en", ("%d/%m/%Y", "%d %b %Y")),
+    "DE": _Locale("de", ("%d.%m.%Y", "%Y-%m-%d")),
+    "NL": _Locale("de", ("%d-%m-%Y", "%d.%m.%Y", "%Y-%m-%d")),
+    "ES": _Locale("de", ("%d/%m/%Y", "%d.%m.%Y")),
+    "DK": _Locale("de", ("%d.%m.%Y", "%d-%m-%Y")),
+    "CH": _Locale("ch", ("%d.%m.%Y",)),
+    "SE": _Locale("sv", ("%Y-%m-%d",)),
+    "NO": _Locale("sv", ("%d.%m.%Y", "%Y-%m-%d")),
+    "FR": _Locale("sv", ("%d/%m/%Y", "%Y-%m-%d")),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Vendor:
+    name: str
+    address: tuple[str, str]
+    country: str
+    tax_label: str
+    tax_id: str
+    currency: str
+    tax_name: str
+    tax_rates: tuple[str, ...]
+    number_format: str  # str.format pattern with {year} and {n}
+
+
+VENDORS: Final[tuple[_Vendor, ...]] = (
+    _Vendor(
+        "Nordlicht Software GmbH",
+        ("Friedrichstraße 112", "10117 Berlin, Germany"),
+        "DE",
+        "VAT ID:",
+        "DE287654321",
+        "EUR",
+        "VAT",
+        ("19", "7"),
+        "RE-{year}-{n:05d}",
+    ),
+    _Vendor(
+        "Brightwater Consulting Ltd",
+        ("14 Harbour Lane", "Bristol BS1 4RN, United Kingdom"),
+        "GB",
+        "VAT Reg. No.:",
+        "GB 123 4567 89",
+        "GBP",
+        "VAT",
+        ("20",),
+        "BWC-{n:06d}",
+    ),
+    _Vendor(
+        "Acme Industrial Supply, Inc.",
+        ("2200 Commerce Blvd", "Columbus, OH 43215, USA"),
+        "US",
+        "EIN:",
+        "31-4159265",
+        "USD",
+        "Sales tax",
+        ("7.25", "5.75", "0"),
+        "INV-{year}-{n:05d}",
+    ),
+    _Vendor(
+        "Helvetia Präzision AG",
+        ("Bahnhofstrasse 21", "8001 Zürich, Switzerland"),
+        "CH",
+        "UID:",
+        "CHE-116.281.710 MWST",
+        "CHF",
+        "MWST",
+        ("8.1", "2.6"),
+        "{year}{n:06d}",
+    ),
+    _Vendor(
+        "Svensk Kontorsmaterial AB",
+        ("Sveavägen 44", "111 34 Stockholm, Sweden"),
+        "SE",
+        "VAT reg. no:",
+        "SE556677889901",
+        "SEK",
+        "Moms",
+        ("25", "12"),
+        "F{year}/{n:04d}",
+    ),
+    _Vendor(
+        "Studio Lumière SARL",
+        ("8 rue des Arts", "69002 Lyon, France"),
+        "FR",
+        "TVA / VAT No.:",
+        "FR40303265045",
+        "EUR",
+        "TVA",
+        ("20", "10"),
+        "FA-{n:06d}",
+    ),
+    _Vendor(
+        "Van der Berg Logistiek B.V.",
+        ("Keizersgracht 301", "1016 ED Amsterdam, Netherlands"),
+        "NL",
+        "BTW / VAT ID:",
+        "NL859373216B01",
+        "EUR",
+        "BTW",
+        ("21", "9"),
+        "VDB{year}-{n:04d}",
+    ),
+    _Vendor(
+        "Oficina Verde S.L.",
+        ("Calle de Alcalá 95", "28009 Madrid, Spain"),
+        "ES",
+        "NIF / VAT:",
+        "ESB86412491",
+        "EUR",
+        "IVA",
+        ("21", "10"),
+        "OV-{year}-{n:04d}",
+    ),
+    _Vendor(
+        "Dansk Design ApS",
+        ("Store Kongensgade 40", "1264 København K, Denmark"),
+        "DK",
+        "CVR / VAT:",
+        "DK31245789",
+        "DKK",
+        "Moms",
+        ("25",),
+        "{n:07d}",
+    ),
+    _Vendor(
+        "Maple Leaf Analytics Corp.",
+        ("250 Yonge Street", "Toronto, ON M5B 2L7, Canada"),
+        "CA",
+        "GST/HST No.:",
+        "123456789RT0001",
+        "CAD",
+        "HST",
+        ("13", "5"),
+        "MLA-{n:05d}",
+    ),
+    _Vendor(
+        "Koala Cloud Pty Ltd",
+        ("88 George Street", "Sydney NSW 2000, Australia"),
+        "AU",
+        "ABN:",
+        "51 824 753 556",
+        "AUD",
+        "GST",
+        ("10",),
+        "KC{n:06d}",
+    ),
+    _Vendor(
+        "Fjord Data AS",
+        ("Karl Johans gate 16", "0154 Oslo, Norway"),
+        "NO",
+        "Org.nr / VAT:",
+        "NO 987 654 321 MVA",
+        "NOK",
+        "MVA",
+        ("25", "15"),
+        "FD-{year}-{n:04d}",
+    ),
+    _Vendor(
+        "Emerald Print Works Ltd",
+        ("Unit 7, Ballymount Road", "Dublin 12, Ireland"),
+        "IE",
+        "VAT No.:",
+        "IE6388047V",
+        "EUR",
+        "VAT",
+        ("23", "13.5"),
+        "EPW/{year}/{n:04d}",
+    ),
+)
+
+# (name, address line, country, VAT id or None)
+CUSTOMERS: Final[tuple[tuple[str, str, str | None], ...]] = (
+    ("Northwind Traders Ltd", "3 King Street, Leeds LS1 2HL, United Kingdom", "GB991122334"),
+    ("Contoso Retail GmbH", "Leopoldstraße 9, 80802 München, Germany", "DE811907980"),
+    ("Globex Corporation", "500 Market St, San Francisco, CA 94105, USA", None),
+    ("Initech Solutions Ltd", "22 Quay Street, Galway, Ireland", "IE9825613N"),
+    (
+        "Umbrella Logistics B.V.",
+        "Wilhelminakade 91, 3072 AP Rotterdam, Netherlands",
+        "NL001234567B01",
+    ),
+    ("Stark Manufacturing AG", "Industriestrasse 5, 4052 Basel, Switzerland", None),
+    ("Wayne Enterprises, Inc.", "1007 Mountain Drive, Gotham, NJ 07001, USA", None),
+    ("Tyrell Components AB", "Lindholmspiren 3, 417 56 Göteborg, Sweden", "SE556012345601"),
+    ("Cyberdyne Systems S.A.", "Avenue Louise 54, 1050 Brussels, Belgium", "BE0403170701"),
+    ("Wonka Confectionery Ltd", "1 Chocolate Way, York YO1 7HH, United Kingdom", None),
+    ("Soylent Foods SARL", "12 quai de la Loire, 44000 Nantes, France", "FR83404833048"),
+    ("Hooli Europe Ltd", "Grand Canal Square 4, Dublin 2, Ireland", "IE3668997OH"),
+)
+
+# (description, low unit price, high unit price, fractional quantities allowed)
+CATALOG: Final[tuple[tuple[str, int, int, bool], ...]] = (
+    ("Software consulting (hours)", 90, 180, True),
+    ("Project management (hours)", 70, 140, True),
+    ("On-site support, day rate", 600, 1400, False),
+    ("Annual licence - Analytics Pro", 1200, 9000, False),
+    ("Cloud hosting, March", 150, 2500, False),
+    ("SSD 1TB NVMe", 60, 140, False),
+    ('Monitor 27" 4K', 250, 600, False),
+    ("USB-C cable 2 m", 8, 25, False),
+    ("Laptop stand, aluminium", 30, 90, False),
+    ("Office chair Model 5", 180, 450, False),
+    ("Copy paper A4 80g (box of 5)", 18, 40, False),
+    ("Toner cartridge TN-2420", 35, 95, False),
+    ("Tax return preparation", 250, 900, False),
+    ("Freight Hamburg - Rotterdam", 300, 2200, False),
+    ("Pallet storage per week", 4, 12, True),
+    ("Customs clearance fee", 45, 180, False),
+    ("Logo redesign", 800, 4500, False),
+    ("Photography session (half day)", 400, 1200, False),
+    ("Brochure print run 1000 pcs", 350, 1500, False),
+    ("Website maintenance Q2", 300, 1800, False),
+    ("Translation EN-DE (per 100 words)", 9, 20, True),
+    ("Server rack 42U", 900, 2600, False),
+    ("Network switch 24-port", 180, 900, False),
+    ("Training workshop, 2 days", 1500, 4800, False),
+    ("Espresso beans 1 kg", 14, 32, False),
+    ("Desk lamp LED", 25, 80, False),
+    ("Security audit", 2000, 12000, False),
+    ("Data migration", 1000, 7000, False),
+    ("SLA Gold support 12 months", 2400, 9600, False),
+    ("Courier delivery", 12, 60, False),
+    ("Ergonomic keyboard", 45, 160, False),
+    ("Wireless mouse", 15, 60, False),
+    ("Design review (hours)", 85, 160, True),
+    ("Storage 500 GB add-on", 5, 30, False),
+    ("Installation & setup", 120, 900, False),
+    ("Packaging material", 6, 40, False),
+)
+
+_TITLES: Final = ("INVOICE", "Invoice", "TAX INVOICE")
+_NUMBER_LABELS: Final = ("Invoice No.:", "Invoice #:", "Invoice number:", "Invoice Nr.:")
+_DATE_LABELS: Final = ("Invoice date:", "Date:", "Issue date:", "Date of issue:")
+_DUE_LABELS: Final = ("Due date:", "Payment due:", "Due:", "Pay by:")
+_PO_LABELS: Final = ("PO Number:", "PO #:", "Purchase order:", "Your PO:")
+_BILL_TO_LABELS: Final = ("Bill to:", "Billed to:", "Invoice to:", "Customer:")
+_SUBTOTAL_LABELS: Final = ("Subtotal", "Net amount", "Sub-total", "Total excl. tax")
+_TOTAL_LABELS: Final = ("Total", "Invoice total", "Grand total", "Total amount")
+_DUE_AMOUNT_LABELS: Final = ("Amount due", "Balance due", "Amount payable", "Total due")
+_PAID_LABELS: Final = ("Amount paid", "Less deposit", "Paid")
+_COLUMN_HEADERS: Final[dict[Column, tuple[str, ...]]] = {
+    "pos": ("#", "Pos."),
+    "desc": ("Description", "Item", "Description of services"),
+    "qty": ("Qty", "Quantity", "Units"),
+    "unit": ("Unit price", "Price", "Rate"),
+    "amount": ("Amount", "Total", "Line total"),
+}
+_LAYOUTS: Final[tuple[tuple[Column, ...], ...]] = (
+    ("desc", "qty", "unit", "amount"),
+    ("pos", "desc", "qty", "unit", "amount"),
+    ("desc", "unit", "qty", "amount"),
+)
+_COLUMN_WIDTHS: Final[dict[Column, float]] = {"pos": 10, "qty": 20, "unit": 30, "amount": 32}
+_SYMBOLS: Final = {"EUR": "€", "GBP": "£", "USD": "$"}
+_CURRENCIES: Final = ("EUR", "USD", "GBP", "CHF")
+
+
+def format_amount(value: Decimal, style: NumberStyle, *, places: int = 2) -> str:
+    """Print a Decimal the way an invoice in `style` would."""
+    quantum = Decimal(1).scaleb(-places)
+    sign = "-" if value < 0 else ""
+    text = f"{abs(value.quantize(quantum, ROUND_HALF_UP)):,.{places}f}"
+    group, dec = {"en": (",", "."), "de": (".", ","), "ch": ("'", "."), "sv": (" ", ",")}[style]
+    text = text.replace(",", "\0").replace(".", dec).replace("\0", group)
+    return sign + text
+
+
+def _format_quantity(value: Decimal, style: NumberStyle) -> str:
+    if value == value.to_integral_value():
+        return str(int(value))
+    places = -value.normalize().as_tuple().exponent  # type: ignore[operator]
+    return format_amount(value, style, places=int(places))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Every random choice for one invoice, made before any drawing happens."""
+
+    invoice: Invoice
+    vendor: _Vendor
+    customer: tuple[str, str, str | None]
+    style: NumberStyle
+    date_format: str
+    tax_rate: str
+    reverse_charge: bool
+    paid: Decimal
+    title: str
+    title_first: bool
+    two_column: bool
+    labels: dict[str, str]
+    currency_mode: Literal["label", "code", "symbol"]
+    columns: tuple[Column, ...]
+    column_titles: dict[Column, str]
+    row_height: float
+    vendor_tax_in_footer: bool
+    show_customer_vat: bool
+
+
+def _plan(seed: int) -> _Plan:
+    rng = random.Random(seed)
+    vendor = rng.choice(VENDORS)
+    customer = rng.choice([c for c in CUSTOMERS if c[0] != vendor.name])
+    locale = _LOCALES[vendor.country]
+    currency = vendor.currency
+    if rng.random() < 0.2:
+        currency = rng.choice([c for c in _CURRENCIES if c != vendor.currency])
+
+    issued = dt.date(2025, 1, 1) + dt.timedelta(days=rng.randrange(730))
+    due: dt.date | None = issued + dt.timedelta(days=rng.choice((7, 14, 30, 30, 45, 60)))
+    if rng.random() < 0.1:
+        due = None
+    year = issued.year
+    number = vendor.number_format.format(
+        year=year, n=rng.randrange(1, 10**4 if "{n:04d}" in vendor.number_format else 10**5)
+    )
+    po_number = None
+    if rng.random() < 0.6:
+        po_number = rng.choice(
+            (
+                f"PO-{rng.randrange(10000, 99999)}",
+                f"45000{rng.randrange(10000, 99999)}",
+                f"PO{year}-{rng.randrange(1, 999):03d}",
+            )
+        )
+
+    items: list[LineItem] = []
+    n_items = rng.choice((rng.randint(1, 6), rng.randint(1, 15), rng.randint(1, 40)))
+    for description, low, high, fractional in rng.sample(CATALOG, k=min(n_items, len(CATALOG))) + [
+        rng.choice(CATALOG) for _ in range(max(0, n_items - len(CATALOG)))
+    ]:
+        if fractional and rng.random() < 0.6:
+            quantity = Decimal(rng.randrange(1, 160)) / 4  # quarter hours, e.g. 7.25
+        else:
+            quantity = Decimal(rng.choice((1, 1, 1, 2, 3, 4, 5, 6, 10, 12, 20, 25)))
+        unit_price = (Decimal(rng.randrange(low * 100, high * 100 + 1)) / 100).quantize(CENT)
+        if rng.random() < 0.5:  # round prices are common; make sure both kinds appear
+            unit_price = unit_price.quantize(Decimal(1), ROUND_HALF_UP).quantize(CENT)
+        amount = (quantity * unit_price).quantize(CENT, ROUND_HALF_UP)
+        items.append(
+            LineItem(
+                description=description, quantity=quantity, unit_price=unit_price, amount=amount
+            )
+        )
+
+    reverse_charge = vendor.country not in ("US", "CA", "AU") and rng.random() < 0.1
+    tax_rate = "0" if reverse_charge else rng.choice(vendor.tax_rates)
+    subtotal = sum((item.amount or Decimal(0) for item in items), Decimal("0.00"))
+    tax_total = (subtotal * Decimal(tax_rate) / 100).quantize(CENT, ROUND_HALF_UP)
+    total = subtotal + tax_total
+    paid = Decimal("0.00")
+    show_due_amount = rng.random() < 0.75
+    if show_due_amount and rng.random() < 0.25:
+        paid = (total * Decimal(rng.choice((10, 25, 30, 50))) / 100).quantize(CENT, ROUND_HALF_UP)
+
+    currency_mode: Literal["label", "code", "symbol"] = rng.choice(("label", "code", "symbol"))
+    if currency_mode == "symbol" and currency not in _SYMBOLS:
+        currency_mode = "code"
+    columns = rng.choice(_LAYOUTS)
+    invoice = Invoice(
+        invoice_number=number,
+        invoice_date=issued,
+        due_date=due,
+        vendor_name=vendor.name,
+        vendor_tax_id=vendor.tax_id,
+        customer_name=customer[0],
+        po_number=po_number,
+        currency=currency,
+        subtotal=subtotal,
+        tax_total=tax_total,
+        total=total,
+        amount_due=(total - paid) if show_due_amount else None,
+        line_items=items,
+    )
+    return _Plan(
+        invoice=invoice,
+        vendor=vendor,
+        customer=customer,
+        style=locale.numbers,
+        date_format=rng.choice(locale.date_formats),
+        tax_rate=tax_rate,
+        reverse_charge=reverse_charge,
+        paid=paid,
+        title=rng.choice(_TITLES),
+        title_first=rng.random() < 0.5,
+        two_column=rng.random() < 0.4,
+        labels={
+            "number": rng.choice(_NUMBER_LABELS),
+            "date": rng.choice(_DATE_LABELS),
+            "due": rng.choice(_DUE_LABELS),
+            "po": rng.choice(_PO_LABELS),
+            "bill_to": rng.choice(_BILL_TO_LABELS),
+            "subtotal": rng.choice(_SUBTOTAL_LABELS),
+            "total": rng.choice(_TOTAL_LABELS),
+            "amount_due": rng.choice(_DUE_AMOUNT_LABELS),
+            "paid": rng.choice(_PAID_LABELS),
+        },
+        currency_mode=currency_mode,
+        columns=columns,
+        column_titles={col: rng.choice(_COLUMN_HEADERS[col]) for col in columns},
+        row_height=rng.choice((6.0, 7.0, 8.0, 9.5, 11.0)),
+        vendor_tax_in_footer=rng.random() < 0.3,
+        show_customer_vat=customer[2] is not None and rng.random() < 0.7,
+    )
+
+
+class _InvoicePdf(FPDF):
+    def __init__(self, plan: _Plan) -> None:
+        super().__init__(format="Letter" if plan.vendor.country in ("US", "CA") else "A4")
+        self.plan = plan
+        self.core_fonts_encoding = "windows-1252"  # "€" is not latin-1
+        self.set_creation_date(_PDF_EPOCH)
+        self.set_auto_page_break(auto=False)
+        self.set_margins(18, 15, 18)
+
+    def footer(self) -> None:
+        vendor = self.plan.vendor
+        self.set_y(-16)
+        self.set_font("helvetica", "", 7.5)
+        parts = [vendor.name, ", ".join(vendor.address)]
+        if self.plan.vendor_tax_in_footer:
+            parts.append(f"{vendor.tax_label} {vendor.tax_id}")
+        self.cell(0, 4, " · ".join(parts), align="C", new_x="LMARGIN", new_y="NEXT")
+        self.cell(0, 4, f"Page {self.page_no()} of {{nb}}", align="C")
+
+
+def _render(plan: _Plan) -> bytes:
+    inv, vendor, style = plan.invoice, plan.vendor, plan.style
+    pdf = _InvoicePdf(plan)
+    pdf.set_title(f"Invoice {inv.invoice_number}")
+    pdf.set_author(vendor.name)
+    pdf.add_page()
+    width = pdf.epw
+    bottom = pdf.h - 24  # keep clear of the footer
+
+    def money(value: Decimal, *, with_currency: bool = False) -> str:
+        text = format_amount(value, style)
+        if not with_currency or plan.currency_mode == "label":
+            return text
+        code = inv.currency or ""
+        if plan.currency_mode == "symbol":
+            symbol = _SYMBOLS[code]
+            if code == "USD" and vendor.country != "US":
+                symbol = "US$"  # a bare "$" outside the US could be any dollar
+            return f"{text} {symbol}" if style != "en" else f"{symbol}{text}"
+        return f"{code} {text}"
+
+    def date(value: dt.date | None) -> str:
+        return _format_date(value, plan.date_format) if value else ""
+
+    def line(text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
+        pdf.set_font("helvetica", "B" if bold else "", size)
+        pdf.cell(0, h, text, new_x="LMARGIN", new_y="NEXT")
+
+    # Header: title, vendor block.
+    if plan.title_first:
+        line(plan.title, size=18, bold=True, h=10)
+    line(vendor.name, size=14, bold=True, h=7)
+    for address_line in vendor.address:
+        line(address_line, size=9, h=4.5)
+    if not plan.vendor_tax_in_footer:
+        line(f"{vendor.tax_label} {vendor.tax_id}", size=9, h=4.5)
+    if not plan.title_first:
+        pdf.ln(3)
+        line(plan.title, size=18, bold=True, h=10)
+    pdf.ln(4)
+
+    meta = [
+        (plan.labels["number"], inv.invoice_number or ""),
+        (plan.labels["date"], date(inv.invoice_date)),
+    ]
+    if inv.due_date:
+        meta.append((plan.labels["due"], date(inv.due_date)))
+    if inv.po_number:
+        meta.append((plan.labels["po"], inv.po_number))
+    if plan.currency_mode == "label":
+        meta.append(("Currency:", inv.currency or ""))
+    customer_name, customer_address, customer_vat = plan.customer
+    bill_to = [plan.labels["bill_to"], customer_name, customer_address]
+    if plan.show_customer_vat:
+        bill_to.append(f"Customer VAT ID: {customer_vat}")
+
+    pdf.set_font("helvetica", "", 10)
+    if plan.two_column:
+        # Bill-to on the left and invoice details on the right share rows, so the text
+        # layer interleaves them; that is what real two-column invoices look like.
+        top = pdf.get_y()
+        for i in range(max(len(bill_to), len(meta))):
+            pdf.set_xy(pdf.l_margin, top + i * 5)
+            if i < len(bill_to):
+                pdf.set_font("helvetica", "B" if i == 1 else "", 10 if i < 2 else 8.5)
+                pdf.cell(90, 5, bill_to[i])
+            if i < len(meta):
+                pdf.set_xy(pdf.l_margin + width - 80, top + i * 5)
+                pdf.set_font("helvetica", "", 10)
+                pdf.cell(35, 5, meta[i][0])
+                pdf.cell(45, 5, meta[i][1], align="R")
+        pdf.set_xy(pdf.l_margin, top + max(len(bill_to), len(meta)) * 5)
+    else:
+        for label, value in meta:
+            pdf.cell(40, 5, label)
+            pdf.cell(0, 5, value, new_x="LMARGIN", new_y="NEXT")
+        pdf.ln(4)
+        for i, text in enumerate(bill_to):
+            line(text, bold=i == 1)
+    pdf.ln(6)
+
+    # Line items.
+    fixed = sum(_COLUMN_WIDTHS[c] for c in plan.columns if c != "desc")
+    widths = {c: (width - fixed if c == "desc" else _COLUMN_WIDTHS[c]) for c in plan.columns}
+    row_h = plan.row_height
+
+    def table_header() -> None:
+        pdf.set_font("helvetica", "B", 9.5)
+        for col in plan.columns:
+            pdf.cell(
+                widths[col],
+                row_h,
+                plan.column_titles[col],
+                border="B",
+                align="L" if col == "desc" else "R",
+            )
+        pdf.ln(row_h)
+
+    table_header()
+    pdf.set_font("helvetica", "", 9.5)
+    for pos, item in enumerate(inv.line_items, start=1):
+        if pdf.get_y() + row_h > bottom:
+            pdf.add_page()
+            table_header()
+            pdf.set_font("helvetica", "", 9.5)
+        cells: dict[Column, str] = {
+            "pos": str(pos),
+            "desc": item.description,
+            "qty": _format_quantity(item.quantity or Decimal(0), style),
+            "unit": format_amount(item.unit_price or Decimal(0), style),
+            "amount": format_amount(item.amount or Decimal(0), style),
+        }
+        for col in plan.columns:
+            pdf.cell(widths[col], row_h, cells[col], align="L" if col in ("desc", "pos") else "R")
+        pdf.ln(row_h)
+
+    # Totals block, kept on one page.
+    rate = format_amount(Decimal(plan.tax_rate), style, places=_places(plan.tax_rate))
+    tax_label = f"{vendor.tax_name} {rate}%"
+    if plan.reverse_charge:
+        tax_label += " (reverse charge)"
+    totals = [
+        (plan.labels["subtotal"], money(inv.subtotal or Decimal(0))),
+        (tax_label, money(inv.tax_total or Decimal(0))),
+        (plan.labels["total"], money(inv.total or Decimal(0), with_currency=True)),
+    ]
+    if inv.amount_due is not None:
+        if plan.paid:
+            totals.append((plan.labels["paid"], money(-plan.paid)))
+        totals.append((plan.labels["amount_due"], money(inv.amount_due, with_currency=True)))
+    if pdf.get_y() + 4 + len(totals) * 6 + 20 > bottom:
+        pdf.add_page()
+    pdf.ln(4)
+    for label, value in totals:
+        bold = label in (plan.labels["total"], plan.labels["amount_due"])
+        pdf.set_font("helvetica", "B" if bold else "", 10)
+        pdf.set_x(pdf.l_margin + width - 95)
+        pdf.cell(55, 6, label)
+        pdf.cell(40, 6, value, align="R", new_x="LMARGIN", new_y="NEXT")
+
+    pdf.ln(6)
+    if inv.due_date is None or inv.invoice_date is None:
+        line("Payment terms: due on receipt.", size=9, h=4.5)
+    else:
+        line(f"Payment terms: {(inv.due_date - inv.invoice_date).days} days net.", size=9, h=4.5)
+    line("IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
+    line("Thank you for your business.", size=9, h=4.5)
+    return bytes(pdf.output())
+
+
+_MONTH_NAMES: Final = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+def _format_date(value: dt.date, pattern: str) -> str:
+    # strftime's %B/%b follow the process locale (LC_TIME), which would make the output
+    # depend on the machine; month names are substituted by hand instead.
+    month = _MONTH_NAMES[value.month - 1]
+    return value.strftime(pattern.replace("%B", month).replace("%b", month[:3]))
+
+
+def _places(rate: str) -> int:
+    return len(rate.partition(".")[2])
+
+
+def generate_invoice(seed: int) -> tuple[bytes, Invoice]:
+    """One sample invoice: its PDF bytes and the ground truth printed on it."""
+    plan = _plan(seed)
+    return _render(plan), plan.invoice
+
+
+def corpus_seed(seed: int, index: int) -> int:
+    """The `generate_invoice` seed of document `index` in corpus `seed`.
+
+    Hashed rather than `seed + index`, so corpora with neighbouring seeds do not share
+    documents.
+    """
+    digest = hashlib.sha256(f"invoiceflow-corpus:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def generate_corpus(n: int, seed: int = 0) -> Iterator[tuple[str, bytes, Invoice]]:
+    """Yield `n` sample invoices as (file stem, PDF bytes, ground truth)."""
+    for index in range(n):
+        pdf, truth = generate_invoice(corpus_seed(seed, index))
+        yield f"invoice-{index:04d}", pdf, truth
+
+
+def write_corpus(directory: Path, n: int, seed: int = 0) -> list[Path]:
+    """Write `<stem>.pdf` and `<stem>.json` (ground truth) for `n` invoices; return the PDFs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for stem, pdf, truth in generate_corpus(n, seed):
+        pdf_path = directory / f"{stem}.pdf"
+        pdf_path.write_bytes(pdf)
+        (directory / f"{stem}.json").write_text(
+            truth.model_dump_json(indent=2) + "\n", encoding="utf-8"
+        )
+        written.append(pdf_path)
+    return written
+
+
+__all__ = [
+    "CUSTOMERS",
+    "VENDORS",
+    "corpus_seed",
+    "format_amount",
+    "generate_corpus",
+    "generate_invoice",
+    "write_corpus",
+]

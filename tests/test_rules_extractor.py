@@ -1,0 +1,409 @@
+"""RulesExtractor against generated ground truth, plus the normalisation helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import pytest
+
+from invoiceflow.extractors import Extractor
+from invoiceflow.extractors.rules import RulesExtractor, extract_invoice
+from invoiceflow.normalize import parse_amount, parse_date
+from invoiceflow.pdf import parse_pdf
+from invoiceflow.samples import generate_corpus, generate_invoice, write_corpus
+from invoiceflow.schema import Invoice, LineItem
+
+HEADER_FIELDS = (
+    "invoice_number",
+    "invoice_date",
+    "due_date",
+    "vendor_name",
+    "vendor_tax_id",
+    "customer_name",
+    "po_number",
+    "currency",
+    "subtotal",
+    "tax_total",
+    "total",
+    "amount_due",
+)
+CORPUS_SIZE = 60
+CENT = Decimal("0.01")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[tuple[str, str, int, Invoice]]:
+    """(stem, extracted text, pages, truth) for a fixed corpus."""
+    rows = []
+    for stem, pdf, truth in generate_corpus(CORPUS_SIZE, seed=0):
+        parsed = parse_pdf(pdf)
+        rows.append((stem, parsed.text, parsed.pages, truth))
+    return rows
+
+
+# --- the corpus itself is varied enough for the accuracy tests to mean something --------
+
+
+def test_corpus_covers_the_hard_cases(corpus: list[tuple[str, str, int, Invoice]]) -> None:
+    truths = [truth for _, _, _, truth in corpus]
+    texts = [text for _, text, _, _ in corpus]
+    assert max(pages for _, _, pages, _ in corpus) >= 2
+    assert len({t.vendor_name for t in truths}) >= 10
+    assert len({t.currency for t in truths}) >= 5
+    assert any(t.po_number is None for t in truths) and any(t.po_number for t in truths)
+    assert any(t.amount_due is None for t in truths)
+    assert any(t.amount_due is not None and t.amount_due != t.total for t in truths)
+    assert any(t.due_date is None for t in truths)
+    assert any(len(t.line_items) >= 25 for t in truths)
+    # Both decimal conventions and space-grouped thousands appear in the printed text.
+    assert any("," in t and "." in t for t in texts)
+    assert any(re.search(r"\d \d{3},\d{2}\b", t) for t in texts)
+    # Two-column layouts interleave the customer with the invoice details on one line.
+    assert any(
+        re.search(rf"^{re.escape(t.customer_name or '?')} .*date", text, re.M | re.I)
+        for text, t in zip(texts, truths, strict=True)
+    )
+
+
+def test_ground_truth_is_arithmetically_consistent(
+    corpus: list[tuple[str, str, int, Invoice]],
+) -> None:
+    for stem, _, _, truth in corpus:
+        assert 1 <= len(truth.line_items) <= 40, stem
+        for item in truth.line_items:
+            assert item.quantity is not None and item.unit_price is not None
+            assert item.amount == (item.quantity * item.unit_price).quantize(CENT, ROUND_HALF_UP), (
+                stem
+            )
+        assert truth.subtotal == sum(item.amount or 0 for item in truth.line_items), stem
+        assert truth.total == (truth.subtotal or 0) + (truth.tax_total or 0), stem
+        for money in (truth.subtotal, truth.tax_total, truth.total, truth.amount_due):
+            assert money is None or money == money.quantize(CENT), stem
+
+
+# --- accuracy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", HEADER_FIELDS)
+def test_header_field_matches_ground_truth(
+    field: str, corpus: list[tuple[str, str, int, Invoice]]
+) -> None:
+    mismatches = [
+        (stem, getattr(got, field), getattr(truth, field))
+        for stem, text, _, truth in corpus
+        if getattr(got := extract_invoice(text), field) != getattr(truth, field)
+    ]
+    assert mismatches == []
+
+
+def test_line_items_match_ground_truth(corpus: list[tuple[str, str, int, Invoice]]) -> None:
+    expected = sum(len(truth.line_items) for _, _, _, truth in corpus)
+    correct = 0
+    wrong_documents = []
+    for stem, text, _, truth in corpus:
+        items = extract_invoice(text).line_items
+        correct += sum(a == b for a, b in zip(items, truth.line_items, strict=False))
+        if items != truth.line_items:
+            wrong_documents.append(stem)
+    assert expected > 300
+    assert wrong_documents == []
+    assert correct == expected
+
+
+async def test_async_extract_is_the_sync_result(
+    corpus: list[tuple[str, str, int, Invoice]],
+) -> None:
+    extractor = RulesExtractor()
+    assert isinstance(extractor, Extractor)
+    assert extractor.name == "rules"
+    _, text, _, truth = corpus[0]
+    assert await extractor.extract(text) == truth
+
+
+# --- text not produced by our generator ----------------------------------------------------
+
+US_INVOICE = """\
+INVOICE
+Acme Widgets LLC
+123 Main St, Springfield, IL 62701
+Tax ID: 12-3456789
+Invoice # 10045
+Date: 03/04/2026
+Due date: 04/03/2026
+P.O. No. 7781-A
+Bill To:
+Jane's Bakery
+Description Qty Rate Amount
+Flour 25kg bag 2 30.00 60.00
+Industrial oven 1 1,200.00 1,200.00
+Subtotal $1,260.00
+Sales Tax (8%) $100.80
+Total $1,360.80
+Balance Due $1,360.80
+"""
+
+EU_INVOICE = """\
+Müller & Söhne GmbH · Hauptstraße 5 · 80331 München
+USt-IdNr / VAT No.: DE129273398
+Rechnung
+Customer: Café Central KG
+Invoice no.: 2026-0815      Invoice date: 14. März 2026
+Pos. Item Quantity Price Amount
+1 Beratung 2,5 120,00 300,00
+2 Reisekosten 1 1.234,56 1.234,56
+Net amount 1.534,56
+VAT 19% 291,57
+Total EUR 1.826,13
+"""
+
+
+def test_hand_written_us_invoice_reads_dates_month_first() -> None:
+    invoice = extract_invoice(US_INVOICE)
+    assert invoice.invoice_number == "10045"
+    assert invoice.invoice_date == dt.date(2026, 3, 4)
+    assert invoice.due_date == dt.date(2026, 4, 3)
+    assert invoice.vendor_name == "Acme Widgets LLC"
+    assert invoice.vendor_tax_id == "12-3456789"
+    assert invoice.customer_name == "Jane's Bakery"
+    assert invoice.po_number == "7781-A"
+    assert invoice.currency == "USD"
+    assert (invoice.subtotal, invoice.tax_total, invoice.total, invoice.amount_due) == (
+        Decimal("1260.00"),
+        Decimal("100.80"),
+        Decimal("1360.80"),
+        Decimal("1360.80"),
+    )
+    assert invoice.line_items == [
+        LineItem(
+            description="Flour 25kg bag", quantity=2, unit_price=Decimal(30), amount=Decimal(60)
+        ),
+        LineItem(
+            description="Industrial oven",
+            quantity=1,
+            unit_price=Decimal(1200),
+            amount=Decimal(1200),
+        ),
+    ]
+
+
+def test_hand_written_eu_invoice_uses_comma_decimals() -> None:
+    invoice = extract_invoice(EU_INVOICE)
+    assert invoice.invoice_number == "2026-0815"
+    assert invoice.invoice_date == dt.date(2026, 3, 14)
+    assert invoice.due_date is None
+    assert invoice.vendor_name == "Müller & Söhne GmbH"
+    assert invoice.vendor_tax_id == "DE129273398"
+    assert invoice.customer_name == "Café Central KG"
+    assert invoice.currency == "EUR"
+    assert invoice.subtotal == Decimal("1534.56")
+    assert invoice.tax_total == Decimal("291.57")
+    assert invoice.total == Decimal("1826.13")
+    assert invoice.amount_due is None
+    assert [(i.description, i.quantity, i.amount) for i in invoice.line_items] == [
+        ("Beratung", Decimal("2.5"), Decimal("300.00")),
+        ("Reisekosten", Decimal(1), Decimal("1234.56")),
+    ]
+
+
+def test_customer_vat_id_is_not_taken_for_the_vendor() -> None:
+    text = (
+        "Bill to:\nGlobex Ltd\nCustomer VAT ID: GB999999973\n"
+        "Invoice No.: 7\nSeller VAT ID: GB123456789\n"
+    )
+    assert extract_invoice(text).vendor_tax_id == "GB123456789"
+
+
+def test_unknown_currency_code_is_none_not_an_error() -> None:
+    invoice = extract_invoice("Currency: XYZ\nTotal XYZ 12.00\n")
+    assert invoice.currency is None
+    assert invoice.total == Decimal("12.00")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   \n\f\n  ",
+        "lorem ipsum dolor sit amet\nconsectetur adipiscing elit",
+        "Total: lots\nInvoice No.: none\nDate: yesterday\nCurrency: money",
+        "Subtotal 99999999999999999999.99\nTotal 1,2,3,4\nVAT 12.03.2026",
+        "\x00\x01\ufffd" * 50,
+        "Description Qty Price Amount\nWidget 1 99999999999999999999.99 99999999999999999999.99",
+        "Description Qty Price Amount\nWidget 1 1.00001 1.00001",
+    ],
+)
+def test_garbage_gives_an_empty_valid_invoice(text: str) -> None:
+    invoice = extract_invoice(text)
+    assert Invoice.model_validate(invoice.model_dump()) == invoice
+    assert invoice == Invoice()
+
+
+def test_mangled_real_text_never_raises(corpus: list[tuple[str, str, int, Invoice]]) -> None:
+    rng = random.Random(3)
+    alphabet = "0123456789.,' :/-€$£abcXYZ\n"
+    for _, text, _, _ in corpus[:20]:
+        for _ in range(10):
+            chars = list(text)
+            for _ in range(rng.randint(1, 60)):
+                chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+            invoice = extract_invoice("".join(chars))
+            assert Invoice.model_validate(invoice.model_dump()) == invoice
+
+
+# --- generator determinism and corpus files ----------------------------------------------
+
+
+def test_generator_is_deterministic() -> None:
+    first_pdf, first_truth = generate_invoice(42)
+    second_pdf, second_truth = generate_invoice(42)
+    assert first_pdf == second_pdf
+    assert first_truth == second_truth
+    other_pdf, other_truth = generate_invoice(43)
+    assert other_pdf != first_pdf and other_truth != first_truth
+
+
+def test_corpus_is_deterministic_across_processes() -> None:
+    # A fresh interpreter with a different hash seed must produce identical bytes.
+    code = (
+        "import hashlib; from invoiceflow.samples import generate_corpus; "
+        "h = hashlib.sha256(); "
+        "[h.update(s.encode() + p + t.model_dump_json().encode())"
+        " for s, p, t in generate_corpus(8, 3)]; "
+        "print(h.hexdigest())"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True
+    )
+    local = hashlib.sha256()
+    for stem, pdf, truth in generate_corpus(8, 3):
+        local.update(stem.encode() + pdf + truth.model_dump_json().encode())
+    assert out.stdout.strip() == local.hexdigest()
+
+
+def test_corpus_seeds_give_different_documents() -> None:
+    a = {pdf for _, pdf, _ in generate_corpus(5, seed=0)}
+    b = {pdf for _, pdf, _ in generate_corpus(5, seed=1)}
+    stems = [stem for stem, _, _ in generate_corpus(5, seed=1)]
+    assert stems == [f"invoice-{i:04d}" for i in range(5)]
+    assert len(a) == len(b) == 5
+    assert not a & b
+
+
+def test_write_corpus_round_trips(tmp_path: Path) -> None:
+    written = write_corpus(tmp_path / "corpus", 4, seed=9)
+    assert [p.name for p in written] == [f"invoice-{i:04d}.pdf" for i in range(4)]
+    for (stem, pdf, truth), path in zip(generate_corpus(4, seed=9), written, strict=True):
+        assert path.read_bytes() == pdf
+        stored = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        assert Invoice.model_validate(stored) == truth
+        assert path.stem == stem
+
+
+# --- normalisation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1,234.56", "1234.56"),
+        ("1.234,56", "1234.56"),
+        ("1 234,56", "1234.56"),
+        ("1\u00a0234,56", "1234.56"),
+        ("1\u202f234,56", "1234.56"),
+        ("1'234.56", "1234.56"),
+        ("1\u2019234.56", "1234.56"),
+        ("1,234,567.89", "1234567.89"),
+        ("1.234.567,89", "1234567.89"),
+        ("12,34,567.00", "1234567.00"),
+        ("1,234", "1234"),
+        ("1.234", "1234"),
+        ("2,5", "2.5"),
+        ("0.75", "0.75"),
+        (".5", "0.5"),
+        ("42", "42"),
+        ("EUR 1.234,56", "1234.56"),
+        ("1.234,56 €", "1234.56"),
+        ("£3,086.40", "3086.40"),
+        ("US$ 9.99", "9.99"),
+        ("CHF 1'234.50", "1234.50"),
+        ("kr 1 234,50", "1234.50"),
+        ("-€5.00", "-5.00"),
+        ("(1,234.50)", "-1234.50"),
+        ("1.234,56-", "-1234.56"),
+    ],
+)
+def test_parse_amount(text: str, expected: str) -> None:
+    value = parse_amount(text)
+    assert value == Decimal(expected)
+    assert str(value) == expected  # the printed precision is kept
+
+
+def test_parse_amount_decimal_hint_resolves_ambiguity() -> None:
+    assert parse_amount("1,234") == Decimal(1234)
+    assert parse_amount("1,234", decimal=",") == Decimal("1.234")
+    assert parse_amount("1.234", decimal=".") == Decimal("1.234")
+    assert parse_amount("1.234,5", decimal=",") == Decimal("1234.5")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc", "12abc34", "12.03.2026", "1.234.56", "1,2,3", "1 23,45", "1,234.5.6", "-", "€"],
+)
+def test_parse_amount_rejects_malformed(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_amount(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "dayfirst", "expected"),
+    [
+        ("2026-03-14", True, dt.date(2026, 3, 14)),
+        ("14.03.2026", False, dt.date(2026, 3, 14)),
+        ("14/03/2026", False, dt.date(2026, 3, 14)),
+        ("03/14/2026", True, dt.date(2026, 3, 14)),
+        ("03/04/2026", True, dt.date(2026, 4, 3)),
+        ("03/04/2026", False, dt.date(2026, 3, 4)),
+        ("04-03-2026", True, dt.date(2026, 3, 4)),
+        ("March 14, 2026", True, dt.date(2026, 3, 14)),
+        ("Mar 4th, 2026", True, dt.date(2026, 3, 4)),
+        ("14 March 2026", True, dt.date(2026, 3, 14)),
+        ("14-Mar-2026", True, dt.date(2026, 3, 14)),
+        ("1. März 2026", True, dt.date(2026, 3, 1)),
+        ("Date: 2026/03/14 (issued)", True, dt.date(2026, 3, 14)),
+        ("05.01.26", True, dt.date(2026, 1, 5)),
+    ],
+)
+def test_parse_date(text: str, dayfirst: bool, expected: dt.date) -> None:
+    assert parse_date(text, dayfirst=dayfirst) == expected
+
+
+@pytest.mark.parametrize("text", ["", "soon", "31.02.2026", "13/13/2026", "Foo 12, 2026"])
+def test_parse_date_rejects_invalid(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_date(text)
+
+
+def test_generated_number_styles_parse_back() -> None:
+    from invoiceflow.samples import format_amount
+
+    rng = random.Random(1)
+    styles = Counter[str]()
+    for _ in range(500):
+        value = Decimal(rng.randrange(0, 10**9)) / 100
+        for style in ("en", "de", "ch", "sv"):
+            decimal = "," if style in ("de", "sv") else "."
+            assert parse_amount(format_amount(value, style), decimal=decimal) == value  # type: ignore[arg-type]
+            styles[style] += 1
+    assert len(styles) == 4
