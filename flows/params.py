@@ -62,7 +62,7 @@ class ProcessInvoicesParams(BaseModel):
         description="Global concurrency limit (size 1) serializing manifest writes.",
     )
     commit_interval_s: float = Field(
-        default=1.0,
+        default=2.0,
         ge=0,
         le=30,
         title="Manifest commit interval (s)",

@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
+import orjson
 import stamina
 from pydantic import BaseModel
 
@@ -119,7 +119,7 @@ class Claim:
             run_id=self.run_id,
             created_at=prev.created_at if prev else now,
             updated_at=now,
-        ).model_dump(mode="json")
+        ).model_dump(mode="json", exclude_none=True)
         return Outcome(True, attempts)
 
     def _refusal(self, prev: ManifestEntry, now: dt.datetime) -> str:
@@ -155,7 +155,9 @@ class Transition:
         if _RANK[self.status] <= _RANK[prev.status]:
             return Outcome(False, prev.attempts, f"already {prev.status}")
         entry = prev.model_copy(update={**self.fields, "status": self.status, "updated_at": now})
-        entries[self.key] = ManifestEntry.model_validate(entry.model_dump()).model_dump(mode="json")
+        entries[self.key] = ManifestEntry.model_validate(entry.model_dump()).model_dump(
+            mode="json", exclude_none=True
+        )
         return Outcome(True, prev.attempts)
 
 
@@ -203,22 +205,43 @@ class ManifestStore:
         self.key = key
         self._lock = lock
         self.max_bytes = max_bytes
+        self._cached: Snapshot | None = None
         self.writes = 0
         self.lock_acquisitions = 0
         self.conflicts = 0
 
     def read_sync(self) -> Snapshot:
+        """A fresh, private copy of the manifest (callers may keep or mutate it)."""
         try:
             body, etag = self.s3.get(self.key, max_bytes=self.max_bytes)
         except KeyError:
             return Snapshot({}, None, 0)
-        doc = json.loads(body)
+        return self._decode(body, etag)
+
+    async def read(self) -> Snapshot:
+        return await asyncio.to_thread(self.read_sync)
+
+    def _decode(self, body: bytes, etag: str) -> Snapshot:
+        doc = orjson.loads(body)
         if doc.get("format") != FORMAT_VERSION:
             raise ValueError(f"manifest {self.key} has unknown format {doc.get('format')!r}")
         return Snapshot(doc["entries"], etag, doc.get("revision", 0))
 
-    async def read(self) -> Snapshot:
-        return await asyncio.to_thread(self.read_sync)
+    def _read_for_commit(self) -> Snapshot:
+        """The committer's copy, re-downloaded only when someone else wrote since.
+
+        At 100,000 entries the download and parse are most of a commit's cost, and
+        between one run's own commits the object usually has not changed.
+        """
+        cached = self._cached
+        self._cached = None  # whatever happens next, a half-applied copy is never reused
+        if cached is None or cached.etag is None:
+            return self.read_sync()
+        try:
+            fresh = self.s3.get_if_changed(self.key, cached.etag, max_bytes=self.max_bytes)
+        except KeyError:
+            return Snapshot({}, None, 0)
+        return cached if fresh is None else self._decode(fresh.body, fresh.etag)
 
     def _encode(self, snap: Snapshot, revision: int, now: dt.datetime) -> bytes:
         doc = {
@@ -227,7 +250,7 @@ class ManifestStore:
             "updated_at": now.isoformat(),
             "entries": snap.entries,
         }
-        body = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+        body = orjson.dumps(doc)
         if len(body) > self.max_bytes:
             raise ManifestTooLarge(f"manifest would be {len(body)} bytes > {self.max_bytes}")
         return body
@@ -237,19 +260,21 @@ class ManifestStore:
             on=PreconditionFailed, attempts=20, wait_initial=0.02, wait_max=1.0, timeout=60
         ):
             with attempt:
-                snap = self.read_sync()
+                snap = self._read_for_commit()
                 now = utcnow()
                 outcomes = [u.apply(snap.entries, now) for u in updates]
                 if not any(o.applied for o in outcomes):
+                    self._cached = snap
                     return outcomes
                 body = self._encode(snap, snap.revision + 1, now)
                 try:
-                    self.s3.put_conditional(self.key, body, if_match=snap.etag)
+                    etag = self.s3.put_conditional(self.key, body, if_match=snap.etag)
                 except PreconditionFailed:
                     self.conflicts += 1
                     log.warning("manifest %s changed under us; re-reading", self.key)
                     raise
                 self.writes += 1
+                self._cached = Snapshot(snap.entries, etag, snap.revision + 1)
                 return outcomes
         raise AssertionError("unreachable")  # stamina re-raises after the last attempt
 

@@ -96,11 +96,27 @@ class S3Store:
 
     def get(self, key: str, *, max_bytes: int | None = None) -> S3Object:
         """Body and ETag; NoSuchKey surfaces as KeyError."""
+        obj = self._get(key, max_bytes, {})
+        assert obj is not None  # only conditional reads come back empty
+        return obj
+
+    def get_if_changed(
+        self, key: str, etag: str, *, max_bytes: int | None = None
+    ) -> S3Object | None:
+        """Like `get`, but None when the object still has ETag `etag` (a 304).
+
+        A caller holding a decoded copy then skips both the download and the parse.
+        """
+        return self._get(key, max_bytes, {"IfNoneMatch": f'"{etag}"'})
+
+    def _get(self, key: str, max_bytes: int | None, extra: dict[str, str]) -> S3Object | None:
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **extra)
         except ClientError as exc:
             if _code(exc) in ("NoSuchKey", "404"):
                 raise KeyError(key) from exc
+            if _code(exc) in ("304", "NotModified") and extra:
+                return None
             raise
         if max_bytes is not None and resp["ContentLength"] > max_bytes:
             resp["Body"].close()
