@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -105,6 +105,39 @@ class Invoice(BaseModel):
         }
 
 
+ExtractionSource = Literal["llm", "rules", "einvoice"]
+
+
+class Usage(BaseModel):
+    """Tokens one extraction used, as the provider reported them (all calls summed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
+
+class Truncation(BaseModel):
+    """What part of the document the model saw, when the page/character budget cut it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pages_total: int
+    pages_sent: int
+    chars_total: int
+    chars_sent: int
+
+
 class ExtractionResult(BaseModel):
     """What is written to results/<invoice>.json."""
 
@@ -114,3 +147,15 @@ class ExtractionResult(BaseModel):
     pages: int
     invoice: Invoice
     extracted_at: dt.datetime
+    # Where the fields came from: an LLM, the offline rules, or embedded e-invoice XML.
+    source: ExtractionSource | None = None
+    model: str | None = None
+    einvoice_format: str | None = None
+    usage: Usage | None = None
+    # Cost from the provider block's price table; None when the model has no price.
+    cost: Decimal | None = None
+    cost_currency: str | None = None
+    needs_review: bool = False
+    review_reasons: list[str] = Field(default_factory=list)
+    truncation: Truncation | None = None
+    duplicate_of: str | None = None

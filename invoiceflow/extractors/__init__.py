@@ -1,23 +1,72 @@
 """Extractors turn the text of one invoice into an `Invoice`.
 
 Every extractor is async (LLM calls are I/O); the offline `RulesExtractor` simply
-never awaits anything.
+never awaits anything. Extractors that know more than the fields (tokens used, cost,
+what the page/character budget cut, which model answered) also offer
+``extract_document``, returning an `Extraction`; the pipeline prefers it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
-from invoiceflow.schema import Invoice
+from invoiceflow.schema import ExtractionSource, Invoice, Truncation, Usage
+
+__all__ = [
+    "DocumentExtractor",
+    "Extraction",
+    "ExtractionError",
+    "ExtractionSource",
+    "Extractor",
+    "Truncation",
+    "Usage",
+]
 
 
 class ExtractionError(Exception):
-    """Extraction failed. `transient` says whether a retry could succeed."""
+    """Extraction failed. `transient` says whether a retry could succeed.
 
-    def __init__(self, kind: str, message: str, *, transient: bool) -> None:
+    ``attempts`` counts the HTTP requests spent on the invoice (SDK retries and the
+    repair attempt included) and ``usage`` the tokens they were billed, so a failure
+    still shows what it cost.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        transient: bool,
+        attempts: int = 0,
+        usage: Usage | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.transient = transient
+        self.attempts = attempts
+        self.usage = usage or Usage()
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One extracted invoice plus what it took to get it."""
+
+    invoice: Invoice
+    source: ExtractionSource
+    extractor: str
+    model: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cost: Decimal | None = None
+    cost_currency: str | None = None
+    # HTTP requests made: 1 on a clean call, more with SDK retries or a repair.
+    attempts: int = 0
+    repaired: bool = False
+    truncation: Truncation | None = None
+    einvoice_format: str | None = None
+    # Problems found while normalizing the raw answer (e.g. an ambiguous "$").
+    notes: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -25,3 +74,14 @@ class Extractor(Protocol):
     name: str
 
     async def extract(self, text: str) -> Invoice: ...
+
+
+@runtime_checkable
+class DocumentExtractor(Protocol):
+    name: str
+
+    async def extract(self, text: str) -> Invoice: ...
+
+    async def extract_document(
+        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+    ) -> Extraction: ...

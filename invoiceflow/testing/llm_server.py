@@ -19,15 +19,19 @@ a coroutine each, not a thread each. Run it in-process with `running_llm_server`
 connections) or `spawn_llm_server`, which wraps that command.
 
 Answers
-    The invoice text is the part of the last user message between the first
-    ``<invoice>`` and the last ``</invoice>`` (the envelope `OpenAIExtractor` sends), or
-    the whole message if it has no envelope. The answer is, first match wins:
+    The invoice text is the part of the last user message holding the envelope between
+    the first ``<invoice>`` and the last ``</invoice>`` (what `OpenAIExtractor` sends;
+    a later repair turn has no envelope), or the whole last user message if none has
+    one. The answer is, first match wins:
     1. ``refusals``: needle -> refusal text (``message.refusal`` is set, content null);
     2. ``answers``: needle -> content, a str sent verbatim (so malformed JSON is
        possible) or a dict sent as JSON;
     3. ``answer_fn(invoice_text)``; the default `rules_answer` runs the offline
        ``RulesExtractor`` and falls back to an all-null invoice.
-    A needle matches when it is ``"*"`` or a substring of the user message.
+    A needle matches when it is ``"*"`` or a substring of the (last) user message.
+    ``response_formats`` (config or ``POST /_control/config``) lists the
+    ``response_format`` types the pretend model supports; any other gets a 400 naming
+    ``response_format``, like servers without structured output.
 
 Faults
     A fault plan is ``{"rules": [...], "rate": 0.0, "rate_statuses": [429, 500, 503],
@@ -36,7 +40,8 @@ Faults
     the user message or of the ``X-Invoice-Key`` header; ``status`` is an HTTP error
     code (400-599), ``"timeout"`` (hold the request until the client hangs up, or
     ``hang_s``) or ``"reset"`` (abort the TCP connection without a response);
-    ``times`` is how often the rule fires, -1 meaning forever. The first live matching
+    ``times`` is how often the rule fires, -1 meaning forever; ``headers`` adds response
+    headers (e.g. ``x-ratelimit-reset-requests``). The first live matching
     rule fires; if none does, a random fault from ``rate_statuses`` fires with
     probability ``rate`` (``random.Random(seed)``, so a sequential run is reproducible;
     concurrent runs are only as reproducible as their arrival order).
@@ -50,7 +55,8 @@ Counting (``GET /_stats``)
     survives prompt rewording and truncation. ``by_sha1`` counts the sha1 hex of the
     last user message, which needs no client cooperation but breaks when the prompt
     text changes. ``by_status`` counts outcomes ("200", "429", "timeout", "reset", ...);
-    ``in_flight`` / ``max_in_flight`` show real server-side concurrency.
+    ``in_flight`` / ``max_in_flight`` show real server-side concurrency; ``by_format``
+    counts the requested ``response_format`` types ("json_schema", "none", ...).
 
 Control
     ``POST /_control/faults`` (a fault plan; replaces the current one),
@@ -129,6 +135,8 @@ class FaultRule(BaseModel):
     status: FaultStatus
     times: int = Field(default=1, ge=-1)
     retry_after: str | None = None
+    # Extra response headers, e.g. {"x-ratelimit-reset-requests": "0.2s"}.
+    headers: dict[str, str] = Field(default_factory=dict)
 
 
 class FaultPlan(BaseModel):
@@ -153,6 +161,9 @@ class _ConfigUpdate(BaseModel):
 
     latency_s: float | None = Field(default=None, ge=0)
     jitter_s: float | None = Field(default=None, ge=0)
+    # response_format types the "model" accepts ("json_schema", "json_object", "text");
+    # an empty list restores the default of accepting every type.
+    response_formats: list[str] | None = None
 
 
 async def rules_answer(invoice_text: str) -> dict[str, Any]:
@@ -189,6 +200,9 @@ class LLMServerConfig:
     seed: int = 0
     answer_fn: AnswerFn = rules_answer
     hang_s: float = 300.0
+    # None accepts every response_format; otherwise others get a 400, like servers
+    # without structured-output support.
+    response_formats: Sequence[str] | None = None
 
     def fault_plan(self) -> FaultPlan:
         return FaultPlan.model_validate(
@@ -238,6 +252,17 @@ def _last_user_message(body: Any) -> str:
     return ""
 
 
+def _invoice_text(body: Any, last_user_message: str) -> str:
+    """The invoice of a conversation: from the last user turn holding the envelope, so a
+    repair turn ("your previous answer was rejected...") is still about that invoice."""
+    for message in reversed(_messages(body)):
+        if isinstance(message, dict) and message.get("role") == "user":
+            text = _message_text(message)
+            if INVOICE_OPEN in text:
+                return invoice_text_of(text)
+    return invoice_text_of(last_user_message)
+
+
 def invoice_text_of(user_message: str) -> str:
     """The invoice text inside the extractor's envelope (or the whole message)."""
     start = user_message.find(INVOICE_OPEN)
@@ -258,8 +283,11 @@ def _error(
     type_: str,
     code: str | None = None,
     retry_after: str | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"retry-after": retry_after} if retry_after is not None else None
+    headers = dict(extra_headers or {})
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -339,6 +367,9 @@ class LLMServer:
         self.by_key: Counter[str] = Counter()
         self.by_sha1: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
+        self.by_format: Counter[str] = Counter()
+        formats = self.config.response_formats
+        self.response_formats: set[str] | None = set(formats) if formats is not None else None
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -353,6 +384,7 @@ class LLMServer:
             "by_key": dict(self.by_key),
             "by_sha1": dict(self.by_sha1),
             "by_status": dict(self.by_status),
+            "by_format": dict(self.by_format),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "models_requests": self.models_requests,
@@ -368,7 +400,7 @@ class LLMServer:
 
     def _pick_fault(
         self, user_message: str, key: str | None
-    ) -> tuple[int | str, str | None] | None:
+    ) -> tuple[int | str, str | None, dict[str, str]] | None:
         for live in self.rules:
             needle = live.rule.match
             if live.remaining == 0:
@@ -376,10 +408,10 @@ class LLMServer:
             if needle == "*" or needle in user_message or (key is not None and needle in key):
                 if live.remaining > 0:
                     live.remaining -= 1
-                return live.rule.status, live.rule.retry_after
+                return live.rule.status, live.rule.retry_after, live.rule.headers
         # Only drawn when no rule fired, so scripted rules don't shift the random sequence.
         if self.plan.rate > 0 and self._fault_rng.random() < self.plan.rate:
-            return self._fault_rng.choice(self.plan.rate_statuses), self.plan.rate_retry_after
+            return self._fault_rng.choice(self.plan.rate_statuses), self.plan.rate_retry_after, {}
         return None
 
     def _auth_error(self, request: Request) -> JSONResponse | None:
@@ -418,7 +450,7 @@ class LLMServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(until_disconnect(), self.config.hang_s)
 
-    async def _answer(self, user_message: str) -> tuple[str | None, str | None]:
+    async def _answer(self, user_message: str, invoice_text: str) -> tuple[str | None, str | None]:
         """(content, refusal) for one request."""
         for needle, refusal in self.refusals.items():
             if needle == "*" or needle in user_message:
@@ -429,7 +461,7 @@ class LLMServer:
                 value = scripted
                 break
         if value is None:
-            result: Any = self.answer_fn(invoice_text_of(user_message))
+            result: Any = self.answer_fn(invoice_text)
             value = await result if inspect.isawaitable(result) else result
         return (value if isinstance(value, str) else json.dumps(value)), None
 
@@ -472,9 +504,28 @@ class LLMServer:
                 400, "'model' and 'messages' are required.", type_="invalid_request_error"
             )
 
+        response_format = body.get("response_format")
+        format_type = (
+            str(response_format.get("type"))
+            if isinstance(response_format, dict)
+            else ("none" if response_format is None else "?")
+        )
+        self.by_format[format_type] += 1
+        if (
+            self.response_formats is not None
+            and response_format is not None
+            and format_type not in self.response_formats
+        ):
+            return "400", _error(
+                400,
+                f"response_format type '{format_type}' is not supported by this model.",
+                type_="invalid_request_error",
+                code="unsupported_response_format",
+            )
+
         fault = self._pick_fault(user_message, key)
         if fault is not None:
-            status, retry_after = fault
+            status, retry_after, fault_headers = fault
             if status == "timeout":
                 await self._hang(request)
                 return "timeout", Response(status_code=504)
@@ -487,11 +538,16 @@ class LLMServer:
             else:
                 type_, code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
             return str(status), _error(
-                status, f"Injected fault {status}.", type_=type_, code=code, retry_after=retry_after
+                status,
+                f"Injected fault {status}.",
+                type_=type_,
+                code=code,
+                retry_after=retry_after,
+                extra_headers=fault_headers,
             )
 
         await self._sleep_latency()
-        content, refusal = await self._answer(user_message)
+        content, refusal = await self._answer(user_message, _invoice_text(body, user_message))
         prompt_chars = sum(len(_message_text(m)) for m in messages)
         answer_chars = len(content if content is not None else refusal or "")
         usage = {"prompt_tokens": _tokens(prompt_chars), "completion_tokens": _tokens(answer_chars)}
@@ -550,7 +606,12 @@ class LLMServer:
             self.latency_s = update.latency_s
         if update.jitter_s is not None:
             self.jitter_s = update.jitter_s
-        return JSONResponse({"latency_s": self.latency_s, "jitter_s": self.jitter_s})
+        if update.response_formats is not None:
+            self.response_formats = set(update.response_formats) or None
+        formats = sorted(self.response_formats) if self.response_formats is not None else None
+        return JSONResponse(
+            {"latency_s": self.latency_s, "jitter_s": self.jitter_s, "response_formats": formats}
+        )
 
     async def control_reset(self, request: Request) -> Response:
         self.reset()
@@ -653,8 +714,20 @@ class LLMServerHandle:
         payload = {"answers": dict(answers or {}), "refusals": dict(refusals or {})}
         self._call("POST", "/_control/answers", payload)
 
-    def configure(self, *, latency_s: float | None = None, jitter_s: float | None = None) -> None:
-        self._call("POST", "/_control/config", {"latency_s": latency_s, "jitter_s": jitter_s})
+    def configure(
+        self,
+        *,
+        latency_s: float | None = None,
+        jitter_s: float | None = None,
+        response_formats: Sequence[str] | None = None,
+    ) -> None:
+        """Partial update; ``response_formats=[]`` accepts every format again."""
+        payload = {
+            "latency_s": latency_s,
+            "jitter_s": jitter_s,
+            "response_formats": list(response_formats) if response_formats is not None else None,
+        }
+        self._call("POST", "/_control/config", payload)
 
     def reset(self) -> None:
         """Back to the server's start-up configuration, with all counters at zero."""
