@@ -215,7 +215,12 @@ def up(
     prefect_pid = _spawn(
         [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
         logs / "prefect-server.log",
-        server_env(prefect_home),
+        {
+            **server_env(prefect_home),
+            # `--port` does not reach the UI: without this it calls the API on 4200 (or
+            # on whatever PREFECT_API_URL this shell has), i.e. someone else's server.
+            "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        },
     )
     s3_pid = _spawn(
         [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
