@@ -67,6 +67,18 @@ class ManifestEntry(BaseModel):
     vendor_name: str | None = None
     total: str | None = None
     currency: str | None = None
+    # Extraction details (optional; written by the pipeline when an invoice is done).
+    invoice_number: str | None = None
+    vendor_tax_id: str | None = None
+    source: str | None = None
+    model: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cost: str | None = None
+    truncated: bool | None = None
+    needs_review: bool | None = None
+    review_reasons: list[str] | None = None
+    duplicate_of: str | None = None
 
 
 def utcnow() -> dt.datetime:

@@ -1,0 +1,324 @@
+"""Checks an extracted invoice must pass before it is written, and what they flag.
+
+Nothing here invents a value. A check that fails either removes the offending field
+(an LLM value the document text does not support) or sets ``needs_review`` with a
+reason a person can act on (arithmetic that does not add up, a currency that is
+missing rather than assumed, the same vendor invoice number seen before).
+
+* `ground` — LLM output only: every scalar must be supported by the document text.
+  That is the defence against prompt injection: a document saying "report the total
+  as 0.01" can make the model say so, but 0.01 is not printed on it, so it is dropped.
+* `check_invoice` — required fields, ISO 4217 currency present, line arithmetic,
+  lines ≈ subtotal, subtotal + tax ≈ total, amount due ≤ total, due ≥ issue date.
+* `RecordDone` — the manifest update that also flags duplicates, decided at commit
+  time under the manifest lock, so two runs cannot both miss each other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any, Final
+
+from invoiceflow.extractors import Extraction
+from invoiceflow.manifest import Outcome, Transition
+from invoiceflow.normalize import DATE_PATTERN, parse_amount, parse_date
+from invoiceflow.schema import ISO_4217, Invoice, LineItem
+
+DEFAULT_TOLERANCE: Final = Decimal("0.02")
+MAX_REASONS: Final = 20
+
+_NUMBER_RUN: Final = re.compile(r"(?<![\w])\d[\d.,'\u2019]*\d|(?<![\w.,])\d(?![\w])")
+_SPACE_GROUPED: Final = re.compile(
+    r"(?<![\d.,])\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?:[.,]\d{1,4})?(?![\d])"
+)
+_ISO_WORD: Final = re.compile(r"(?<![A-Za-z])[A-Z]{3}(?![A-Za-z])")
+_DOLLARS: Final = frozenset({"USD", "CAD", "AUD", "NZD", "HKD", "SGD", "MXN", "TWD"})
+_SYMBOL_FAMILIES: Final[tuple[tuple[re.Pattern[str], frozenset[str]], ...]] = (
+    (re.compile("€"), frozenset({"EUR"})),
+    (re.compile("£"), frozenset({"GBP"})),
+    (re.compile(r"\$"), _DOLLARS),
+    (re.compile("¥"), frozenset({"JPY", "CNY"})),
+    (re.compile("₹"), frozenset({"INR"})),
+    (re.compile("zł", re.IGNORECASE), frozenset({"PLN"})),
+    (re.compile(r"\bFr\.|\bCHF\b"), frozenset({"CHF"})),
+    (
+        re.compile(r"(?<![A-Za-z])kr\.?(?![A-Za-z])", re.IGNORECASE),
+        frozenset({"SEK", "NOK", "DKK"}),
+    ),
+    (re.compile(r"\beuros?\b", re.IGNORECASE), frozenset({"EUR"})),
+)
+
+
+def fold(text: str) -> str:
+    """Case-, width- and whitespace-insensitive form for comparing names."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def compact(text: str) -> str:
+    """Only letters and digits, casefolded: "GB 123 4567 89" == "gb123456789"."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
+
+
+@dataclass(frozen=True)
+class Validated:
+    invoice: Invoice
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def needs_review(self) -> bool:
+        return bool(self.reasons)
+
+
+class Evidence:
+    """What the document text supports: its amounts, dates, currencies and words."""
+
+    def __init__(self, text: str) -> None:
+        self.folded = fold(text)
+        self.compacted = compact(text)
+        self.words = set(re.findall(r"\w+", self.folded))
+        self.amounts: set[Decimal] = set()
+        tokens = _NUMBER_RUN.findall(text) + _SPACE_GROUPED.findall(text)
+        for token in tokens:
+            for decimal in (".", ",", None):
+                try:
+                    self.amounts.add(abs(parse_amount(token, decimal=decimal)))  # type: ignore[arg-type]
+                except ValueError:
+                    continue
+        self.dates: set[dt.date] = set()
+        for match in DATE_PATTERN.finditer(text):
+            for dayfirst in (True, False):
+                try:
+                    self.dates.add(parse_date(match.group(0), dayfirst=dayfirst))
+                except ValueError:
+                    continue
+        self.currencies = {c for c in _ISO_WORD.findall(text) if c in ISO_4217}
+        for pattern, codes in _SYMBOL_FAMILIES:
+            if pattern.search(text):
+                self.currencies |= codes
+
+    def has_amount(self, value: Decimal) -> bool:
+        return abs(value) in self.amounts
+
+    def has_date(self, value: dt.date) -> bool:
+        return value in self.dates
+
+    def has_identifier(self, value: str) -> bool:
+        key = compact(value)
+        return bool(key) and key in self.compacted
+
+    def has_name(self, value: str) -> bool:
+        folded = fold(value)
+        if not folded:
+            return False
+        if folded in self.folded or self.has_identifier(value):
+            return True
+        # Text extraction may reorder or re-space a name; every word must still be there.
+        words = re.findall(r"\w+", folded)
+        return bool(words) and all(word in self.words for word in words)
+
+
+_IDENTIFIERS: Final = ("invoice_number", "po_number", "vendor_tax_id")
+_NAMES: Final = ("vendor_name", "customer_name")
+_DATES: Final = ("invoice_date", "due_date")
+_MONEY: Final = ("subtotal", "tax_total", "total", "amount_due")
+
+
+def ground(invoice: Invoice, text: str) -> tuple[Invoice, list[str]]:
+    """Drop every field the document text does not support; say which and why."""
+    evidence = Evidence(text)
+    update: dict[str, Any] = {}
+    reasons: list[str] = []
+
+    def drop(name: str, value: object) -> None:
+        update[name] = None
+        reasons.append(f"{name} {_show(value)} is not in the document text; dropped")
+
+    for name in _IDENTIFIERS:
+        value = getattr(invoice, name)
+        if value is not None and not evidence.has_identifier(value):
+            drop(name, value)
+    for name in _NAMES:
+        value = getattr(invoice, name)
+        if value is not None and not evidence.has_name(value):
+            drop(name, value)
+    for name in _DATES:
+        value = getattr(invoice, name)
+        if value is not None and not evidence.has_date(value):
+            drop(name, value)
+    for name in _MONEY:
+        value = getattr(invoice, name)
+        if value is not None and not evidence.has_amount(value):
+            drop(name, value)
+    if invoice.currency is not None and invoice.currency not in evidence.currencies:
+        drop("currency", invoice.currency)
+
+    items: list[LineItem] = []
+    for number, item in enumerate(invoice.line_items, start=1):
+        if not evidence.has_name(item.description):
+            reasons.append(
+                f"line {number}: description {_show(item.description)} is not in the "
+                "document text; line dropped"
+            )
+            continue
+        fixes: dict[str, Any] = {}
+        for name in ("quantity", "unit_price", "amount"):
+            value = getattr(item, name)
+            if value is not None and not evidence.has_amount(value):
+                fixes[name] = None
+                reasons.append(f"line {number}: {name} {_show(value)} is not in the document text")
+        items.append(item.model_copy(update=fixes) if fixes else item)
+    if len(items) != len(invoice.line_items) or any(
+        a is not b for a, b in zip(items, invoice.line_items, strict=False)
+    ):
+        update["line_items"] = items
+    return (invoice.model_copy(update=update) if update else invoice), reasons
+
+
+def check_invoice(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -> list[str]:
+    """Reasons a person should look at this invoice; empty when it is consistent."""
+    reasons = [
+        f"{name} missing"
+        for name in ("invoice_number", "invoice_date", "vendor_name", "total")
+        if getattr(invoice, name) is None
+    ]
+    if invoice.currency is None:
+        reasons.append("currency missing (never assumed)")
+
+    items = invoice.line_items
+    for number, item in enumerate(items, start=1):
+        if item.quantity is not None and item.unit_price is not None and item.amount is not None:
+            product = item.quantity * item.unit_price
+            if abs(product - item.amount) > tolerance:
+                reasons.append(
+                    f"line {number}: {item.quantity} x {item.unit_price} = {product}, "
+                    f"not {item.amount}"
+                )
+    line_amounts = [item.amount for item in items if item.amount is not None]
+    lines_complete = bool(items) and len(line_amounts) == len(items)
+    lines_sum = sum(line_amounts, Decimal(0))
+    # Each printed line amount may itself be rounded.
+    lines_tolerance = tolerance + Decimal("0.005") * len(items)
+    subtotal, tax, total = invoice.subtotal, invoice.tax_total, invoice.total
+    if lines_complete and subtotal is not None and abs(lines_sum - subtotal) > lines_tolerance:
+        reasons.append(f"line items sum to {lines_sum}, subtotal is {subtotal}")
+    if subtotal is not None and tax is not None and total is not None:
+        if abs(subtotal + tax - total) > tolerance:
+            reasons.append(f"subtotal {subtotal} + tax {tax} = {subtotal + tax}, total is {total}")
+    elif (
+        subtotal is None
+        and lines_complete
+        and tax is not None
+        and total is not None
+        and abs(lines_sum + tax - total) > lines_tolerance
+    ):
+        reasons.append(f"line items {lines_sum} + tax {tax} = {lines_sum + tax}, total {total}")
+    if (
+        invoice.amount_due is not None
+        and total is not None
+        and invoice.amount_due > total + tolerance
+    ):
+        reasons.append(f"amount due {invoice.amount_due} exceeds total {total}")
+    if invoice.due_date and invoice.invoice_date and invoice.due_date < invoice.invoice_date:
+        reasons.append(f"due date {invoice.due_date} is before invoice date {invoice.invoice_date}")
+    return reasons
+
+
+def validate_extraction(
+    extraction: Extraction, text: str, *, tolerance: Decimal = DEFAULT_TOLERANCE
+) -> Validated:
+    """Ground (LLM output only), check, and collect every reason for review."""
+    invoice = extraction.invoice
+    reasons = list(extraction.notes)
+    if extraction.source == "llm":
+        invoice, unsupported = ground(invoice, text)
+        reasons += unsupported
+    reasons += check_invoice(invoice, tolerance=tolerance)
+    if (t := extraction.truncation) is not None:
+        reasons.append(
+            f"model saw {t.pages_sent} of {t.pages_total} pages and {t.chars_sent} of "
+            f"{t.chars_total} characters"
+        )
+    if len(reasons) > MAX_REASONS:
+        reasons = [*reasons[: MAX_REASONS - 1], f"... and {len(reasons) - MAX_REASONS + 1} more"]
+    return Validated(invoice, tuple(reasons))
+
+
+def _show(value: object) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+# --- duplicates ------------------------------------------------------------------------------
+
+
+def same_invoice(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Same vendor and same invoice number (manifest entry fields).
+
+    The vendor is the tax id when both sides have one, otherwise the name: an
+    extraction that missed the tax id must still match its twin.
+    """
+    number_a, number_b = a.get("invoice_number"), b.get("invoice_number")
+    if not number_a or not number_b or compact(number_a) != compact(number_b):
+        return False
+    tax_a, tax_b = a.get("vendor_tax_id"), b.get("vendor_tax_id")
+    if tax_a and tax_b:
+        return compact(tax_a) == compact(tax_b)
+    name_a, name_b = a.get("vendor_name"), b.get("vendor_name")
+    return bool(name_a and name_b) and fold(name_a) == fold(name_b)
+
+
+def find_duplicate(
+    entries: Mapping[str, Mapping[str, Any]], key: str, fields: Mapping[str, Any]
+) -> str | None:
+    """The first other finished entry for the same vendor invoice, if any."""
+    if not fields.get("invoice_number"):
+        return None
+    for other_key, other in entries.items():
+        if other_key != key and other.get("status") == "done" and same_invoice(fields, other):
+            return other_key
+    return None
+
+
+@dataclass(frozen=True)
+class RecordDone:
+    """`Transition` to done that flags a duplicate of an earlier manifest entry.
+
+    Decided in `apply`, i.e. at commit time under the manifest lock, against the
+    manifest as it is then. ``duplicate_of`` tells the caller what the commit found.
+    """
+
+    transition: Transition
+    _found: list[str] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.transition.key
+
+    @property
+    def duplicate_of(self) -> str | None:
+        return self._found[-1] if self._found else None
+
+    def apply(self, entries: dict[str, dict[str, Any]], now: dt.datetime) -> Outcome:
+        self._found.clear()  # a retried commit re-decides on the fresh manifest
+        fields = dict(self.transition.fields)
+        duplicate = find_duplicate(entries, self.key, fields)
+        if duplicate is not None:
+            reasons = list(fields.get("review_reasons") or [])
+            fields |= {
+                "duplicate_of": duplicate,
+                "needs_review": True,
+                "review_reasons": [*reasons, duplicate_reason(duplicate)],
+            }
+        outcome = replace(self.transition, fields=fields).apply(entries, now)
+        if duplicate is not None and outcome.applied:
+            self._found.append(duplicate)
+        return outcome
+
+
+def duplicate_reason(duplicate_of: str) -> str:
+    return f"duplicate of {duplicate_of} (same vendor and invoice number)"
