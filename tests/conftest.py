@@ -42,7 +42,7 @@ def local_stack() -> Iterator[stack.StackInfo]:
         # Flush queued run logs while the server is still there to take them.
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()
+        APILogHandler().flush()
         stack.down(STATE_DIR)
         shutil.rmtree(STATE_DIR, ignore_errors=True)
 
