@@ -1,0 +1,228 @@
+"""One manifest commit at scale: latency and object size with 100,000 entries.
+
+    uv run python -m benchmarks.manifest_scale --entries 100000
+    uv run python -m benchmarks.run --scale-manifest 100000      # same thing
+
+Starts moto's S3 server on a free port, writes a manifest of `entries` realistic `done`
+entries, then times group commits of 1 and of 1000 new claims through the real
+`ManifestStore` (asyncio.Lock, conditional write), twice over:
+
+* end to end: `await store.commit(updates)`, what a flow's committer pays per batch;
+* broken down, with the store's own steps: read (`read_sync`: GET + decode), of which
+  GET is the S3 transfer alone, apply (the updates on the decoded entries), encode (the
+  store's `_encode`), write (`put_conditional` with If-Match).
+
+Whatever encoding `ManifestStore` uses is what gets measured, so the numbers follow the
+lead's choice of encoding without changes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from invoiceflow import stack
+from invoiceflow.manifest import Claim, ManifestEntry, ManifestStore, Snapshot, Status
+from invoiceflow.storage import S3Store, make_s3_client
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO_ROOT / "bench-manifest-scale.json"
+MANIFEST_KEY = "manifest.json"
+TARGET_COMMIT_S = 1.0
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+T = TypeVar("T")
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    port = stack.free_port()
+    proc = subprocess.Popen(
+        [stack._bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        stack._wait_healthy(url, proc.pid, Path("/dev/null"), 30)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def realistic_entries(count: int) -> dict[str, dict[str, Any]]:
+    """`count` finished invoices shaped like the pipeline writes them."""
+    now = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+    entries: dict[str, dict[str, Any]] = {}
+    for i in range(count):
+        key = f"incoming/2026-11/vendor-{i % 997:03d}/invoice-{i:07d}.pdf"
+        entries[key] = ManifestEntry(
+            status=Status.done,
+            source_etag=f"{i:032x}",
+            attempts=1,
+            run_id="0b5e8f0e-4c1e-4f7e-9a56-3d2b4b1f9c2a",
+            extractor="openai",
+            result_key=f"results/2026-11__vendor-{i % 997:03d}__invoice-{i:07d}.json",
+            created_at=now,
+            updated_at=now,
+            vendor_name=f"Vendor {i % 997} GmbH",
+            total=f"{(i * 37) % 100000}.{i % 100:02d}",
+            currency="EUR",
+        ).model_dump(mode="json")
+    return entries
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def claims(batch: int, round_no: int) -> list[Claim]:
+    return [
+        Claim(f"incoming/2026-12/new-{round_no:03d}-{i:05d}.pdf", f"{i:032x}", "bench-run")
+        for i in range(batch)
+    ]
+
+
+def breakdown(store: ManifestStore, batch: int, round_no: int) -> dict[str, float]:
+    """One commit, step by step, with the store's own read, encode and conditional write."""
+    _obj, get_s = timed(lambda: store.s3.get(store.key, max_bytes=store.max_bytes))
+    snap, read_s = timed(store.read_sync)
+    now = dt.datetime.now(dt.UTC)
+    updates = claims(batch, round_no)
+    _outcomes, apply_s = timed(lambda: [u.apply(snap.entries, now) for u in updates])
+    encode: Callable[[Snapshot, int, dt.datetime], bytes] = store._encode
+    body, encode_s = timed(lambda: encode(snap, snap.revision + 1, now))
+    _etag, write_s = timed(lambda: store.s3.put_conditional(store.key, body, if_match=snap.etag))
+    return {
+        "read_ms": read_s * 1000,
+        "get_ms": get_s * 1000,
+        "decode_ms": max(read_s - get_s, 0.0) * 1000,
+        "apply_ms": apply_s * 1000,
+        "encode_ms": encode_s * 1000,
+        "write_ms": write_s * 1000,
+        "total_ms": (read_s + apply_s + encode_s + write_s) * 1000,
+        "bytes": len(body),
+        "entries": len(snap.entries),
+    }
+
+
+def end_to_end_ms(store: ManifestStore, batch: int, round_no: int) -> float:
+    async def commit() -> float:
+        start = time.perf_counter()
+        await store.commit(claims(batch, round_no))
+        return (time.perf_counter() - start) * 1000
+
+    return asyncio.run(commit())
+
+
+def run_scale(
+    *,
+    entries: int = 100_000,
+    batches: tuple[int, ...] = (1, 1000),
+    repeat: int = 3,
+    output: Path = DEFAULT_OUTPUT,
+) -> dict[str, Any]:
+    console.print(f"building {entries} manifest entries ...")
+    with moto_server() as endpoint:
+        s3 = S3Store(
+            make_s3_client(
+                endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench"
+            ),
+            "manifest-scale",
+        )
+        s3.ensure_bucket()
+        lock = asyncio.Lock()
+        store = ManifestStore(s3, MANIFEST_KEY, lock=lambda: lock)
+        now = dt.datetime.now(dt.UTC)
+        seed = Snapshot(realistic_entries(entries), None, 0)
+        s3.put_conditional(MANIFEST_KEY, store._encode(seed, 1, now), if_match=None)
+        del seed
+        rows: list[dict[str, Any]] = []
+        round_no = 0
+        for batch in batches:
+            steps: list[dict[str, float]] = []
+            e2e: list[float] = []
+            for _ in range(repeat):
+                round_no += 1
+                steps.append(breakdown(store, batch, round_no))
+                round_no += 1
+                e2e.append(end_to_end_ms(store, batch, round_no))
+            row: dict[str, Any] = {"batch": batch}
+            for name in steps[0]:
+                row[name] = round(statistics.median(s[name] for s in steps), 1)
+            row["commit_ms_end_to_end"] = round(statistics.median(e2e), 1)
+            row["commit_ms_end_to_end_max"] = round(max(e2e), 1)
+            rows.append(row)
+    doc = {
+        "entries": entries,
+        "repeat": repeat,
+        "target_commit_s": TARGET_COMMIT_S,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "commits": rows,
+    }
+    print_table(doc)
+    output.write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"wrote {output}")
+    return doc
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    table = Table(
+        title=f"one manifest commit at {doc['entries']} entries (median of {doc['repeat']})",
+        caption="read = GET + decode; commit = read + apply + encode + write, under an "
+        "asyncio.Lock; the target is one commit ≤ 1 s",
+    )
+    columns = ["batch", "read_ms", "get_ms", "decode_ms", "apply_ms", "encode_ms", "write_ms",
+               "total_ms", "commit_ms_end_to_end", "bytes"]  # fmt: skip
+    for column in columns:
+        table.add_column(
+            column.removesuffix("_ms").replace("_", " ")
+            + (" ms" if column.endswith("_ms") else ""),
+            justify="right",
+        )
+    for row in doc["commits"]:
+        over = row["commit_ms_end_to_end"] > doc["target_commit_s"] * 1000
+        cells = [f"{row[c]:,.0f}" if c == "bytes" else str(row[c]) for c in columns]
+        if over:
+            cells[-2] = f"[red]{cells[-2]}[/]"
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"peak RSS of this process: {doc['peak_rss_mb']:.0f} MB")
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    entries: Annotated[int, typer.Option(min=1, help="Entries in the manifest.")] = 100_000,
+    repeat: Annotated[int, typer.Option(min=1, help="Commits per batch size.")] = 3,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON.")] = DEFAULT_OUTPUT,
+) -> None:
+    """Time one manifest commit (read, apply, encode, write) at scale."""
+    run_scale(entries=entries, repeat=repeat, output=output)
+
+
+if __name__ == "__main__":
+    app()
