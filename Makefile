@@ -9,13 +9,16 @@ C ?= 32
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export UV_LINK_MODE = copy
 
-.PHONY: help sync run up down status test lint format bench clean
+.PHONY: help sync run up down status deploy worker test lint format bench clean
 
 help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
 	@echo "make test   lint, then run the whole test suite against real local servers"
 	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
 	@echo "make down   stop the local stack"
+	@echo "make deploy create work pool, lock, blocks and the prefect.yaml deployments"
+	@echo "             (on PREFECT_API_URL, else on the local stack)"
+	@echo "make worker start a process worker on the invoices pool"
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
@@ -36,6 +39,14 @@ up: sync
 
 down: sync
 	$(UV) run invoiceflow down
+
+# Without PREFECT_API_URL, deploy onto the local stack (started if needed).
+deploy: sync
+	@if [ -z "$$PREFECT_API_URL" ]; then $(UV) run invoiceflow up; fi
+	$(UV) run invoiceflow deploy
+
+worker: sync
+	$(UV) run invoiceflow worker
 
 status: sync
 	$(UV) run invoiceflow status

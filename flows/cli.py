@@ -168,6 +168,75 @@ def run(
 
 
 @app.command()
+def deploy(
+    state_dir: StateDir = None,
+    bucket: Annotated[
+        str | None,
+        typer.Option(help="Real S3 bucket to save the bucket block for (default boto3 creds)."),
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="AWS region of --bucket.")] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3-compatible endpoint of --bucket (MinIO, R2).")
+    ] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INVOICEFLOW_WEBHOOK_URL",
+            help="Save a Custom Webhook block that failed runs notify.",
+        ),
+    ] = None,
+) -> None:
+    """Create the work pool, manifest lock and blocks, then deploy prefect.yaml.
+
+    Uses PREFECT_API_URL when set, otherwise the local stack of `invoiceflow up`.
+    """
+    info = _use_local_stack(state_dir)
+    from flows.deploy import DeployError, deploy_all, prepare_server
+
+    try:
+        prepared = asyncio.run(
+            prepare_server(
+                bucket=bucket, region=region, endpoint_url=endpoint_url, webhook_url=webhook_url
+            )
+        )
+        for line in prepared.created:
+            console.print(f"[green]created[/] {line}")
+        for line in prepared.kept:
+            console.print(f"[dim]ok[/]      {line}")
+        deploy_all()
+    except DeployError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    ui = info.ui_url if info is not None else os.environ["PREFECT_API_URL"].removesuffix("/api")
+    console.print(
+        f"Deployed. Start a worker with `make worker`; runs and the run form: {ui}/deployments"
+    )
+
+
+@app.command()
+def worker(
+    state_dir: StateDir = None,
+    pool: Annotated[str, typer.Option(help="Work pool to take runs from.")] = "invoices",
+    limit: Annotated[
+        int | None, typer.Option(help="Most flow runs this worker runs at once.")
+    ] = None,
+) -> None:
+    """Start a process worker: it runs each flow run of the pool as a subprocess.
+
+    Start more (here or on other machines with the same checkout path and server) to
+    run more flow runs at once.
+    """
+    _use_local_stack(state_dir)
+    from flows.deploy import worker_command
+
+    command = worker_command(work_pool=pool, limit=limit)
+    sys.stdout.flush()
+    # Replace this process: Ctrl-C and `kill` reach the worker itself, which then
+    # shuts down its flow runs cleanly.
+    os.execve(command[0], command, dict(os.environ))
+
+
+@app.command()
 def status(
     state_dir: StateDir = None,
     prefix: Annotated[str, typer.Option(help="Only invoices under this prefix.")] = "",

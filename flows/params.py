@@ -56,6 +56,13 @@ class ProcessInvoicesParams(BaseModel):
         title="Extractor block",
         description="Name of the saved Invoice Extractor block (rules or an LLM).",
     )
+    failure_notification_block: str = Field(
+        default="custom-webhook/invoiceflow-on-failure",
+        title="Notify on failure",
+        description="Notification block told when the run fails, as `type/name`, e.g. "
+        "`custom-webhook/invoiceflow-on-failure` or `slack-webhook/ops`. Nobody is "
+        "notified while that block is not saved; empty turns notification off.",
+    )
     manifest_lock: str = Field(
         default="invoiceflow-manifest",
         title="Manifest lock",
@@ -75,6 +82,20 @@ class ProcessInvoicesParams(BaseModel):
         le=100_000,
         title="Manifest commit batch",
         description="Most status updates written in one manifest commit.",
+    )
+    max_pdf_bytes: int = Field(
+        default=20_000_000,
+        ge=1,
+        le=1_000_000_000,
+        title="Max PDF size (bytes)",
+        description="Larger PDFs fail permanently as `too_large` without being downloaded.",
+    )
+    max_pages: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        title="Max pages per PDF",
+        description="PDFs with more pages fail permanently as `too_many_pages`.",
     )
 
     @field_validator("source_prefix", "results_prefix")

@@ -13,13 +13,18 @@ import asyncio
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
 from flows.tasks import extract_when_parsed, list_invoices, open_pipeline, parse_invoices
 from invoiceflow.pipeline import chunked
 
 
-@flow(name="process-invoices", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(
+    name="process-invoices",
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
+    on_failure=[notify_failure],
+)
 async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:

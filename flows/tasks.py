@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect_aws import S3Bucket
@@ -15,6 +16,7 @@ from prefect_aws import S3Bucket
 from blocks.extractor import ExtractorBlock
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
+from flows.progress import expect, observe, tracking_progress
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoiceOutcome,
@@ -40,12 +42,21 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
         max_concurrency=params.max_llm_concurrency,
+        max_pdf_bytes=params.max_pdf_bytes,
+        max_pages=params.max_pages,
     )
     try:
-        async with GroupCommitter(
-            store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
-        ) as committer:
-            yield InvoicePipeline(s3, committer, extractor, config)
+        # One sync API client for every sync task run of this flow: otherwise each
+        # parse task on the thread pool builds its own client and SSL context
+        # (~100 ms CPU each, upstream PR #19106). httpx.Client is thread-safe.
+        with SyncClientContext.get_or_create():
+            async with (
+                tracking_progress(),
+                GroupCommitter(
+                    store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
+                ) as committer,
+            ):
+                yield InvoicePipeline(s3, committer, extractor, config)
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
@@ -55,7 +66,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
 @task(cache_policy=NO_CACHE)
 async def list_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
-    return await pipeline.select(selection)
+    items = await pipeline.select(selection)
+    expect(len(items))  # the progress artifact's 100%
+    return items
 
 
 @task(cache_policy=NO_CACHE)
@@ -67,7 +80,10 @@ def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[Par
 async def extract_invoices(
     docs: list[ParsedDoc], pipeline: InvoicePipeline
 ) -> list[InvoiceOutcome]:
-    return list(await asyncio.gather(*(pipeline.extract(doc) for doc in docs)))
+    async def extract_and_count(doc: ParsedDoc) -> InvoiceOutcome:
+        return observe(await pipeline.extract(doc))
+
+    return list(await asyncio.gather(*(extract_and_count(doc) for doc in docs)))
 
 
 async def extract_when_parsed(
