@@ -122,7 +122,7 @@ _MONTHS: Final[dict[str, int]] = {
             ("may", "mai", "mayo", "maggio", "mei", "maj"),
             ("june", "jun", "juni", "juin", "junio", "giugno"),
             ("july", "jul", "juli", "juillet", "julio", "luglio"),
-            ("august", "aug", "août", "aout", "agosto", "augusti"),
+            ("august", "aug", "août", "aout", "agosto", "augusti", "augustus"),
             ("september", "sep", "sept", "septembre", "septiembre", "settembre"),
             ("october", "oct", "oktober", "okt", "octobre", "octubre", "ottobre"),
             ("november", "nov", "novembre", "noviembre"),

@@ -4,6 +4,11 @@ Everything random flows from one `random.Random(seed)`, and the PDF creation dat
 pinned, so the same seed always yields byte-identical PDFs and the same `Invoice`.
 Only fpdf2's core fonts are used (no font downloads); their encoding is set to
 windows-1252 so that "€" can be printed.
+
+Beyond the default English invoices, `generate_invoice` can print German, French and
+Dutch labels (`language`), and embed the invoice as e-invoice XML (`einvoice`:
+Factur-X / ZUGFeRD / XRechnung CII, or XRechnung UBL), the way hybrid e-invoices
+travel. `generate_corpus(..., varied=True)` mixes languages for `invoiceflow eval`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Final, Literal
@@ -26,6 +32,15 @@ _PDF_EPOCH: Final = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 NumberStyle = Literal["en", "de", "ch", "sv"]
 Column = Literal["pos", "desc", "qty", "unit", "amount"]
+Language = Literal["en", "de", "fr", "nl"]
+EInvoiceFlavor = Literal["factur-x", "zugferd", "xrechnung-cii", "xrechnung-ubl"]
+LANGUAGES: Final[tuple[Language, ...]] = ("en", "de", "fr", "nl")
+EINVOICE_FLAVORS: Final[tuple[EInvoiceFlavor, ...]] = (
+    "factur-x",
+    "zugferd",
+    "xrechnung-cii",
+    "xrechnung-ubl",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +63,8 @@ _LOCALES: Final[dict[str, _Locale]] = {
     "SE": _Locale("sv", ("%Y-%m-%d",)),
     "NO": _Locale("sv", ("%d.%m.%Y", "%Y-%m-%d")),
     "FR": _Locale("sv", ("%d/%m/%Y", "%Y-%m-%d")),
+    "AT": _Locale("de", ("%d.%m.%Y",)),
+    "BE": _Locale("de", ("%d/%m/%Y", "%d-%m-%Y")),
 }
 
 
@@ -210,6 +227,44 @@ VENDORS: Final[tuple[_Vendor, ...]] = (
     ),
 )
 
+# Only drawn for German, French and Dutch invoices, so the English corpora (and the
+# seeds tests rely on) are unchanged.
+EXTRA_VENDORS: Final[tuple[_Vendor, ...]] = (
+    _Vendor(
+        "Alpenblick Handels GmbH",
+        ("Mariahilfer Straße 77", "1060 Wien, Österreich"),
+        "AT",
+        "UID-Nr.:",
+        "ATU57812349",
+        "EUR",
+        "USt.",
+        ("20", "10"),
+        "AR-{year}-{n:05d}",
+    ),
+    _Vendor(
+        "Atelier Lumen SRL",
+        ("Rue Haute 120", "1000 Bruxelles, Belgique"),
+        "BE",
+        "N° TVA :",
+        "BE0477472701",
+        "EUR",
+        "TVA",
+        ("21", "6"),
+        "F{year}-{n:04d}",
+    ),
+    _Vendor(
+        "Vlaamse Drukkerij NV",
+        ("Meir 24", "2000 Antwerpen, België"),
+        "BE",
+        "BTW-nummer:",
+        "BE0403170701",
+        "EUR",
+        "BTW",
+        ("21", "6"),
+        "VD-{n:06d}",
+    ),
+)
+
 # (name, address line, country, VAT id or None)
 CUSTOMERS: Final[tuple[tuple[str, str, str | None], ...]] = (
     ("Northwind Traders Ltd", "3 King Street, Leeds LS1 2HL, United Kingdom", "GB991122334"),
@@ -287,6 +342,175 @@ _COLUMN_HEADERS: Final[dict[Column, tuple[str, ...]]] = {
     "unit": ("Unit price", "Price", "Rate"),
     "amount": ("Amount", "Total", "Line total"),
 }
+_MONTHS_EN: Final = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
+
+
+def _months(first_half: str, second_half: str) -> tuple[str, ...]:
+    return (*first_half.split(), *second_half.split())
+
+
+@dataclass(frozen=True, slots=True)
+class _Words:
+    """Everything printed in one language. Tuples are alternatives drawn per invoice."""
+
+    titles: tuple[str, ...]
+    number: tuple[str, ...]
+    date: tuple[str, ...]
+    due: tuple[str, ...]
+    po: tuple[str, ...]
+    bill_to: tuple[str, ...]
+    subtotal: tuple[str, ...]
+    total: tuple[str, ...]
+    amount_due: tuple[str, ...]
+    paid: tuple[str, ...]
+    columns: dict[Column, tuple[str, ...]]
+    currency: str
+    customer_vat: str
+    terms_on_receipt: str
+    terms_days: str  # str.format with {days}
+    thanks: str
+    page: str  # str.format with {page}; fpdf2 replaces {nb}
+    months: tuple[str, ...]
+    # None: the vendor's own conventions (English invoices come from every vendor).
+    date_formats: tuple[str, ...] | None = None
+    # Replaces the English tax name "VAT" of a vendor.
+    tax_name: str | None = None
+    # Vendor country -> the label in front of the vendor's own VAT number.
+    tax_id_labels: dict[str, str] = field(default_factory=dict)
+    # Names of the vendors that write in this language (empty: all of `VENDORS`).
+    vendors: tuple[str, ...] = ()
+    percent: str = "%"
+    reverse_charge: str = " (reverse charge)"
+
+
+WORDS: Final[dict[Language, _Words]] = {
+    "en": _Words(
+        titles=_TITLES,
+        number=_NUMBER_LABELS,
+        date=_DATE_LABELS,
+        due=_DUE_LABELS,
+        po=_PO_LABELS,
+        bill_to=_BILL_TO_LABELS,
+        subtotal=_SUBTOTAL_LABELS,
+        total=_TOTAL_LABELS,
+        amount_due=_DUE_AMOUNT_LABELS,
+        paid=_PAID_LABELS,
+        columns=_COLUMN_HEADERS,
+        currency="Currency:",
+        customer_vat="Customer VAT ID:",
+        terms_on_receipt="Payment terms: due on receipt.",
+        terms_days="Payment terms: {days} days net.",
+        thanks="Thank you for your business.",
+        page="Page {page} of {{nb}}",
+        months=_MONTHS_EN,
+    ),
+    "de": _Words(
+        titles=("RECHNUNG", "Rechnung"),
+        number=("Rechnungsnummer:", "Rechnungs-Nr.:", "Rechnung Nr.:"),
+        date=("Rechnungsdatum:", "Datum:", "Ausstellungsdatum:"),
+        due=("Fällig am:", "Zahlbar bis:", "Fälligkeitsdatum:"),
+        po=("Bestellnummer:", "Ihre Bestellung:", "Bestell-Nr.:"),
+        bill_to=("Rechnungsempfänger:", "Kunde:", "Rechnung an:"),
+        subtotal=("Zwischensumme", "Nettobetrag", "Summe netto"),
+        total=("Gesamtbetrag", "Rechnungsbetrag", "Gesamtsumme", "Summe brutto"),
+        amount_due=("Zahlbetrag", "Offener Betrag", "Zu zahlen"),
+        paid=("Anzahlung", "Bereits bezahlt", "Abzüglich Anzahlung"),
+        columns={
+            "pos": ("Pos.", "#"),
+            "desc": ("Beschreibung", "Bezeichnung", "Leistung"),
+            "qty": ("Menge", "Anzahl"),
+            "unit": ("Einzelpreis", "Preis"),
+            "amount": ("Betrag", "Gesamt"),
+        },
+        currency="Währung:",
+        customer_vat="Kunden-USt-IdNr.:",
+        terms_on_receipt="Zahlbar sofort ohne Abzug.",
+        terms_days="Zahlungsziel: {days} Tage netto.",
+        thanks="Vielen Dank für Ihren Auftrag.",
+        page="Seite {page} von {{nb}}",
+        months=_months(
+            "Januar Februar März April Mai Juni", "Juli August September Oktober November Dezember"
+        ),
+        date_formats=("%d.%m.%Y", "%d. %B %Y", "%Y-%m-%d"),
+        tax_name="MwSt.",
+        reverse_charge=" (Steuerschuldnerschaft des Leistungsempfängers)",
+        tax_id_labels={"DE": "USt-IdNr.:"},
+        vendors=("Nordlicht Software GmbH", "Helvetia Präzision AG", "Alpenblick Handels GmbH"),
+    ),
+    "fr": _Words(
+        titles=("FACTURE", "Facture"),
+        number=("N° de facture :", "Facture n° :", "Numéro de facture :"),
+        date=("Date de facture :", "Date :", "Date d'émission :"),
+        due=("Date d'échéance :", "Échéance :", "À payer avant le :"),
+        po=("Bon de commande :", "N° de commande :", "Votre commande :"),
+        bill_to=("Facturé à :", "Client :", "Destinataire :"),
+        subtotal=("Total HT", "Sous-total", "Montant HT"),
+        total=("Total TTC", "Montant TTC", "Total"),
+        amount_due=("Net à payer", "Montant dû", "Reste à payer"),
+        paid=("Acompte versé", "Déjà payé", "Acompte"),
+        columns={
+            "pos": ("N°", "#"),
+            "desc": ("Désignation", "Description"),
+            "qty": ("Qté", "Quantité"),
+            "unit": ("Prix unitaire", "P.U. HT"),
+            "amount": ("Montant", "Total HT"),
+        },
+        currency="Devise :",
+        customer_vat="N° TVA client :",
+        terms_on_receipt="Paiement à réception de facture.",
+        terms_days="Conditions de paiement : {days} jours net.",
+        thanks="Merci pour votre confiance.",
+        page="Page {page} sur {{nb}}",
+        months=_months(
+            "janvier février mars avril mai juin",
+            "juillet août septembre octobre novembre décembre",
+        ),
+        date_formats=("%d/%m/%Y", "%d %B %Y", "%d.%m.%Y"),
+        tax_name="TVA",
+        reverse_charge=" (autoliquidation)",
+        tax_id_labels={"FR": "N° TVA :"},
+        vendors=("Studio Lumière SARL", "Atelier Lumen SRL"),
+        percent=" %",
+    ),
+    "nl": _Words(
+        titles=("FACTUUR", "Factuur"),
+        number=("Factuurnummer:", "Factuurnr.:", "Factuur nr.:"),
+        date=("Factuurdatum:", "Datum:", "Datum factuur:"),
+        due=("Vervaldatum:", "Te betalen voor:", "Uiterste betaaldatum:"),
+        po=("Inkoopordernummer:", "Ordernummer:", "Bestelnummer:"),
+        bill_to=("Factuuradres:", "Klant:", "Gefactureerd aan:"),
+        subtotal=("Subtotaal", "Totaal excl. BTW", "Netto bedrag"),
+        total=("Totaal", "Totaal incl. BTW", "Totaalbedrag"),
+        amount_due=("Te betalen", "Openstaand bedrag", "Nog te betalen"),
+        paid=("Reeds betaald", "Aanbetaling", "Betaald"),
+        columns={
+            "pos": ("Pos.", "#"),
+            "desc": ("Omschrijving", "Artikel"),
+            "qty": ("Aantal",),
+            "unit": ("Prijs", "Stukprijs"),
+            "amount": ("Bedrag", "Totaal"),
+        },
+        currency="Valuta:",
+        customer_vat="BTW-nr. klant:",
+        terms_on_receipt="Te betalen bij ontvangst.",
+        terms_days="Betalingstermijn: {days} dagen.",
+        thanks="Bedankt voor uw opdracht.",
+        page="Pagina {page} van {{nb}}",
+        months=_months(
+            "januari februari maart april mei juni",
+            "juli augustus september oktober november december",
+        ),
+        date_formats=("%d-%m-%Y", "%d %B %Y", "%d.%m.%Y"),
+        tax_name="BTW",
+        reverse_charge=" (btw verlegd)",
+        tax_id_labels={"NL": "BTW-nummer:"},
+        vendors=("Van der Berg Logistiek B.V.", "Vlaamse Drukkerij NV"),
+    ),
+}
+
 _LAYOUTS: Final[tuple[tuple[Column, ...], ...]] = (
     ("desc", "qty", "unit", "amount"),
     ("pos", "desc", "qty", "unit", "amount"),
@@ -336,11 +560,24 @@ class _Plan:
     row_height: float
     vendor_tax_in_footer: bool
     show_customer_vat: bool
+    words: _Words = WORDS["en"]
+    tax_name: str = ""
+    tax_id_label: str = ""
+    einvoice: EInvoiceFlavor | None = None
 
 
-def _plan(seed: int) -> _Plan:
+def _vendors(language: Language) -> tuple[_Vendor, ...]:
+    names = WORDS[language].vendors
+    if not names:
+        return VENDORS
+    by_name = {v.name: v for v in (*VENDORS, *EXTRA_VENDORS)}
+    return tuple(by_name[name] for name in names)
+
+
+def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None = None) -> _Plan:
     rng = random.Random(seed)
-    vendor = rng.choice(VENDORS)
+    words = WORDS[language]
+    vendor = rng.choice(_vendors(language))
     customer = rng.choice([c for c in CUSTOMERS if c[0] != vendor.name])
     locale = _LOCALES[vendor.country]
     currency = vendor.currency
@@ -390,7 +627,8 @@ def _plan(seed: int) -> _Plan:
     tax_total = (subtotal * Decimal(tax_rate) / 100).quantize(CENT, ROUND_HALF_UP)
     total = subtotal + tax_total
     paid = Decimal("0.00")
-    show_due_amount = rng.random() < 0.75
+    # E-invoice XML always states the amount due, so its printed twin shows it too.
+    show_due_amount = rng.random() < 0.75 or einvoice is not None
     if show_due_amount and rng.random() < 0.25:
         paid = (total * Decimal(rng.choice((10, 25, 30, 50))) / 100).quantize(CENT, ROUND_HALF_UP)
 
@@ -418,30 +656,36 @@ def _plan(seed: int) -> _Plan:
         vendor=vendor,
         customer=customer,
         style=locale.numbers,
-        date_format=rng.choice(locale.date_formats),
+        date_format=rng.choice(words.date_formats or locale.date_formats),
         tax_rate=tax_rate,
         reverse_charge=reverse_charge,
         paid=paid,
-        title=rng.choice(_TITLES),
+        title=rng.choice(words.titles),
         title_first=rng.random() < 0.5,
         two_column=rng.random() < 0.4,
         labels={
-            "number": rng.choice(_NUMBER_LABELS),
-            "date": rng.choice(_DATE_LABELS),
-            "due": rng.choice(_DUE_LABELS),
-            "po": rng.choice(_PO_LABELS),
-            "bill_to": rng.choice(_BILL_TO_LABELS),
-            "subtotal": rng.choice(_SUBTOTAL_LABELS),
-            "total": rng.choice(_TOTAL_LABELS),
-            "amount_due": rng.choice(_DUE_AMOUNT_LABELS),
-            "paid": rng.choice(_PAID_LABELS),
+            "number": rng.choice(words.number),
+            "date": rng.choice(words.date),
+            "due": rng.choice(words.due),
+            "po": rng.choice(words.po),
+            "bill_to": rng.choice(words.bill_to),
+            "subtotal": rng.choice(words.subtotal),
+            "total": rng.choice(words.total),
+            "amount_due": rng.choice(words.amount_due),
+            "paid": rng.choice(words.paid),
         },
         currency_mode=currency_mode,
         columns=columns,
-        column_titles={col: rng.choice(_COLUMN_HEADERS[col]) for col in columns},
+        column_titles={col: rng.choice(words.columns[col]) for col in columns},
         row_height=rng.choice((6.0, 7.0, 8.0, 9.5, 11.0)),
         vendor_tax_in_footer=rng.random() < 0.3,
         show_customer_vat=customer[2] is not None and rng.random() < 0.7,
+        words=words,
+        tax_name=(words.tax_name or vendor.tax_name)
+        if vendor.tax_name == "VAT"
+        else vendor.tax_name,
+        tax_id_label=words.tax_id_labels.get(vendor.country, vendor.tax_label),
+        einvoice=einvoice,
     )
 
 
@@ -460,13 +704,13 @@ class _InvoicePdf(FPDF):
         self.set_font("helvetica", "", 7.5)
         parts = [vendor.name, ", ".join(vendor.address)]
         if self.plan.vendor_tax_in_footer:
-            parts.append(f"{vendor.tax_label} {vendor.tax_id}")
+            parts.append(f"{self.plan.tax_id_label} {vendor.tax_id}")
         self.cell(0, 4, " · ".join(parts), align="C", new_x="LMARGIN", new_y="NEXT")
-        self.cell(0, 4, f"Page {self.page_no()} of {{nb}}", align="C")
+        self.cell(0, 4, self.plan.words.page.format(page=self.page_no()), align="C")
 
 
 def _render(plan: _Plan) -> bytes:
-    inv, vendor, style = plan.invoice, plan.vendor, plan.style
+    inv, vendor, style, words = plan.invoice, plan.vendor, plan.style, plan.words
     pdf = _InvoicePdf(plan)
     pdf.set_title(f"Invoice {inv.invoice_number}")
     pdf.set_author(vendor.name)
@@ -487,7 +731,7 @@ def _render(plan: _Plan) -> bytes:
         return f"{code} {text}"
 
     def date(value: dt.date | None) -> str:
-        return _format_date(value, plan.date_format) if value else ""
+        return _format_date(value, plan.date_format, words.months) if value else ""
 
     def line(text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
         pdf.set_font("helvetica", "B" if bold else "", size)
@@ -500,7 +744,7 @@ def _render(plan: _Plan) -> bytes:
     for address_line in vendor.address:
         line(address_line, size=9, h=4.5)
     if not plan.vendor_tax_in_footer:
-        line(f"{vendor.tax_label} {vendor.tax_id}", size=9, h=4.5)
+        line(f"{plan.tax_id_label} {vendor.tax_id}", size=9, h=4.5)
     if not plan.title_first:
         pdf.ln(3)
         line(plan.title, size=18, bold=True, h=10)
@@ -515,11 +759,11 @@ def _render(plan: _Plan) -> bytes:
     if inv.po_number:
         meta.append((plan.labels["po"], inv.po_number))
     if plan.currency_mode == "label":
-        meta.append(("Currency:", inv.currency or ""))
+        meta.append((words.currency, inv.currency or ""))
     customer_name, customer_address, customer_vat = plan.customer
     bill_to = [plan.labels["bill_to"], customer_name, customer_address]
     if plan.show_customer_vat:
-        bill_to.append(f"Customer VAT ID: {customer_vat}")
+        bill_to.append(f"{words.customer_vat} {customer_vat}")
 
     pdf.set_font("helvetica", "", 10)
     if plan.two_column:
@@ -583,9 +827,9 @@ def _render(plan: _Plan) -> bytes:
 
     # Totals block, kept on one page.
     rate = format_amount(Decimal(plan.tax_rate), style, places=_places(plan.tax_rate))
-    tax_label = f"{vendor.tax_name} {rate}%"
+    tax_label = f"{plan.tax_name} {rate}{words.percent}"
     if plan.reverse_charge:
-        tax_label += " (reverse charge)"
+        tax_label += words.reverse_charge
     totals = [
         (plan.labels["subtotal"], money(inv.subtotal or Decimal(0))),
         (tax_label, money(inv.tax_total or Decimal(0))),
@@ -607,24 +851,30 @@ def _render(plan: _Plan) -> bytes:
 
     pdf.ln(6)
     if inv.due_date is None or inv.invoice_date is None:
-        line("Payment terms: due on receipt.", size=9, h=4.5)
+        line(words.terms_on_receipt, size=9, h=4.5)
     else:
-        line(f"Payment terms: {(inv.due_date - inv.invoice_date).days} days net.", size=9, h=4.5)
+        days = (inv.due_date - inv.invoice_date).days
+        line(words.terms_days.format(days=days), size=9, h=4.5)
     line("IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
-    line("Thank you for your business.", size=9, h=4.5)
+    line(words.thanks, size=9, h=4.5)
+    if plan.einvoice is not None:
+        name, xml = einvoice_xml(plan)
+        pdf.embed_file(
+            bytes=xml,
+            basename=name,
+            desc=f"{plan.einvoice} e-invoice",
+            mime_type="text/xml",
+            associated_file_relationship="Data",
+            creation_date=_PDF_EPOCH,
+            modification_date=_PDF_EPOCH,
+        )
     return bytes(pdf.output())
 
 
-_MONTH_NAMES: Final = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-)  # fmt: skip
-
-
-def _format_date(value: dt.date, pattern: str) -> str:
+def _format_date(value: dt.date, pattern: str, months: Sequence[str] = _MONTHS_EN) -> str:
     # strftime's %B/%b follow the process locale (LC_TIME), which would make the output
     # depend on the machine; month names are substituted by hand instead.
-    month = _MONTH_NAMES[value.month - 1]
+    month = months[value.month - 1]
     return value.strftime(pattern.replace("%B", month).replace("%b", month[:3]))
 
 
@@ -632,9 +882,15 @@ def _places(rate: str) -> int:
     return len(rate.partition(".")[2])
 
 
-def generate_invoice(seed: int) -> tuple[bytes, Invoice]:
-    """One sample invoice: its PDF bytes and the ground truth printed on it."""
-    plan = _plan(seed)
+def generate_invoice(
+    seed: int, *, language: Language = "en", einvoice: EInvoiceFlavor | None = None
+) -> tuple[bytes, Invoice]:
+    """One sample invoice: its PDF bytes and the ground truth printed on it.
+
+    ``language`` picks the printed labels (and, for de/fr/nl, vendors and date formats
+    of that language); ``einvoice`` also embeds the truth as e-invoice XML.
+    """
+    plan = _plan(seed, language, einvoice)
     return _render(plan), plan.invoice
 
 
@@ -648,18 +904,41 @@ def corpus_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def generate_corpus(n: int, seed: int = 0) -> Iterator[tuple[str, bytes, Invoice]]:
-    """Yield `n` sample invoices as (file stem, PDF bytes, ground truth)."""
+def generate_corpus(
+    n: int, seed: int = 0, *, varied: bool = False, einvoice_share: float = 0.0
+) -> Iterator[tuple[str, bytes, Invoice]]:
+    """Yield `n` sample invoices as (file stem, PDF bytes, ground truth).
+
+    ``varied`` mixes English, German, French and Dutch invoices (the stem then ends in
+    the language, e.g. ``invoice-0007-fr``); ``einvoice_share`` of them also carry
+    embedded e-invoice XML (stem suffix ``-factur-x``, ``-xrechnung-ubl``, ...).
+    Without either, the corpus is the plain English one the tests have always used.
+    """
     for index in range(n):
-        pdf, truth = generate_invoice(corpus_seed(seed, index))
-        yield f"invoice-{index:04d}", pdf, truth
+        doc_seed = corpus_seed(seed, index)
+        stem = f"invoice-{index:04d}"
+        language: Language = "en"
+        flavor: EInvoiceFlavor | None = None
+        if varied or einvoice_share:
+            # A generator of its own, so the invoice itself still comes from doc_seed.
+            pick = random.Random(doc_seed ^ 0x5EED)
+            if varied:
+                language = pick.choice(LANGUAGES)
+                stem += f"-{language}"
+            if pick.random() < einvoice_share:
+                flavor = pick.choice(EINVOICE_FLAVORS)
+                stem += f"-{flavor}"
+        pdf, truth = generate_invoice(doc_seed, language=language, einvoice=flavor)
+        yield stem, pdf, truth
 
 
-def write_corpus(directory: Path, n: int, seed: int = 0) -> list[Path]:
+def write_corpus(
+    directory: Path, n: int, seed: int = 0, *, varied: bool = False, einvoice_share: float = 0.0
+) -> list[Path]:
     """Write `<stem>.pdf` and `<stem>.json` (ground truth) for `n` invoices; return the PDFs."""
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for stem, pdf, truth in generate_corpus(n, seed):
+    for stem, pdf, truth in generate_corpus(n, seed, varied=varied, einvoice_share=einvoice_share):
         pdf_path = directory / f"{stem}.pdf"
         pdf_path.write_bytes(pdf)
         (directory / f"{stem}.json").write_text(
@@ -669,10 +948,206 @@ def write_corpus(directory: Path, n: int, seed: int = 0) -> list[Path]:
     return written
 
 
+# --- embedded e-invoice XML -----------------------------------------------------------------
+
+_CII: Final = {
+    "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
+    "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
+    "udt": "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100",
+}
+_UBL: Final = {
+    "": "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2",
+    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
+    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
+}
+_GUIDELINES: Final[dict[EInvoiceFlavor, tuple[str, str]]] = {
+    # flavor: (attachment file name, guideline / customization id)
+    "factur-x": ("factur-x.xml", "urn:cen.eu:en16931:2017"),
+    "zugferd": (
+        "zugferd-invoice.xml",
+        "urn:cen.eu:en16931:2017#conformant#urn:zugferd.de:2p0:extended",
+    ),
+    "xrechnung-cii": (
+        "xrechnung.xml",
+        "urn:cen.eu:en16931:2017#compliant#urn:xeinkauf.de:kosit:xrechnung_3.0",
+    ),
+    "xrechnung-ubl": (
+        "xrechnung.xml",
+        "urn:cen.eu:en16931:2017#compliant#urn:xeinkauf.de:kosit:xrechnung_3.0",
+    ),
+}
+
+
+class _Xml:
+    """Tiny builder: ``x.sub(parent, "ram:Name", "text", attr=...)``."""
+
+    def __init__(self, namespaces: dict[str, str]) -> None:
+        self.ns = namespaces
+
+    def tag(self, name: str) -> str:
+        prefix, _, local = name.rpartition(":")
+        return f"{{{self.ns[prefix]}}}{local}"
+
+    def sub(
+        self, parent: ET.Element, name: str, text: str | None = None, **attrs: str
+    ) -> ET.Element:
+        element = ET.SubElement(parent, self.tag(name), attrs)
+        if text is not None:
+            element.text = text
+        return element
+
+    def dump(self, root: ET.Element) -> bytes:
+        for prefix, uri in self.ns.items():
+            ET.register_namespace(prefix, uri)
+        return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _amount_xml(value: Decimal | None) -> str:
+    return f"{(value or Decimal(0)):.2f}"
+
+
+def _quantity_xml(value: Decimal | None) -> str:
+    return format(value if value is not None else Decimal(0), "f")
+
+
+def einvoice_xml(plan: _Plan) -> tuple[str, bytes]:
+    """(attachment name, XML) of the plan's invoice in its e-invoice flavor."""
+    assert plan.einvoice is not None
+    name, guideline = _GUIDELINES[plan.einvoice]
+    if plan.einvoice == "xrechnung-ubl":
+        return name, _ubl_xml(plan, guideline)
+    return name, _cii_xml(plan, guideline)
+
+
+def _cii_xml(plan: _Plan, guideline: str) -> bytes:
+    inv, x = plan.invoice, _Xml(_CII)
+    currency = inv.currency or ""
+    category = "AE" if plan.reverse_charge else "S"
+    root = ET.Element(x.tag("rsm:CrossIndustryInvoice"))
+    context = x.sub(root, "rsm:ExchangedDocumentContext")
+    x.sub(x.sub(context, "ram:GuidelineSpecifiedDocumentContextParameter"), "ram:ID", guideline)
+    document = x.sub(root, "rsm:ExchangedDocument")
+    x.sub(document, "ram:ID", inv.invoice_number)
+    x.sub(document, "ram:TypeCode", "380")
+    issued = x.sub(document, "ram:IssueDateTime")
+    assert inv.invoice_date is not None
+    x.sub(issued, "udt:DateTimeString", inv.invoice_date.strftime("%Y%m%d"), format="102")
+
+    trade = x.sub(root, "rsm:SupplyChainTradeTransaction")
+    for number, item in enumerate(inv.line_items, start=1):
+        line = x.sub(trade, "ram:IncludedSupplyChainTradeLineItem")
+        x.sub(x.sub(line, "ram:AssociatedDocumentLineDocument"), "ram:LineID", str(number))
+        x.sub(x.sub(line, "ram:SpecifiedTradeProduct"), "ram:Name", item.description)
+        agreement = x.sub(line, "ram:SpecifiedLineTradeAgreement")
+        price = x.sub(agreement, "ram:NetPriceProductTradePrice")
+        x.sub(price, "ram:ChargeAmount", _amount_xml(item.unit_price))
+        delivery = x.sub(line, "ram:SpecifiedLineTradeDelivery")
+        x.sub(delivery, "ram:BilledQuantity", _quantity_xml(item.quantity), unitCode="C62")
+        settlement = x.sub(line, "ram:SpecifiedLineTradeSettlement")
+        tax = x.sub(settlement, "ram:ApplicableTradeTax")
+        x.sub(tax, "ram:TypeCode", "VAT")
+        x.sub(tax, "ram:CategoryCode", category)
+        x.sub(tax, "ram:RateApplicablePercent", plan.tax_rate)
+        summation = x.sub(settlement, "ram:SpecifiedTradeSettlementLineMonetarySummation")
+        x.sub(summation, "ram:LineTotalAmount", _amount_xml(item.amount))
+
+    agreement = x.sub(trade, "ram:ApplicableHeaderTradeAgreement")
+    seller = x.sub(agreement, "ram:SellerTradeParty")
+    x.sub(seller, "ram:Name", inv.vendor_name)
+    address = x.sub(seller, "ram:PostalTradeAddress")
+    x.sub(address, "ram:LineOne", plan.vendor.address[0])
+    x.sub(address, "ram:CountryID", plan.vendor.country)
+    x.sub(x.sub(seller, "ram:SpecifiedTaxRegistration"), "ram:ID", inv.vendor_tax_id, schemeID="VA")
+    buyer = x.sub(agreement, "ram:BuyerTradeParty")
+    x.sub(buyer, "ram:Name", inv.customer_name)
+    if inv.po_number:
+        reference = x.sub(agreement, "ram:BuyerOrderReferencedDocument")
+        x.sub(reference, "ram:IssuerAssignedID", inv.po_number)
+    x.sub(trade, "ram:ApplicableHeaderTradeDelivery")
+    settlement = x.sub(trade, "ram:ApplicableHeaderTradeSettlement")
+    x.sub(settlement, "ram:InvoiceCurrencyCode", currency)
+    tax = x.sub(settlement, "ram:ApplicableTradeTax")
+    x.sub(tax, "ram:CalculatedAmount", _amount_xml(inv.tax_total))
+    x.sub(tax, "ram:TypeCode", "VAT")
+    x.sub(tax, "ram:BasisAmount", _amount_xml(inv.subtotal))
+    x.sub(tax, "ram:CategoryCode", category)
+    x.sub(tax, "ram:RateApplicablePercent", plan.tax_rate)
+    if inv.due_date is not None:
+        due = x.sub(x.sub(settlement, "ram:SpecifiedTradePaymentTerms"), "ram:DueDateDateTime")
+        x.sub(due, "udt:DateTimeString", inv.due_date.strftime("%Y%m%d"), format="102")
+    sums = x.sub(settlement, "ram:SpecifiedTradeSettlementHeaderMonetarySummation")
+    x.sub(sums, "ram:LineTotalAmount", _amount_xml(inv.subtotal))
+    x.sub(sums, "ram:TaxBasisTotalAmount", _amount_xml(inv.subtotal))
+    x.sub(sums, "ram:TaxTotalAmount", _amount_xml(inv.tax_total), currencyID=currency)
+    x.sub(sums, "ram:GrandTotalAmount", _amount_xml(inv.total))
+    x.sub(sums, "ram:TotalPrepaidAmount", _amount_xml(plan.paid))
+    x.sub(sums, "ram:DuePayableAmount", _amount_xml(inv.amount_due))
+    return x.dump(root)
+
+
+def _ubl_xml(plan: _Plan, customization: str) -> bytes:
+    inv, x = plan.invoice, _Xml(_UBL)
+    currency = inv.currency or ""
+    root = ET.Element(x.tag(":Invoice"))
+    x.sub(root, "cbc:CustomizationID", customization)
+    x.sub(root, "cbc:ID", inv.invoice_number)
+    assert inv.invoice_date is not None
+    x.sub(root, "cbc:IssueDate", inv.invoice_date.isoformat())
+    if inv.due_date is not None:
+        x.sub(root, "cbc:DueDate", inv.due_date.isoformat())
+    x.sub(root, "cbc:InvoiceTypeCode", "380")
+    x.sub(root, "cbc:DocumentCurrencyCode", currency)
+    if inv.po_number:
+        x.sub(x.sub(root, "cac:OrderReference"), "cbc:ID", inv.po_number)
+
+    supplier = x.sub(x.sub(root, "cac:AccountingSupplierParty"), "cac:Party")
+    x.sub(x.sub(supplier, "cac:PartyName"), "cbc:Name", inv.vendor_name)
+    scheme = x.sub(supplier, "cac:PartyTaxScheme")
+    x.sub(scheme, "cbc:CompanyID", inv.vendor_tax_id)
+    x.sub(x.sub(scheme, "cac:TaxScheme"), "cbc:ID", "VAT")
+    x.sub(x.sub(supplier, "cac:PartyLegalEntity"), "cbc:RegistrationName", inv.vendor_name)
+    customer = x.sub(x.sub(root, "cac:AccountingCustomerParty"), "cac:Party")
+    x.sub(x.sub(customer, "cac:PartyLegalEntity"), "cbc:RegistrationName", inv.customer_name)
+
+    x.sub(
+        x.sub(root, "cac:TaxTotal"),
+        "cbc:TaxAmount",
+        _amount_xml(inv.tax_total),
+        currencyID=currency,
+    )
+    totals = x.sub(root, "cac:LegalMonetaryTotal")
+    for tag, value in (
+        ("LineExtensionAmount", inv.subtotal),
+        ("TaxExclusiveAmount", inv.subtotal),
+        ("TaxInclusiveAmount", inv.total),
+        ("PrepaidAmount", plan.paid),
+        ("PayableAmount", inv.amount_due),
+    ):
+        x.sub(totals, f"cbc:{tag}", _amount_xml(value), currencyID=currency)
+    for number, item in enumerate(inv.line_items, start=1):
+        line = x.sub(root, "cac:InvoiceLine")
+        x.sub(line, "cbc:ID", str(number))
+        x.sub(line, "cbc:InvoicedQuantity", _quantity_xml(item.quantity), unitCode="C62")
+        x.sub(line, "cbc:LineExtensionAmount", _amount_xml(item.amount), currencyID=currency)
+        x.sub(x.sub(line, "cac:Item"), "cbc:Name", item.description)
+        x.sub(
+            x.sub(line, "cac:Price"),
+            "cbc:PriceAmount",
+            _amount_xml(item.unit_price),
+            currencyID=currency,
+        )
+    return x.dump(root)
+
+
 __all__ = [
     "CUSTOMERS",
+    "EINVOICE_FLAVORS",
+    "EXTRA_VENDORS",
+    "LANGUAGES",
     "VENDORS",
+    "WORDS",
     "corpus_seed",
+    "einvoice_xml",
     "format_amount",
     "generate_corpus",
     "generate_invoice",

@@ -24,10 +24,16 @@ _I: Final = re.IGNORECASE
 # --- labels -----------------------------------------------------------------------------
 # Labels that end in a colon are only trusted with it: bare "Date" or "Due" occur in
 # running text far too often.
+# English first, then German, French and Dutch.
 _INVOICE_NUMBER: Final = (
     r"invoice\s*(?:no\.?|nr\.?|number|num\.?|#|id)(?![a-z])",
     r"inv\.?\s*(?:no\.?|#)",
     r"(?:bill|document)\s*(?:no\.?|number|#)(?![a-z])",
+    r"rechnungs?[\s-]*(?:nummer|nr\.?)",
+    r"n[°o]\.?\s*(?:de\s+)?facture",
+    r"facture\s+n[°o]\.?",
+    r"num[ée]ro\s+de\s+facture",
+    r"factuur\s*(?:nummer|nr\.?)",
 )
 _INVOICE_DATE: Final = (
     r"invoice\s+date",
@@ -37,6 +43,14 @@ _INVOICE_DATE: Final = (
     r"issued(?:\s+on)?\s*:",
     # Generic "Date:", unless it is the tail of another date label ("Due date:").
     r"(?<!due )(?<!order )(?<!delivery )(?<!shipping )(?<!service )(?<!payment )date\s*:",
+    r"rechnungsdatum",
+    r"ausstellungsdatum",
+    r"date\s+de\s+facture",
+    r"date\s+d['\u2019]\s*[ée]mission",
+    r"factuurdatum",
+    r"datum\s+factuur",
+    # "Datum:" (German, Dutch); compounds such as "Fälligkeitsdatum:" never match here.
+    r"datum\s*:",
 )
 _DUE_DATE: Final = (
     r"due\s+date",
@@ -44,29 +58,66 @@ _DUE_DATE: Final = (
     r"due\s+(?:by|on)",
     r"pay(?:able)?\s+by",
     r"(?<!amount )(?<!balance )(?<!total )due\s*:",
+    r"f[äa]lligkeitsdatum",
+    r"f[äa]llig(?:\s+am)?\s*:",
+    r"zahlbar\s+bis",
+    r"date\s+d['\u2019]\s*[ée]ch[ée]ance",
+    r"[ée]ch[ée]ance\s*:",
+    r"[àa]\s+payer\s+avant(?:\s+le)?",
+    r"vervaldatum",
+    r"te\s+betalen\s+voor",
+    r"uiterste\s+betaaldatum",
 )
 _PO_NUMBER: Final = (
     r"p\.?\s?o\.?\s*(?:number|no\.?|nr\.?|#)",
     r"purchase\s+order(?:\s*(?:number|no\.?|#))?",
     r"(?:your|customer)\s+(?:po|order)(?:\s*(?:number|no\.?|#))?",
     r"order\s+(?:number|no\.?)",
+    r"bestell(?:ung)?[\s-]*(?:nummer|nr\.?)",
+    r"ihre\s+bestellung",
+    r"bon\s+de\s+commande",
+    r"n[°o]\.?\s*de\s+commande",
+    r"votre\s+commande",
+    r"inkoopordernummer",
+    r"ordernummer",
+    r"bestelnummer",
 )
 _BILL_TO: Final = (
     r"bill(?:ed)?\s+to",
     r"invoice\s+to",
     r"sold\s+to",
     r"(?:customer|client|buyer)\s*:",
+    r"rechnungsempf[äa]nger",
+    r"rechnung\s+an\s*:",
+    r"kunde\s*:",
+    r"factur[ée]\s+[àa]",
+    r"destinataire\s*:",
+    r"factuuradres",
+    r"gefactureerd\s+aan",
+    r"klant\s*:",
 )
-_VENDOR: Final = (r"(?:from|seller|vendor|supplier)\s*:",)
-_CURRENCY_LABEL: Final = (r"currency\s*:?",)
+_VENDOR: Final = (
+    r"(?:from|seller|vendor|supplier)\s*:",
+    r"(?:lieferant|verk[äa]ufer|fournisseur|vendeur|leverancier)\s*:",
+)
+_CURRENCY_LABEL: Final = (r"currency\s*:?", r"w[äa]hrung\s*:?", r"devise\s*:?", r"valuta\s*:?")
 _TAX_ID: Final = (
     r"(?:vat|tax|gst/hst|gst|hst|ust|mwst|btw|tva|iva|moms)\s*(?:reg(?:istration)?\.?\s*)?"
     r"(?:id|no\.?|number|nr\.?|#)(?![a-z])",
     r"tax\s*id",
     r"org\.?\s*n[ro]\.?",
     r"(?-i:EIN|UID|ABN|CVR|NIF|SIREN|UEN)\b",
+    # "USt-IdNr.", "BTW-nummer", "BTW-nr.", "MwSt-Nr."
+    r"(?:ust|mwst|btw|tva)[\s-]*(?:id[\s-]*)?(?:nr\.?|nummer|no\.?)(?![a-z])",
+    r"n[°o]\.?\s*(?:de\s+)?tva(?:\s+intracom\w*\.?)?",
 )
-_OTHER_LABELS: Final = (r"page\s+\d+", r"iban\b", r"bic\b")
+_OTHER_LABELS: Final = (
+    r"page\s+\d+",
+    r"seite\s+\d+",
+    r"pagina\s+\d+",
+    r"iban\b",
+    r"bic\b",
+)
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -94,7 +145,11 @@ _RE_ANY_LABEL: Final = _compile(
     + _TAX_ID
     + _OTHER_LABELS
 )
-_CUSTOMER_QUALIFIER: Final = re.compile(r"(?:customer|client|buyer|your|recipient)\s*$", _I)
+_CUSTOMER_QUALIFIER: Final = re.compile(
+    r"(?:customer|client|buyer|your|recipient|kunden|klant)[\s-]*$", _I
+)
+# The qualifier after the label: "N° TVA client :", "BTW-nr. klant:".
+_CUSTOMER_QUALIFIER_AFTER: Final = re.compile(r"^[\s.]*(?:client|klant|kunde|customer)\b", _I)
 
 # Totals, tried in this order: the specific labels must win over "Total" and "VAT".
 TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total"]
@@ -104,25 +159,44 @@ _TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
         (
             "amount_due",
             r"amount\s+(?:due|payable)|balance(?:\s+due)?|total\s+(?:due|payable)"
-            r"|please\s+pay|amount\s+to\s+pay",
+            r"|please\s+pay|amount\s+to\s+pay"
+            r"|zahlbetrag|offener\s+betrag|zu\s+zahlen|restbetrag"
+            r"|net\s+[àa]\s+payer|montant\s+d[ûu]|reste\s+[àa]\s+payer"
+            r"|nog\s+te\s+betalen|openstaand\s+bedrag|te\s+betalen(?!\s+(?:voor|bij))",
         ),
         (
             "paid",
             r"amount\s+paid|less\s+(?:deposit|payments?)|paid|deposit|payments?\s+received"
-            r"|prepaid|prepayment",
+            r"|prepaid|prepayment"
+            r"|abz[üu]glich\s+anzahlung|anzahlung|bereits\s+bezahlt"
+            r"|acompte(?:\s+vers[ée])?|d[ée]j[àa]\s+pay[ée]"
+            r"|reeds\s+betaald|aanbetaling|betaald",
         ),
         (
             "subtotal",
             r"sub-?\s?total|net\s+(?:amount|total)|total\s+net"
-            r"|total\s+(?:excl\.?|excluding|before)\s*(?:tax|vat|gst)?|amount\s+before\s+tax",
+            r"|total\s+(?:excl\.?|excluding|before)\s*(?:tax|vat|gst)?|amount\s+before\s+tax"
+            r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
+            r"|total\s+ht|sous-?\s?total|montant\s+ht"
+            r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag",
         ),
-        ("total", r"total\s+(?:incl\.?|including)\s*(?:tax|vat|gst)?"),
+        (
+            "total",
+            r"total\s+(?:incl\.?|including)\s*(?:tax|vat|gst)?"
+            r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
+            r"|totaal\s+incl\.?(?:\s*btw)?",
+        ),
         (
             "tax_total",
             r"(?:total\s+)?(?:vat|tax|sales\s+tax|gst|hst|pst|qst|mwst|ust|moms|mva"
             r"|tva|btw|iva)",
         ),
-        ("total", r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"),
+        (
+            "total",
+            r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"
+            r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag"
+            r"|montant\s+total|totaalbedrag|totaal",
+        ),
     )
 )
 
@@ -165,7 +239,7 @@ _TITLE: Final = re.compile(
 _LEGAL_FORM: Final = re.compile(
     r"\b(?:GmbH|AG|KG|SE|UG|e\.K\.|Ltd\.?|Limited|LLP|plc|Inc\.?|LLC|Corp\.?|Corporation|Co\.|"
     r"AB|AS|ASA|ApS|A/S|Oy|Oyj|SARL|SAS|SA|S\.A\.|S\.L\.|S\.r\.l\.|S\.p\.A\.|B\.V\.|N\.V\.|BV|NV|"
-    r"Pty|Sp\. z o\.o\.|s\.r\.o\.|K\.K\.)(?!\w)"
+    r"Pty|Sp\. z o\.o\.|s\.r\.o\.|K\.K\.|SRL|SPRL|BVBA|VOF|OG|e\.U\.)(?!\w)"
 )
 _EIN: Final = re.compile(r"^\d{2}-\d{7}$")
 _US_HINT: Final = re.compile(
@@ -322,9 +396,11 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
 def _vendor_tax_id(lines: Sequence[_Line]) -> str | None:
     for line in lines:
         for match in _RE_TAX_ID.finditer(line.text):
-            if _CUSTOMER_QUALIFIER.search(line.text[: match.start()]):
-                continue  # the buyer's VAT number, printed in the bill-to block
             rest = line.text[match.end() :]
+            if _CUSTOMER_QUALIFIER.search(
+                line.text[: match.start()]
+            ) or _CUSTOMER_QUALIFIER_AFTER.match(rest):
+                continue  # the buyer's VAT number, printed in the bill-to block
             # Compound labels ("Org.nr / VAT:", "NIF / VAT:") end at their colon.
             colon = rest.find(":")
             if 0 <= colon <= 12:
@@ -447,12 +523,24 @@ def _dayfirst(lines: Sequence[_Line], vendor_tax_id: str | None) -> bool:
 
 Column = Literal["qty", "unit", "amount"]
 _HEADER_WORDS: Final[dict[str, re.Pattern[str]]] = {
-    "desc": re.compile(r"\b(?:description|item|service|product|article|details)s?\b", _I),
-    "qty": re.compile(r"\b(?:qty|quantity|units|hours|hrs|pcs|menge|qté)\b", _I),
-    "unit": re.compile(r"\b(?:unit\s*price|price|rate|unit\s*cost|each)\b", _I),
-    "amount": re.compile(r"\b(?:amount|line\s*total|total|sum|net)\b", _I),
+    "desc": re.compile(
+        r"\b(?:description|item|service|product|article|details)s?\b"
+        r"|\b(?:beschreibung|bezeichnung|leistung|artikel|d[ée]signation|omschrijving)\b",
+        _I,
+    ),
+    "qty": re.compile(
+        r"\b(?:qty|quantity|units|hours|hrs|pcs|menge|anzahl|qté|quantit[ée]|aantal)\b", _I
+    ),
+    "unit": re.compile(
+        r"\b(?:unit\s*price|price|rate|unit\s*cost|each|einzelpreis|preis|prix\s+unitaire"
+        r"|prijs|stukprijs)\b|\bp\.\s?u\.(?!\w)",
+        _I,
+    ),
+    "amount": re.compile(
+        r"\b(?:amount|line\s*total|total|sum|net|betrag|gesamt|montant|bedrag|totaal)\b", _I
+    ),
 }
-_POS_COLUMN: Final = re.compile(r"^(?:#|pos\.?|no\.?|item\s*#)\s", _I)
+_POS_COLUMN: Final = re.compile(r"^(?:#|pos\.?|no\.?|n°|item\s*#)\s", _I)
 
 
 def _table_columns(text: str) -> tuple[tuple[Column, ...], bool] | None:
