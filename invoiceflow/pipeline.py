@@ -10,14 +10,27 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TypeVar
 
-from invoiceflow.extractors import ExtractionError, Extractor
+from botocore.exceptions import BotoCoreError, ClientError
+
+from invoiceflow.extractors import (
+    DocumentExtractor,
+    Extraction,
+    ExtractionError,
+    ExtractionSource,
+    Extractor,
+)
+from invoiceflow.extractors.einvoice import read_einvoice
 from invoiceflow.manifest import Claim, GroupCommitter, Selection, Snapshot, Status, Transition
 from invoiceflow.pdf import PdfError, parse_pdf
-from invoiceflow.schema import ExtractionResult, Invoice
+from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
+from invoiceflow.validate import RecordDone, duplicate_reason, validate_extraction
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,8 @@ class ParsedDoc:
     error_kind: str | None = None
     error_message: str | None = None
     transient: bool = False
+    # Read from the PDF's embedded e-invoice XML: no extractor call needed.
+    einvoice: Extraction | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,38 @@ class InvoiceOutcome:
     error_message: str | None = None
     transient: bool = False
     usage: dict[str, int] = field(default_factory=dict)
+    cost: Decimal | None = None
+    source: ExtractionSource | None = None
+    needs_review: bool = False
+    duplicate_of: str | None = None
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """Tokens, cost and review counts over a run's outcomes."""
+
+    invoices: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal | None = None
+    needs_review: int = 0
+    duplicates: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)
+
+
+def run_totals(outcomes: Iterable[InvoiceOutcome]) -> RunTotals:
+    """Failed invoices count too: their tokens were billed."""
+    items = list(outcomes)
+    costs = [o.cost for o in items if o.cost is not None]
+    return RunTotals(
+        invoices=len(items),
+        prompt_tokens=sum(o.usage.get("prompt_tokens", 0) for o in items),
+        completion_tokens=sum(o.usage.get("completion_tokens", 0) for o in items),
+        cost=sum(costs, Decimal(0)) if costs else None,
+        needs_review=sum(o.needs_review for o in items),
+        duplicates=sum(o.duplicate_of is not None for o in items),
+        by_source=dict(Counter(o.source for o in items if o.source is not None)),
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +113,8 @@ class PipelineConfig:
     max_concurrency: int = 8
     max_pdf_bytes: int = 20_000_000
     max_pages: int = 50
+    # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
+    einvoice_fast_path: bool = True
 
 
 def chunked(items: list[T], size: int) -> list[list[T]]:
@@ -120,11 +169,6 @@ class InvoicePipeline:
         """Download and parse one PDF. Blocking: run it on a worker thread."""
         try:
             body, etag = self.s3.get(item.key, max_bytes=self.config.max_pdf_bytes)
-            parsed = parse_pdf(
-                body, max_bytes=self.config.max_pdf_bytes, max_pages=self.config.max_pages
-            )
-        except PdfError as exc:
-            return ParsedDoc(item, error_kind=exc.kind, error_message=str(exc))
         except KeyError:
             return ParsedDoc(
                 item,
@@ -134,6 +178,25 @@ class InvoicePipeline:
             )
         except ValueError as exc:  # over max_bytes, reported by the S3 layer
             return ParsedDoc(item, error_kind="too_large", error_message=str(exc))
+        except (BotoCoreError, ClientError) as exc:
+            # S3 still failing after botocore's retries: fail this invoice (a rerun
+            # retries it) instead of the run, which would strand every claim it holds.
+            return ParsedDoc(
+                item,
+                error_kind="s3_error",
+                error_message=f"reading {item.key} failed: {exc}",
+                transient=True,
+            )
+        einvoice = read_einvoice(body) if self.config.einvoice_fast_path else None
+        text, pages = "", 0
+        try:
+            parsed = parse_pdf(
+                body, max_bytes=self.config.max_pdf_bytes, max_pages=self.config.max_pages
+            )
+            text, pages = parsed.text, parsed.pages
+        except PdfError as exc:
+            if einvoice is None:  # a scanned hybrid e-invoice still has its XML
+                return ParsedDoc(item, error_kind=exc.kind, error_message=str(exc))
         if etag != item.etag:
             return ParsedDoc(
                 item,
@@ -141,88 +204,161 @@ class InvoicePipeline:
                 error_message=f"{item.key} changed while being processed",
                 transient=True,
             )
-        return ParsedDoc(item, text=parsed.text, pages=parsed.pages)
+        return ParsedDoc(item, text=text, pages=pages, einvoice=einvoice)
 
     def parse_many(self, items: list[WorkItem]) -> list[ParsedDoc]:
         return [self.parse(item) for item in items]
 
     async def extract(self, doc: ParsedDoc) -> InvoiceOutcome:
-        """Extract one parsed invoice, write its result, and record the outcome."""
+        """Extract one parsed invoice, validate it, write its result, record the outcome."""
         item = doc.item
         if doc.error_kind:
             return await self._fail(
                 doc.item, doc.error_kind, doc.error_message or "", doc.transient
             )
-        usage: dict[str, int] = {}
-        async with self._llm_slots:
-            # Fire-and-forget: monotonic transitions make a late `processing` harmless,
-            # and not waiting for its commit keeps the LLM slot busy.
-            _background(
-                self.committer.submit_nowait(
-                    Transition(
-                        item.key,
-                        item.attempt,
-                        Status.processing,
-                        {"extractor": self.extractor.name},
+        if doc.einvoice is not None:
+            extraction = doc.einvoice  # exact values from the XML; no slot, no call
+        else:
+            async with self._llm_slots:
+                # Fire-and-forget: monotonic transitions make a late `processing`
+                # harmless, and not waiting for its commit keeps the LLM slot busy.
+                _background(
+                    self.committer.submit_nowait(
+                        Transition(
+                            item.key,
+                            item.attempt,
+                            Status.processing,
+                            {"extractor": self.extractor.name},
+                        )
                     )
                 )
-            )
-            try:
-                invoice, usage = await self._call_extractor(doc)
-            except ExtractionError as exc:
-                return await self._fail(item, exc.kind, str(exc), exc.transient)
-            except Exception as exc:  # a bug or an unexpected library error: retryable
-                log.exception("extractor crashed on %s", item.key)
-                return await self._fail(
-                    item, "internal_error", f"{type(exc).__name__}: {exc}", True
-                )
+                try:
+                    extraction = await self._call_extractor(doc)
+                except ExtractionError as exc:
+                    return await self._fail(
+                        item, exc.kind, str(exc), exc.transient, usage=exc.usage, cost=exc.cost
+                    )
+                except Exception as exc:  # a bug or an unexpected library error: retryable
+                    log.exception("extractor crashed on %s", item.key)
+                    return await self._fail(
+                        item, "internal_error", f"{type(exc).__name__}: {exc}", True
+                    )
+        validated = validate_extraction(extraction, doc.text)
+        invoice = validated.invoice
+        used_tokens = extraction.source == "llm"
         key = result_key(self.config.results_prefix, item.invoice_id)
         result = ExtractionResult(
             source_key=item.key,
             source_etag=item.etag,
-            extractor=self.extractor.name,
+            extractor=extraction.extractor,
             pages=doc.pages,
             invoice=invoice,
             extracted_at=dt.datetime.now(dt.UTC),
+            source=extraction.source,
+            model=extraction.model,
+            einvoice_format=extraction.einvoice_format,
+            usage=extraction.usage if used_tokens else None,
+            cost=extraction.cost,
+            cost_currency=extraction.cost_currency,
+            needs_review=validated.needs_review,
+            review_reasons=list(validated.reasons),
+            truncation=extraction.truncation,
         )
-        await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
-        outcome = await self.committer.submit(
+        try:
+            await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
+        except (BotoCoreError, ClientError) as exc:  # after botocore's retries
+            return await self._fail(item, "s3_error", f"writing {key} failed: {exc}", True)
+        # The duplicate check runs at commit time, under the manifest lock.
+        update = RecordDone(
             Transition(
                 item.key,
                 item.attempt,
                 Status.done,
                 {
                     "result_key": key,
-                    "extractor": self.extractor.name,
+                    "extractor": extraction.extractor,
                     "vendor_name": invoice.vendor_name,
                     "total": str(invoice.total) if invoice.total is not None else None,
                     "currency": invoice.currency,
+                    "invoice_number": invoice.invoice_number,
+                    "vendor_tax_id": invoice.vendor_tax_id,
+                    "source": extraction.source,
+                    "model": extraction.model,
+                    "tokens_in": extraction.usage.prompt_tokens if used_tokens else None,
+                    "tokens_out": extraction.usage.completion_tokens if used_tokens else None,
+                    "cost": str(extraction.cost) if extraction.cost is not None else None,
+                    "truncated": extraction.truncation is not None,
+                    "needs_review": validated.needs_review,
+                    "review_reasons": list(validated.reasons[:5]) or None,
+                    "duplicate_of": None,
                     "error_kind": None,
                     "error_message": None,
                     "transient": None,
                 },
             )
         )
-        return InvoiceOutcome(item.key, Status.done, outcome.applied, invoice, key, usage=usage)
+        outcome = await self.committer.submit(update)
+        if (duplicate := update.duplicate_of) is not None:
+            result = result.model_copy(
+                update={
+                    "duplicate_of": duplicate,
+                    "needs_review": True,
+                    "review_reasons": [*result.review_reasons, duplicate_reason(duplicate)],
+                }
+            )
+            await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
+        return InvoiceOutcome(
+            item.key,
+            Status.done,
+            outcome.applied,
+            invoice,
+            key,
+            usage=_usage_dict(extraction.usage) if used_tokens else {},
+            cost=extraction.cost,
+            source=extraction.source,
+            needs_review=result.needs_review,
+            duplicate_of=duplicate,
+        )
 
-    async def _call_extractor(self, doc: ParsedDoc) -> tuple[Invoice, dict[str, int]]:
-        with_usage = getattr(self.extractor, "extract_with_usage", None)
-        if with_usage is None:
-            return await self.extractor.extract(doc.text), {}
-        invoice, usage = await with_usage(doc.text, invoice_key=doc.item.key)
-        return invoice, _usage_dict(usage)
+    async def _call_extractor(self, doc: ParsedDoc) -> Extraction:
+        extractor = self.extractor
+        if isinstance(extractor, DocumentExtractor):
+            return await extractor.extract_document(
+                doc.text, pages=doc.pages, invoice_key=doc.item.key
+            )
+        with_usage = getattr(extractor, "extract_with_usage", None)
+        if with_usage is not None:
+            invoice, usage = await with_usage(doc.text, invoice_key=doc.item.key)
+            return Extraction(
+                invoice, "llm", extractor.name, usage=Usage.model_validate(_usage_dict(usage))
+            )
+        return Extraction(await extractor.extract(doc.text), "rules", extractor.name)
 
     async def _fail(
-        self, item: WorkItem, kind: str, message: str, transient: bool
+        self,
+        item: WorkItem,
+        kind: str,
+        message: str,
+        transient: bool,
+        *,
+        usage: Usage | None = None,
+        cost: Decimal | None = None,
     ) -> InvoiceOutcome:
         log.warning("invoice %s failed (%s): %s", item.key, kind, message)
+        fields: dict[str, Any] = {
+            "error_kind": kind,
+            "error_message": message[:500],
+            "transient": transient,
+        }
+        if usage is not None and usage.total_tokens:
+            # A failed call is billed too.
+            fields |= {
+                "tokens_in": usage.prompt_tokens,
+                "tokens_out": usage.completion_tokens,
+                "cost": str(cost) if cost is not None else None,
+            }
         outcome = await self.committer.submit(
-            Transition(
-                item.key,
-                item.attempt,
-                Status.failed,
-                {"error_kind": kind, "error_message": message[:500], "transient": transient},
-            )
+            Transition(item.key, item.attempt, Status.failed, fields)
         )
         return InvoiceOutcome(
             item.key,
@@ -231,6 +367,8 @@ class InvoicePipeline:
             error_kind=kind,
             error_message=message,
             transient=transient,
+            usage=_usage_dict(usage) if usage is not None and usage.total_tokens else {},
+            cost=cost,
         )
 
 

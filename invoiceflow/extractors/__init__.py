@@ -29,8 +29,8 @@ class ExtractionError(Exception):
     """Extraction failed. `transient` says whether a retry could succeed.
 
     ``attempts`` counts the HTTP requests spent on the invoice (SDK retries and the
-    repair attempt included) and ``usage`` the tokens they were billed, so a failure
-    still shows what it cost.
+    repair attempt included), ``usage`` the tokens they were billed and ``cost`` their
+    price (None without a price), so a failure still shows what it cost.
     """
 
     def __init__(
@@ -41,12 +41,14 @@ class ExtractionError(Exception):
         transient: bool,
         attempts: int = 0,
         usage: Usage | None = None,
+        cost: Decimal | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.transient = transient
         self.attempts = attempts
         self.usage = usage or Usage()
+        self.cost = cost
 
 
 @dataclass(frozen=True)

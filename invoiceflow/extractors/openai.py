@@ -297,6 +297,7 @@ class OpenAIExtractor:
                     ]
         except ExtractionError as exc:
             exc.attempts, exc.usage = attempts[0], usage
+            exc.cost = self.price.cost(usage) if self.price else None
             raise
         finally:
             _ATTEMPTS.reset(token)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final, Literal
 
+from invoiceflow.extractors import Extraction
 from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_amount, parse_date
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
@@ -260,6 +261,11 @@ class RulesExtractor:
 
     async def extract(self, text: str) -> Invoice:
         return extract_invoice(text)
+
+    async def extract_document(
+        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+    ) -> Extraction:
+        return Extraction(invoice=extract_invoice(text), source="rules", extractor=self.name)
 
 
 def extract_invoice(text: str) -> Invoice:
