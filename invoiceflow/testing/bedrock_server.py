@@ -1,0 +1,275 @@
+"""A loopback server answering AWS Bedrock's Converse API, for tests and benchmarks.
+
+boto3 talks to it through ``endpoint_url``; nothing is mocked on the client side. It
+reuses the OpenAI loopback server's machinery (fault plans, scripted answers,
+latency, counting, control endpoints; see `invoiceflow.testing.llm_server`) and
+speaks Bedrock instead:
+
+* ``POST /model/{modelId}/converse`` answers with a ``toolUse`` block calling the
+  requested tool (``toolConfig.toolChoice.tool.name``) whose ``input`` is the answer,
+  ``stopReason: tool_use``, and ``usage`` (inputTokens = ceil(chars of system and
+  messages / 4), outputTokens = ceil(chars of the answer / 4)). A scripted *string*
+  answer comes back as a text block instead (a model ignoring the tool), a refusal as
+  ``stopReason: guardrail_intervened``.
+* Errors carry ``x-amzn-ErrorType`` (ThrottlingException for 429,
+  InternalServerException for 500, ServiceUnavailableException for 503,
+  ValidationException for 400, ...), which is how botocore names the exception.
+* Requests must be SigV4-signed (``Authorization: AWS4-HMAC-SHA256 Credential=AKID/...``);
+  with ``api_key`` set, the access key id must equal it. The signature itself is not
+  verified.
+* ``by_key`` counts ``requestMetadata.invoice_key`` (decoded from the extractor's
+  ``=XX`` escaping), so retries of one invoice are countable.
+
+The invoice text is taken from the last user turn holding the ``<invoice>`` envelope;
+needles of faults and scripted answers match the last user turn's text (including
+``toolResult`` text, i.e. a repair request).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from invoiceflow.testing.llm_server import (
+    INVOICE_OPEN,
+    AnswerValue,
+    LLMServer,
+    LLMServerConfig,
+    LLMServerHandle,
+    _KeepRawSend,
+    _listening_socket,
+    _ResetConnection,
+    _uvicorn_config,
+    invoice_text_of,
+)
+
+_ERROR_CODES: dict[int, str] = {
+    400: "ValidationException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+}
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+_ESCAPED = re.compile(rb"=([0-9A-F]{2})")
+
+
+def _error(status: int, message: str, *, retry_after: str | None = None) -> JSONResponse:
+    code = _ERROR_CODES.get(status, "InternalServerException" if status >= 500 else "BadRequest")
+    headers = {"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.bedrock/"}
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
+    return JSONResponse({"message": message}, status_code=status, headers=headers)
+
+
+def _block_text(block: Any) -> str:
+    if not isinstance(block, dict):
+        return ""
+    if isinstance(block.get("text"), str):
+        return block["text"]
+    result = block.get("toolResult")
+    if isinstance(result, dict):
+        return "".join(_block_text(b) for b in result.get("content") or [])
+    return ""
+
+
+def _message_text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    return "".join(_block_text(b) for b in message.get("content") or [])
+
+
+def decode_metadata(value: str) -> str:
+    """Undo `invoiceflow.extractors.bedrock.metadata_value`."""
+    raw = _ESCAPED.sub(lambda m: bytes([int(m.group(1), 16)]), value.encode())
+    return raw.decode("utf-8", errors="replace")
+
+
+class BedrockServer(LLMServer):
+    """Converse endpoint on top of `LLMServer`'s state, faults and control endpoints."""
+
+    def _sigv4_error(self, request: Request) -> JSONResponse | None:
+        match = _CREDENTIAL.search(request.headers.get("authorization", ""))
+        if match is None:
+            return _error(403, "Missing Authentication Token")
+        expected = self.config.api_key
+        if expected is not None and match.group(1) != expected:
+            return _error(403, "The security token included in the request is invalid.")
+        return None
+
+    async def converse(self, request: Request) -> Response:
+        try:
+            body: Any = json.loads(await request.body())
+        except ValueError:
+            body = None
+        messages = body.get("messages") if isinstance(body, dict) else None
+        messages = messages if isinstance(messages, list) else []
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        last_user = _message_text(users[-1]) if users else ""
+        metadata = body.get("requestMetadata") if isinstance(body, dict) else None
+        raw_key = metadata.get("invoice_key") if isinstance(metadata, dict) else None
+        key = decode_metadata(raw_key) if isinstance(raw_key, str) else None
+
+        self.total += 1
+        if key is not None:
+            self.by_key[key] += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            outcome, response = await self._converse(request, body, messages, users, last_user, key)
+        except Exception:
+            outcome, response = "500", _error(500, "answer function failed")
+        finally:
+            self.in_flight -= 1
+        self.by_status[outcome] += 1
+        return response
+
+    async def _converse(
+        self,
+        request: Request,
+        body: Any,
+        messages: list[Any],
+        users: list[Any],
+        last_user: str,
+        key: str | None,
+    ) -> tuple[str, Response]:
+        if (denied := self._sigv4_error(request)) is not None:
+            return "403", denied
+        if not users:
+            return "400", _error(400, "messages must contain a user turn")
+        fault = self._pick_fault(last_user, key)
+        if fault is not None:
+            status, retry_after, _ = fault
+            if status == "timeout":
+                await self._hang(request)
+                return "timeout", Response(status_code=504)
+            if status == "reset":
+                return "reset", _ResetConnection()
+            assert isinstance(status, int)
+            if status >= 500:
+                await self._sleep_latency()
+            return str(status), _error(status, f"Injected fault {status}.", retry_after=retry_after)
+
+        await self._sleep_latency()
+        invoice_text = next(
+            (
+                invoice_text_of(_message_text(m))
+                for m in reversed(users)
+                if INVOICE_OPEN in _message_text(m)
+            ),
+            last_user,
+        )
+        answer, refusal = await self._scripted(last_user, invoice_text)
+        tool = (((body.get("toolConfig") or {}).get("toolChoice") or {}).get("tool") or {}).get(
+            "name", "record_invoice"
+        )
+        if refusal is not None:
+            content: list[dict[str, Any]] = [{"text": refusal}]
+            stop, answer_chars = "guardrail_intervened", len(refusal)
+        elif isinstance(answer, str):
+            content, stop, answer_chars = [{"text": answer}], "end_turn", len(answer)
+        else:
+            tool_use = {"toolUseId": f"tooluse_{uuid.uuid4().hex[:20]}", "name": tool}
+            content = [{"toolUse": {**tool_use, "input": answer}}]
+            stop, answer_chars = "tool_use", len(json.dumps(answer))
+        system = body.get("system") or []
+        prompt_chars = sum(len(_block_text(b)) for b in system) + sum(
+            len(_message_text(m)) for m in messages
+        )
+        usage = {
+            "inputTokens": math.ceil(prompt_chars / 4),
+            "outputTokens": math.ceil(answer_chars / 4),
+        }
+        usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"]
+        return "200", JSONResponse(
+            {
+                "output": {"message": {"role": "assistant", "content": content}},
+                "stopReason": stop,
+                "usage": usage,
+                "metrics": {"latencyMs": int(self.latency_s * 1000)},
+            },
+            headers={"x-amzn-RequestId": str(uuid.uuid4())},
+        )
+
+    async def _scripted(
+        self, last_user: str, invoice_text: str
+    ) -> tuple[AnswerValue | None, str | None]:
+        for needle, refusal in self.refusals.items():
+            if needle == "*" or needle in last_user:
+                return None, refusal
+        for needle, scripted in self.answers.items():
+            if needle == "*" or needle in last_user:
+                return scripted, None
+        result = self.answer_fn(invoice_text)
+        return (await result if hasattr(result, "__await__") else result), None
+
+    def asgi_app(self) -> ASGIApp:
+        routes = [
+            Route("/model/{model_id:path}/converse", self.converse, methods=["POST"]),
+            Route("/_stats", self.get_stats, methods=["GET"]),
+            Route("/_control/faults", self.control_faults, methods=["POST"]),
+            Route("/_control/answers", self.control_answers, methods=["POST"]),
+            Route("/_control/config", self.control_config, methods=["POST"]),
+            Route("/_control/reset", self.control_reset, methods=["POST"]),
+            Route("/_health", self.health, methods=["GET"]),
+        ]
+        return _KeepRawSend(Starlette(routes=routes))
+
+
+@dataclass(frozen=True)
+class BedrockServerHandle(LLMServerHandle):
+    """`LLMServerHandle` (stats, faults, answers, latency) plus ``endpoint_url``."""
+
+    @property
+    def endpoint_url(self) -> str:
+        """What to give boto3 as ``endpoint_url``."""
+        return self.root_url
+
+
+@contextlib.contextmanager
+def running_bedrock_server(
+    port: int = 0, *, host: str = "127.0.0.1", **config: Any
+) -> Iterator[BedrockServerHandle]:
+    """Run the server on its own event loop in a daemon thread for the ``with`` block.
+
+    ``config`` takes `LLMServerConfig` fields; ``api_key`` is the access key id that
+    requests must be signed with.
+    """
+    app = BedrockServer(LLMServerConfig(**config)).asgi_app()
+    sock = _listening_socket(host, port)
+    server = uvicorn.Server(_uvicorn_config(app, log_config=None))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="bedrock-server", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("loopback Bedrock server thread died during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("loopback Bedrock server did not start within 15 s")
+            time.sleep(0.005)
+        yield BedrockServerHandle(host, sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
