@@ -1,0 +1,364 @@
+"""Shared machinery of the fault suite: bad PDFs, flow runners and the three invariants.
+
+Every fault case ends by calling `assert_invariants`, which checks what the issue asks
+of every case:
+
+1. no lost manifest update: every listed invoice has an entry, in a final state
+   (done/failed) consistent with what happened;
+2. the manifest and the result objects agree: every `done` entry's result exists and
+   names the same source key and ETag, and no result exists for an invoice that is not
+   done (unless the case explains why);
+3. no re-billing: no invoice that was done before the retry reached the LLM again,
+   counted at the loopback LLM server by `X-Invoice-Key`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fpdf import FPDF
+from pydantic import SecretStr
+from pypdf import PdfWriter
+
+from invoiceflow.manifest import ManifestStore, Status
+from invoiceflow.samples import generate_corpus
+from invoiceflow.schema import ExtractionResult
+from invoiceflow.storage import S3Store, make_s3_client
+
+REPO = Path(__file__).resolve().parent.parent
+FINAL = {Status.done.value, Status.failed.value}
+
+
+# -- documents -----------------------------------------------------------------------
+
+
+def good_invoices(n: int, seed: int = 11) -> list[tuple[str, bytes]]:
+    return [(stem, pdf) for stem, pdf, _ in generate_corpus(n, seed=seed)]
+
+
+def text_pdf(pages: int) -> bytes:
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=12)
+    for page in range(pages):
+        pdf.add_page()
+        pdf.cell(0, 8, f"Invoice INV-{page:04d} page {page + 1}: consulting services rendered")
+    return bytes(pdf.output())
+
+
+def encrypted(data: bytes, *, user_password: str, owner_password: str = "owner") -> bytes:
+    writer = PdfWriter(clone_from=io.BytesIO(data))
+    writer.encrypt(user_password=user_password, owner_password=owner_password)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def scanned_pdf() -> bytes:
+    """A page with only a filled shape on it: what a scan without OCR looks like."""
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_fill_color(60, 60, 60)
+    pdf.rect(15, 15, 180, 260, style="F")
+    return bytes(pdf.output())
+
+
+def zero_page_pdf() -> bytes:
+    out = io.BytesIO()
+    PdfWriter().write(out)
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class BadInput:
+    name: str
+    data: bytes
+    kind: str
+    """The error kind the manifest must record."""
+    message_words: tuple[str, ...] = ()
+    """Words the human-readable message must contain."""
+
+
+# The limits the bad-input run uses; small, so the oversized cases stay small.
+MAX_PAGES = 3
+MAX_PDF_BYTES = 150_000
+
+
+def bad_inputs() -> list[BadInput]:
+    good = good_invoices(1, seed=101)[0][1]
+    return [
+        BadInput("not-a-pdf.pdf", b"Dear customer,\nplease find attached...\n" * 20, "not_pdf",
+                 ("%PDF-",)),
+        BadInput("empty.pdf", b"", "empty", ("0 bytes",)),
+        BadInput("truncated.pdf", good[: len(good) * 3 // 5], "corrupt"),
+        BadInput("password.pdf", encrypted(good, user_password="s3cret"), "encrypted",
+                 ("password",)),
+        BadInput("scan.pdf", scanned_pdf(), "needs_ocr", ("text layer",)),
+        BadInput("long.pdf", text_pdf(MAX_PAGES + 2), "too_many_pages",
+                 (str(MAX_PAGES + 2), f"limit is {MAX_PAGES}")),
+        # Valid PDF, padded past the byte limit with a trailing comment.
+        BadInput("huge.pdf", good + b"\n%" + b"x" * MAX_PDF_BYTES, "too_large",
+                 (str(MAX_PDF_BYTES),)),
+        BadInput("zero-pages.pdf", zero_page_pdf(), "no_pages", ("no pages",)),
+    ]  # fmt: skip
+
+
+def owner_only_encrypted_invoice() -> bytes:
+    """Encrypted, but the user password is empty: it must open and be extracted."""
+    return encrypted(good_invoices(1, seed=102)[0][1], user_password="")
+
+
+# -- S3 and the manifest ---------------------------------------------------------------
+
+
+def direct_s3(endpoint: str, bucket: str) -> S3Store:
+    """A client straight to moto (no proxy): what the assertions read through."""
+    client = make_s3_client(endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x")
+    return S3Store(client, bucket)
+
+
+def _read_only_lock() -> Any:
+    raise AssertionError("the fault tests only read the manifest through this store")
+
+
+def manifest_entries(s3: S3Store, key: str) -> dict[str, dict[str, Any]]:
+    return ManifestStore(s3, key, lock=_read_only_lock).read_sync().entries
+
+
+def list_keys(s3: S3Store, prefix: str) -> set[str]:
+    paginator = s3.client.get_paginator("list_objects_v2")
+    return {
+        obj["Key"]
+        for page in paginator.paginate(Bucket=s3.bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    }
+
+
+def upload(s3: S3Store, prefix: str, docs: Iterable[tuple[str, bytes]]) -> set[str]:
+    keys = set()
+    for name, data in docs:
+        key = f"{prefix}{name}" if name.endswith(".pdf") else f"{prefix}{name}.pdf"
+        s3.put(key, data, content_type="application/pdf")
+        keys.add(key)
+    return keys
+
+
+# -- flow parameters and runs ----------------------------------------------------------
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def flow_params(prefix: str, lock: str, **extra: Any) -> dict[str, Any]:
+    """Parameters of one fault case: its own manifest, results prefix and lock."""
+    return {
+        "source_prefix": prefix,
+        "manifest_key": f"manifests/{prefix.rstrip('/')}.json",
+        "results_prefix": f"results/{prefix}",
+        "manifest_lock": lock,
+        "max_llm_concurrency": 8,
+        "commit_interval_s": 0.2,
+        **extra,
+    }
+
+
+async def create_lock(name: str) -> str:
+    """A manifest lock of the case's own, so a slot a case leaves held blocks only it."""
+    from flows.lock import ensure_manifest_lock
+
+    await ensure_manifest_lock(name)
+    return name
+
+
+async def save_llm_block(
+    base_url: str, api_key: str, *, timeout_s: float = 10, max_retries: int = 4
+) -> str:
+    from blocks.extractor import ExtractorBlock
+
+    name = unique("llm")
+    await ExtractorBlock(
+        kind="openai",
+        base_url=base_url,
+        model="test-model",
+        api_key=SecretStr(api_key),
+        timeout_s=timeout_s,
+        max_retries=max_retries,
+    ).save(name)
+    return name
+
+
+async def save_bucket_block(endpoint_url: str, bucket: str, *, max_attempts: int = 8) -> str:
+    """An S3Bucket block pointing at `endpoint_url`, with botocore's standard retries.
+
+    The client configuration is the provisioned one (`flows.provision.S3_CLIENT_CONFIG`:
+    standard mode, 8 attempts); `max_attempts` lowers it to stage an outage that
+    outlasts the retries without waiting out eight backoffs.
+    """
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+    from flows.provision import S3_CLIENT_CONFIG
+
+    config = {**S3_CLIENT_CONFIG, "retries": {"mode": "standard", "max_attempts": max_attempts}}
+    credentials = AwsCredentials(
+        aws_access_key_id="invoiceflow-local",
+        aws_secret_access_key=SecretStr("invoiceflow-local"),
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint_url, config=config),
+    )
+    await credentials.save(unique("aws"))
+    name = unique("bucket")
+    await S3Bucket(bucket_name=bucket, credentials=credentials).save(name)
+    return name
+
+
+async def run_flow(params: Mapping[str, Any]) -> Any:
+    """Run the flow in this process; returns its summary, or the exception it ended with."""
+    from flows.params import ProcessInvoicesParams
+    from flows.process_invoices import process_invoices
+
+    try:
+        return await process_invoices(ProcessInvoicesParams(**params))
+    except Exception as exc:  # InvoicesFailed or a crash: the case asserts which
+        return exc
+
+
+async def create_flow_run(params: Mapping[str, Any]) -> uuid.UUID:
+    """A flow run record on the server, to be executed by `execute_flow_run`."""
+    from prefect.client.orchestration import get_client
+
+    from flows.params import ProcessInvoicesParams
+    from flows.process_invoices import process_invoices
+
+    parameters = {"params": ProcessInvoicesParams(**params).model_dump(mode="json")}
+    async with get_client() as client:
+        run = await client.create_flow_run(process_invoices, parameters=parameters)
+    return run.id
+
+
+def execute_flow_run(
+    flow_run_id: uuid.UUID, env: Mapping[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Execute an existing flow run in a child process, the way a worker does.
+
+    `python -m prefect.flow_engine ENTRYPOINT` with PREFECT__FLOW_RUN_ID is the
+    command Prefect's process workers and runners start; executing the same id again
+    is what Retry in the UI leads to.
+    """
+    child_env = {
+        **os.environ,
+        **env,
+        "PREFECT__FLOW_RUN_ID": str(flow_run_id),
+        "PYTHONPATH": str(REPO),
+    }
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect.flow_engine", "flows/process_invoices.py:process_invoices"],
+        cwd=REPO,
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def flow_run_state(flow_run_id: uuid.UUID) -> Any:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).state
+
+
+async def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
+# -- the three invariants --------------------------------------------------------------
+
+
+@dataclass
+class InvariantReport:
+    entries: dict[str, dict[str, Any]]
+    done: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+
+    def errors(self) -> dict[str, tuple[str | None, bool | None]]:
+        return {
+            k: (self.entries[k].get("error_kind"), self.entries[k].get("transient"))
+            for k in self.failed
+        }
+
+
+def assert_invariants(
+    s3: S3Store,
+    params: Mapping[str, Any],
+    listed: set[str],
+    *,
+    done_before_retry: set[str] = frozenset(),  # type: ignore[assignment]
+    llm_by_key_before_retry: Mapping[str, int] | None = None,
+    llm_by_key_now: Mapping[str, int] | None = None,
+    results_explained: set[str] = frozenset(),  # type: ignore[assignment]
+    manifest_key: str | None = None,
+) -> InvariantReport:
+    entries = manifest_entries(s3, manifest_key or params["manifest_key"])
+    # 1. Nothing lost: every listed invoice has an entry in a final state.
+    missing = listed - set(entries)
+    assert not missing, f"lost manifest updates: no entry for {sorted(missing)}"
+    unfinished = {k: entries[k]["status"] for k in listed if entries[k]["status"] not in FINAL}
+    assert not unfinished, f"invoices left unfinished: {unfinished}"
+    report = InvariantReport(entries)
+    for key in listed:
+        entry = entries[key]
+        if entry["status"] == Status.done:
+            report.done.add(key)
+        else:
+            report.failed.add(key)
+            assert entry.get("error_kind"), f"{key} failed without an error kind"
+            assert entry.get("error_message"), f"{key} failed without a message"
+
+    # 2. The manifest and the result objects agree.
+    results_prefix = params["results_prefix"]
+    result_keys = list_keys(s3, results_prefix)
+    done_result_keys = set()
+    for key in report.done:
+        rkey = entries[key].get("result_key")
+        assert rkey and rkey.startswith(results_prefix), (key, rkey)
+        assert rkey in result_keys, f"{key} is done but its result {rkey} does not exist"
+        result = ExtractionResult.model_validate_json(s3.get(rkey).body)
+        assert result.source_key == key, f"{rkey} holds {result.source_key}, not {key}"
+        assert result.source_etag == entries[key]["source_etag"], (key, "stale result")
+        done_result_keys.add(rkey)
+    unexplained = result_keys - done_result_keys - results_explained
+    assert not unexplained, f"results without a done manifest entry: {sorted(unexplained)}"
+
+    # 3. Nothing done before the retry reached the LLM again.
+    if llm_by_key_before_retry is not None and llm_by_key_now is not None:
+        rebilled = {
+            k: (llm_by_key_before_retry.get(k, 0), llm_by_key_now.get(k, 0))
+            for k in done_before_retry
+            if llm_by_key_now.get(k, 0) != llm_by_key_before_retry.get(k, 0)
+        }
+        assert not rebilled, f"done invoices sent to the LLM again (before, after): {rebilled}"
+    return report
+
+
+def done_keys(s3: S3Store, manifest_key: str) -> set[str]:
+    return {k for k, e in manifest_entries(s3, manifest_key).items() if e["status"] == "done"}
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -1,0 +1,267 @@
+"""Fault injection: bad input and failing infrastructure, end to end through the flow.
+
+Every case ends with `assert_invariants` (tests/faults_support.py): no lost manifest
+update, manifest and results agree, and nothing done was sent to the LLM again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from faults_support import (
+    MAX_PAGES,
+    MAX_PDF_BYTES,
+    assert_invariants,
+    bad_inputs,
+    create_lock,
+    direct_s3,
+    flow_params,
+    good_invoices,
+    manifest_entries,
+    owner_only_encrypted_invoice,
+    run_flow,
+    save_bucket_block,
+    save_llm_block,
+    unique,
+    upload,
+)
+
+from invoiceflow import stack
+from invoiceflow.storage import S3Store
+from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
+from invoiceflow.testing.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
+
+pytestmark = pytest.mark.faults
+
+API_KEY = "sk-faults-" + "0123456789abcdef" * 2
+
+
+@pytest.fixture(scope="module")
+def s3(local_stack: stack.StackInfo) -> S3Store:
+    return direct_s3(local_stack.s3_endpoint, local_stack.bucket)
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLMServerHandle]:
+    with running_llm_server(latency_s=0.02, api_key=API_KEY) as handle:
+        yield handle
+
+
+async def test_bad_inputs_fail_permanently_with_a_reason_and_are_not_retried(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    from flows.summary import InvoicesFailed
+
+    prefix = unique("bad") + "/"
+    bad = bad_inputs()
+    good = upload(s3, prefix, good_invoices(4))
+    good |= upload(s3, prefix, [("owner-only-encrypted.pdf", owner_only_encrypted_invoice())])
+    expected = {f"{prefix}{b.name}": b for b in bad}
+    upload(s3, prefix, [(b.name, b.data) for b in bad])
+    listed = good | set(expected)
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        max_pages=MAX_PAGES,
+        max_pdf_bytes=MAX_PDF_BYTES,
+    )
+    llm.reset()
+
+    first = await run_flow(params)
+    assert isinstance(first, InvoicesFailed), first
+    report = assert_invariants(s3, params, listed)
+    assert report.done == good
+    assert report.failed == set(expected)
+    for key, b in expected.items():
+        entry = report.entries[key]
+        assert (entry["error_kind"], entry.get("transient")) == (b.kind, False), (key, entry)
+        for word in b.message_words:
+            assert word in entry["error_message"], (key, entry["error_message"])
+    # Classified before any LLM call: the LLM saw exactly the good invoices, once each.
+    assert llm.stats()["by_key"] == {k: 1 for k in good}
+
+    # A rerun retries none of the permanent failures and re-bills nothing.
+    before = llm.stats()["by_key"]
+    again = await run_flow(params)
+    assert again.processed == 0, again
+    entries = manifest_entries(s3, params["manifest_key"])
+    assert {k: e["attempts"] for k, e in entries.items()} == {k: 1 for k in listed}
+    assert llm.stats()["by_key"] == before
+
+    # A changed source (new ETag) is retried: the password-protected file is replaced
+    # by its unprotected original, and only it is processed.
+    fixed = f"{prefix}password.pdf"
+    upload(s3, prefix, [("password.pdf", good_invoices(1, seed=101)[0][1])])
+    third = await run_flow(params)
+    assert (third.processed, third.done) == (1, 1), third
+    report = assert_invariants(
+        s3,
+        params,
+        listed,
+        done_before_retry=good,
+        llm_by_key_before_retry=before,
+        llm_by_key_now=llm.stats()["by_key"],
+    )
+    assert report.done == good | {fixed}
+    assert report.entries[fixed]["attempts"] == 2
+    assert llm.stats()["by_key"][fixed] == 1
+
+    # selection=failed retries permanent failures on purpose (e.g. after raising a limit).
+    forced = await run_flow({**params, "selection": "failed", "max_pages": MAX_PAGES + 2})
+    assert isinstance(forced, InvoicesFailed)
+    entries = manifest_entries(s3, params["manifest_key"])
+    assert entries[f"{prefix}long.pdf"]["status"] == "done"
+    assert entries[f"{prefix}empty.pdf"]["attempts"] == 2
+
+
+async def test_llm_429_500_and_timeouts_are_retried_and_a_rerun_bills_only_the_failed(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    prefix = unique("llm-faults") + "/"
+    docs = good_invoices(30, seed=23)
+    listed = upload(s3, prefix, docs)
+    unlucky = sorted(listed)[:2]  # these exhaust the SDK's retries in the first run
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        # Small timeout so a hung request costs seconds, not minutes; 4 SDK retries.
+        extractor_block=await save_llm_block(llm.base_url, API_KEY, timeout_s=1.5, max_retries=4),
+    )
+    llm.reset()
+    plan = llm.set_faults(
+        [
+            {"match": unlucky[0], "status": 500, "times": 5},  # 1 call + 4 retries
+            {"match": unlucky[1], "status": "timeout", "times": 5},
+            {"match": "*", "status": "timeout", "times": 6},
+        ],
+        rate=0.2,
+        rate_statuses=[429, 500],
+        seed=5,
+    )
+    assert plan["rate"] == 0.2
+
+    first = await run_flow(params)
+    stats = llm.stats()
+    report = assert_invariants(s3, params, listed)
+    # The SDK's retries absorbed the random faults; only the scripted ones got through.
+    assert report.failed == set(unlucky), report.errors()
+    assert report.errors() == {unlucky[0]: ("server_error", True), unlucky[1]: ("timeout", True)}
+    assert stats["by_status"].get("429", 0) + stats["by_status"].get("500", 0) >= 5
+    assert stats["by_status"]["timeout"] >= 6
+    assert {stats["by_key"][k] for k in unlucky} == {5}
+    assert first.__class__.__name__ == "InvoicesFailed"
+
+    # The rerun (faults still on) sends only the two transient failures to the LLM.
+    rerun = await run_flow(params)
+    assert rerun.processed == 2, rerun
+    after = llm.stats()["by_key"]
+    report = assert_invariants(
+        s3,
+        params,
+        listed,
+        done_before_retry=report.done,
+        llm_by_key_before_retry=stats["by_key"],
+        llm_by_key_now=after,
+    )
+    assert report.done == listed
+    assert {after[k] > stats["by_key"][k] for k in unlucky} == {True}
+
+
+async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
+    s3: S3Store, llm: LLMServerHandle, local_stack: stack.StackInfo
+) -> None:
+    prefix = unique("s3-faults") + "/"
+    listed = upload(s3, prefix, good_invoices(30, seed=31))
+    with running_s3_fault_proxy(
+        local_stack.s3_endpoint,
+        slowdown_rate=0.12,
+        reset_before_rate=0.05,
+        reset_after_rate=0.05,
+        seed=3,
+    ) as proxy:
+        # And the nastiest reset for sure: the first conditional manifest writes land,
+        # but their answers are lost, so botocore's retry meets its own write (412).
+        def conditional_put(r: ProxiedRequest) -> bool:
+            return r.method == "PUT" and ("if-match" in r.headers or "if-none-match" in r.headers)
+
+        proxy.add_rule(conditional_put, "reset_after", times=2)
+        params = flow_params(
+            prefix,
+            await create_lock(unique("lock")),
+            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
+        )
+        llm.reset()
+        first = await run_flow(params)
+        faults = proxy.stats()
+        assert (first.processed, first.done) == (30, 30), first
+        report = assert_invariants(s3, params, listed)
+        assert report.done == listed
+        assert llm.stats()["by_key"] == {k: 1 for k in listed}
+        # Every kind of fault really happened, on reads and on writes.
+        assert faults["slowdown"] and faults["reset_before"] and faults["reset_after"] > 2, faults
+
+        before = llm.stats()["by_key"]
+        rerun = await run_flow(params)
+        assert rerun.processed == 0, rerun
+        assert_invariants(
+            s3,
+            params,
+            listed,
+            done_before_retry=report.done,
+            llm_by_key_before_retry=before,
+            llm_by_key_now=llm.stats()["by_key"],
+        )
+    print(f"S3 faults injected over {faults['requests']} requests: {faults}")
+
+
+async def test_s3_outage_beyond_the_retries_fails_the_invoice_not_the_run(
+    s3: S3Store, llm: LLMServerHandle, local_stack: stack.StackInfo
+) -> None:
+    prefix = unique("s3-outage") + "/"
+    listed = upload(s3, prefix, good_invoices(8, seed=37))
+    unreadable, unwritable = sorted(listed)[:2]
+    with running_s3_fault_proxy(local_stack.s3_endpoint) as proxy:
+        params = flow_params(
+            prefix,
+            await create_lock(unique("lock")),
+            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            # Two attempts, so the outage outlasts the retries in a second, not ~35 s.
+            bucket_block=await save_bucket_block(proxy.url, local_stack.bucket, max_attempts=2),
+        )
+        unwritable_result = params["results_prefix"] + unwritable.rsplit("/", 1)[1][:-4]
+
+        def source_get(r: ProxiedRequest) -> bool:
+            return r.method == "GET" and r.path.endswith(unreadable)
+
+        def result_put(r: ProxiedRequest) -> bool:
+            return r.method == "PUT" and unwritable_result in r.path
+
+        proxy.add_rule(source_get, "slowdown", times=-1)
+        proxy.add_rule(result_put, "reset_before", times=-1)
+        llm.reset()
+        first = await run_flow(params)
+        report = assert_invariants(s3, params, listed)
+        assert report.errors() == {
+            unreadable: ("s3_error", True),
+            unwritable: ("s3_error", True),
+        }, first
+        assert "SlowDown" in report.entries[unreadable]["error_message"]
+        assert unreadable not in llm.stats()["by_key"]  # never got as far as the LLM
+
+        # S3 is back: the rerun retries exactly the two, and re-bills nothing done.
+        proxy.clear_rules()
+        before = llm.stats()["by_key"]
+        rerun = await run_flow(params)
+        assert (rerun.processed, rerun.done) == (2, 2), rerun
+        report = assert_invariants(
+            s3,
+            params,
+            listed,
+            done_before_retry=report.done,
+            llm_by_key_before_retry=before,
+            llm_by_key_now=llm.stats()["by_key"],
+        )
+        assert report.done == listed
