@@ -1,46 +1,179 @@
-"""Which extractor a run uses, and how to reach its LLM. The API key is a SecretStr."""
+"""Which extractor a run uses, how to reach its LLM, its limits and its prices.
+
+Typed configuration with two methods, like prefect-aws's `AwsCredentials`: `build`
+makes the extractor, `limiter` the in-process limiter for the configured limits. The
+OpenAI API key is a SecretStr; Bedrock takes a prefect-aws `AwsCredentials` block.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from prefect_aws import AwsCredentials
+from pydantic import Field, SecretStr, field_validator
 
 from invoiceflow.extractors import Extractor
+from invoiceflow.extractors.limits import Limiter, ProviderLimiter, RateTaker, SlotFactory
+from invoiceflow.extractors.llm import TokenPrice
+from invoiceflow.schema import ISO_4217
 
 
 class ExtractorBlock(Block):
-    """Invoice field extractor: offline `rules`, or an OpenAI-compatible chat-completions API."""
+    """Invoice field extractor: offline `rules`, an OpenAI-compatible API, or AWS Bedrock."""
 
     _block_type_name = "Invoice Extractor"
     _block_type_slug = "invoice-extractor"
-    _description = "How invoiceflow extracts fields: offline rules or an OpenAI-compatible LLM."
-
-    kind: Literal["rules", "openai"] = Field(
-        default="rules", description="`rules` runs offline; `openai` calls `base_url`."
+    _description = (
+        "How invoiceflow extracts fields: offline rules, an OpenAI-compatible LLM, or "
+        "AWS Bedrock (Converse). Holds the provider's limits and prices."
     )
+
+    kind: Literal["rules", "openai", "bedrock"] = Field(
+        default="rules",
+        description="`rules` runs offline; `openai` calls `base_url`; `bedrock` calls the "
+        "Bedrock Converse API.",
+    )
+    model: str = Field(
+        default="gpt-4o-mini",
+        description="Model name (OpenAI-compatible) or model id / inference profile (Bedrock).",
+    )
+
+    # --- OpenAI-compatible ---------------------------------------------------------
     base_url: str | None = Field(
         default=None,
         title="Base URL",
         description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or "
         "http://localhost:11434/v1 (Ollama).",
     )
-    model: str = Field(default="gpt-4o-mini", description="Model name sent to the endpoint.")
     api_key: SecretStr | None = Field(default=None, title="API key")
+    structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = Field(
+        default="auto",
+        description="`auto`: JSON-schema output, stepping down to JSON mode (then a plain "
+        "prompt) when the server rejects it.",
+    )
+
+    # --- Bedrock ---------------------------------------------------------------------
+    aws_credentials: AwsCredentials | None = Field(
+        default=None,
+        title="AWS credentials",
+        description="For `bedrock`; without it the default boto3 credential chain applies.",
+    )
+    region_name: str | None = Field(
+        default=None, description="Bedrock region; defaults to the credentials' region."
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        title="Endpoint URL",
+        description="Bedrock runtime endpoint override (VPC endpoint, proxy, test server).",
+    )
+    retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
+        default="standard",
+        description="botocore retry mode; `adaptive` also slows the client after throttling.",
+    )
+
+    # --- calls -------------------------------------------------------------------------
     timeout_s: float = Field(default=60, gt=0, le=600, description="Per-request timeout.")
     max_retries: int = Field(
-        default=4, ge=0, le=10, description="Retries by the openai SDK (429, 5xx, timeouts)."
+        default=4,
+        ge=0,
+        le=10,
+        description="Retries by the SDK (openai / botocore): 429, 5xx, timeouts, resets.",
+    )
+    max_total_s: float | None = Field(
+        default=300,
+        gt=0,
+        description="Bound on one call including every retry and backoff.",
     )
     max_chars: int = Field(
         default=60_000, ge=1000, description="Invoice text beyond this many characters is cut."
     )
+    max_pages: int | None = Field(
+        default=20, ge=1, description="Pages beyond this budget are cut (first pages + last)."
+    )
+    max_output_tokens: int | None = Field(
+        default=None, ge=256, description="Completion token cap (Bedrock default 2000)."
+    )
+    repair_attempts: int = Field(
+        default=1, ge=0, le=3, description="Follow-up turns for an answer that fails validation."
+    )
+    max_connections: int = Field(default=64, ge=1, le=1024, description="HTTP connection pool.")
 
-    def build(self) -> Extractor:
+    # --- limits (per provider block, shared by every run that uses it) ----------------
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Provider calls in flight at once, across runs."
+    )
+    requests_per_minute: int | None = Field(default=None, ge=1, title="Requests per minute")
+    tokens_per_minute: int | None = Field(default=None, ge=1, title="Tokens per minute")
+
+    # --- prices --------------------------------------------------------------------------
+    prices: dict[str, TokenPrice] = Field(
+        default_factory=dict,
+        description="Model name -> price per million input/output tokens. A model without "
+        "an entry gets no cost (unknown), never zero.",
+    )
+    price_currency: str = Field(default="USD", description="ISO 4217 code of the prices.")
+
+    @field_validator("price_currency")
+    @classmethod
+    def _iso_currency(cls, value: str) -> str:
+        code = value.strip().upper()
+        if code not in ISO_4217:
+            raise ValueError(f"price_currency {value!r} is not an ISO 4217 code")
+        return code
+
+    def price(self) -> TokenPrice | None:
+        return self.prices.get(self.model)
+
+    def limiter(
+        self,
+        *,
+        max_in_flight: int | None = None,
+        shared_slot: SlotFactory | None = None,
+        shared_rate: RateTaker | None = None,
+    ) -> ProviderLimiter | None:
+        """The limiter for this provider's limits (None: no limits configured).
+
+        ``max_in_flight`` caps this process below the provider-wide limit; the flow
+        passes Prefect-backed ``shared_slot`` / ``shared_rate`` so the limits hold
+        across runs (see `flows.llm_limits`).
+        """
+        caps = [cap for cap in (self.max_in_flight, max_in_flight) if cap]
+        slots = min(caps) if caps else None
+        rated = bool(self.requests_per_minute or self.tokens_per_minute)
+        if not (slots or rated):
+            return None
+        return ProviderLimiter(
+            max_in_flight=slots or self.max_connections,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            shared_slot=shared_slot if self.max_in_flight else None,
+            shared_rate=shared_rate if rated else None,
+        )
+
+    def build(self, limiter: Limiter | None = None) -> Extractor:
+        """The extractor; ``limiter`` defaults to this block's in-process `limiter()`."""
         if self.kind == "rules":
             from invoiceflow.extractors.rules import RulesExtractor
 
             return RulesExtractor()
+        limiter = limiter or self.limiter()
+        if self.kind == "bedrock":
+            from invoiceflow.extractors.bedrock import BedrockExtractor
+
+            return BedrockExtractor(
+                client=self._bedrock_client(),
+                model_id=self.model,
+                max_chars=self.max_chars,
+                max_pages=self.max_pages,
+                max_output_tokens=self.max_output_tokens or 2_000,
+                repair_attempts=self.repair_attempts,
+                max_total_s=self.max_total_s,
+                price=self.price(),
+                price_currency=self.price_currency,
+                limiter=limiter,
+                max_workers=self.max_connections,
+            )
         from invoiceflow.extractors.openai import OpenAIExtractor
 
         if not self.base_url:
@@ -53,5 +186,37 @@ class ExtractorBlock(Block):
             model=self.model,
             timeout_s=self.timeout_s,
             max_retries=self.max_retries,
+            max_total_s=self.max_total_s,
             max_chars=self.max_chars,
+            max_pages=self.max_pages,
+            max_connections=self.max_connections,
+            structured_output=self.structured_output,
+            repair_attempts=self.repair_attempts,
+            max_output_tokens=self.max_output_tokens,
+            price=self.price(),
+            price_currency=self.price_currency,
+            limiter=limiter,
         )
+
+    def _bedrock_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        session = (
+            self.aws_credentials.get_boto3_session() if self.aws_credentials else boto3.Session()
+        )
+        config = Config(
+            retries={"mode": self.retry_mode, "total_max_attempts": self.max_retries + 1},
+            connect_timeout=min(10.0, self.timeout_s),
+            read_timeout=self.timeout_s,
+            max_pool_connections=self.max_connections,
+        )
+        return session.client(
+            "bedrock-runtime",
+            region_name=self.region_name or session.region_name,
+            endpoint_url=self.endpoint_url,
+            config=config,
+        )
+
+
+__all__ = ["ExtractorBlock", "TokenPrice"]
