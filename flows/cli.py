@@ -248,38 +248,116 @@ def status(
     _print_manifest(_manifest_store(bucket_block, manifest_key), prefix)
 
 
+def _local_extractor(extractor: str, base_url: str | None, model: str):
+    """An extractor for the offline commands; the API key only ever comes from the env."""
+    if extractor == "rules":
+        from invoiceflow.extractors.rules import RulesExtractor
+
+        return RulesExtractor()
+    from invoiceflow.extractors.openai import OpenAIExtractor
+
+    return OpenAIExtractor(
+        base_url=base_url or "https://api.openai.com/v1",
+        api_key=os.environ.get("OPENAI_API_KEY", ""),
+        model=model,
+    )
+
+
 @app.command()
 def extract(
     pdf: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     extractor: Annotated[Literal["rules", "openai"], typer.Option()] = "rules",
     base_url: Annotated[str | None, typer.Option(envvar="OPENAI_BASE_URL")] = None,
     model: Annotated[str, typer.Option(envvar="OPENAI_MODEL")] = "gpt-4o-mini",
+    einvoice: Annotated[
+        bool, typer.Option(help="Read embedded Factur-X/ZUGFeRD/XRechnung XML when present.")
+    ] = True,
 ) -> None:
     """Print the fields extracted from one local PDF. Needs no Prefect server and no S3.
 
-    For --extractor openai the key is read from OPENAI_API_KEY, never from the command line.
+    A PDF with an embedded e-invoice (Factur-X, ZUGFeRD, XRechnung) is read exactly from
+    its XML, without calling any extractor. For --extractor openai the key is read from
+    OPENAI_API_KEY, never from the command line.
     """
-    from invoiceflow.pdf import PdfError, parse_pdf
+    from invoiceflow.evaluate import extract_file
+    from invoiceflow.extractors import ExtractionError
+    from invoiceflow.pdf import PdfError
 
     try:
-        parsed = parse_pdf(pdf.read_bytes())
+        done = asyncio.run(
+            extract_file(
+                pdf.read_bytes(), _local_extractor(extractor, base_url, model), einvoice=einvoice
+            )
+        )
     except PdfError as exc:
         err.print(f"[red]{pdf}: {exc.kind}: {exc}[/]")
         raise typer.Exit(1) from None
-    if extractor == "rules":
-        from invoiceflow.extractors.rules import RulesExtractor
+    except ExtractionError as exc:
+        err.print(f"[red]{pdf}: {exc.kind}: {exc}[/]")
+        raise typer.Exit(1) from None
+    found = done.extraction
+    detail = f" ({found.einvoice_format})" if found.einvoice_format else ""
+    err.print(f"source: {found.source}{detail}")
+    for reason in done.validated.reasons:
+        err.print(f"[yellow]needs review:[/] {reason}")
+    sys.stdout.write(done.validated.invoice.model_dump_json(indent=2) + "\n")
 
-        ex = RulesExtractor()
-    else:
-        from invoiceflow.extractors.openai import OpenAIExtractor
 
-        ex = OpenAIExtractor(
-            base_url=base_url or "https://api.openai.com/v1",
-            api_key=os.environ.get("OPENAI_API_KEY", ""),
-            model=model,
-        )
-    invoice = asyncio.run(ex.extract(parsed.text))
-    sys.stdout.write(invoice.model_dump_json(indent=2) + "\n")
+@app.command("eval")
+def eval_(
+    directory: Annotated[Path, typer.Argument(file_okay=False, help="PDFs + expected <stem>.json")],
+    extractor: Annotated[Literal["rules", "openai"], typer.Option()] = "rules",
+    base_url: Annotated[str | None, typer.Option(envvar="OPENAI_BASE_URL")] = None,
+    model: Annotated[str, typer.Option(envvar="OPENAI_MODEL")] = "gpt-4o-mini",
+    einvoice: Annotated[bool, typer.Option(help="Use the e-invoice fast path.")] = True,
+    generate: Annotated[
+        int,
+        typer.Option(
+            help="First write this many generated invoices (EN/DE/FR/NL, varied layouts and "
+            "number formats, some with embedded e-invoice XML) into DIRECTORY."
+        ),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the generated set.")] = 0,
+    einvoice_share: Annotated[
+        float, typer.Option(help="Share of generated invoices with embedded XML.")
+    ] = 0.1,
+    show: Annotated[int, typer.Option(help="Mismatches to show per field.")] = 3,
+) -> None:
+    """Score extraction on a folder of PDFs with expected JSON: per-field exact match."""
+    from invoiceflow.evaluate import FIELDS, evaluate_dir
+
+    if generate:
+        from invoiceflow.samples import write_corpus
+
+        write_corpus(directory, generate, seed, varied=True, einvoice_share=einvoice_share)
+    if not directory.is_dir():
+        err.print(f"[red]{directory} is not a directory[/]")
+        raise typer.Exit(2)
+    report = asyncio.run(
+        evaluate_dir(directory, _local_extractor(extractor, base_url, model), einvoice=einvoice)
+    )
+    if not report.documents:
+        err.print(f"[red]no PDF with a same-stem .json in {directory}[/]")
+        raise typer.Exit(2)
+    table = Table(title=f"{extractor} on {directory} ({report.documents} documents)")
+    for col in ("field", "correct", "total", "accuracy"):
+        table.add_column(col, justify="left" if col == "field" else "right")
+    for name in FIELDS:
+        score = report.fields[name]
+        table.add_row(name, str(score.correct), str(score.total), f"{score.accuracy:.1%}")
+    console.print(table)
+    sources = ", ".join(f"{k} {v}" for k, v in sorted(report.sources.items()))
+    console.print(
+        f"header fields: {report.header_accuracy:.1%}  line items: "
+        f"{report.line_items_correct}/{report.line_items_total}  documents fully right: "
+        f"{report.exact_documents}/{report.documents}  sources: {sources or '-'}  "
+        f"needs review: {report.needs_review}  failed: {len(report.failures)}"
+    )
+    for stem, error in list(report.failures.items())[:show]:
+        err.print(f"[red]{stem}[/]: {error}")
+    for name, misses in report.mismatches.items():
+        for stem, got, wanted in misses[:show] if name != "line_items" else []:
+            console.print(f"  {name} {stem}: got {got!r}, expected {wanted!r}")
 
 
 def _manifest_store(bucket_block: str, manifest_key: str):
