@@ -41,7 +41,8 @@ Faults
     code (400-599), ``"timeout"`` (hold the request until the client hangs up, or
     ``hang_s``) or ``"reset"`` (abort the TCP connection without a response);
     ``times`` is how often the rule fires, -1 meaning forever; ``headers`` adds response
-    headers (e.g. ``x-ratelimit-reset-requests``). The first live matching
+    headers (e.g. ``x-ratelimit-reset-requests``), ``code``/``message`` override the
+    error body (e.g. ``context_length_exceeded``). The first live matching
     rule fires; if none does, a random fault from ``rate_statuses`` fires with
     probability ``rate`` (``random.Random(seed)``, so a sequential run is reproducible;
     concurrent runs are only as reproducible as their arrival order).
@@ -137,6 +138,9 @@ class FaultRule(BaseModel):
     retry_after: str | None = None
     # Extra response headers, e.g. {"x-ratelimit-reset-requests": "0.2s"}.
     headers: dict[str, str] = Field(default_factory=dict)
+    # Error body overrides, e.g. code "context_length_exceeded".
+    code: str | None = None
+    message: str | None = None
 
 
 class FaultPlan(BaseModel):
@@ -400,7 +404,7 @@ class LLMServer:
 
     def _pick_fault(
         self, user_message: str, key: str | None
-    ) -> tuple[int | str, str | None, dict[str, str]] | None:
+    ) -> tuple[int | str, str | None, FaultRule | None] | None:
         for live in self.rules:
             needle = live.rule.match
             if live.remaining == 0:
@@ -408,10 +412,10 @@ class LLMServer:
             if needle == "*" or needle in user_message or (key is not None and needle in key):
                 if live.remaining > 0:
                     live.remaining -= 1
-                return live.rule.status, live.rule.retry_after, live.rule.headers
+                return live.rule.status, live.rule.retry_after, live.rule
         # Only drawn when no rule fired, so scripted rules don't shift the random sequence.
         if self.plan.rate > 0 and self._fault_rng.random() < self.plan.rate:
-            return self._fault_rng.choice(self.plan.rate_statuses), self.plan.rate_retry_after, {}
+            return self._fault_rng.choice(self.plan.rate_statuses), self.plan.rate_retry_after, None
         return None
 
     def _auth_error(self, request: Request) -> JSONResponse | None:
@@ -525,7 +529,7 @@ class LLMServer:
 
         fault = self._pick_fault(user_message, key)
         if fault is not None:
-            status, retry_after, fault_headers = fault
+            status, retry_after, rule = fault
             if status == "timeout":
                 await self._hang(request)
                 return "timeout", Response(status_code=504)
@@ -539,11 +543,11 @@ class LLMServer:
                 type_, code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
             return str(status), _error(
                 status,
-                f"Injected fault {status}.",
+                (rule.message if rule and rule.message else None) or f"Injected fault {status}.",
                 type_=type_,
-                code=code,
+                code=(rule.code if rule and rule.code else None) or code,
                 retry_after=retry_after,
-                extra_headers=fault_headers,
+                extra_headers=rule.headers if rule else None,
             )
 
         await self._sleep_latency()
