@@ -160,7 +160,7 @@ class InvoicePipeline:
             Claim(o.key, o.etag, self.config.run_id, selection) for o in candidates
         )
         return [
-            WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key, prefix))
+            WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key))
             for o, out in zip(candidates, outcomes, strict=True)
             if out.applied
         ]

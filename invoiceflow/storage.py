@@ -176,18 +176,27 @@ _UNSAFE = re.compile(r"[^\w.\- ]+", re.UNICODE)
 
 
 def invoice_id(source_key: str, source_prefix: str = "") -> str:
-    """A stable, path-safe id for a source key: its name relative to the prefix.
+    """A stable, path-safe id for a source key: its name relative to `source_prefix`.
 
     Sub-folders become `__`, anything outside word characters, dots, dashes and spaces
     becomes `_`, and `..` can never survive, so a result key cannot escape its prefix.
-    A short hash keeps ids unique when sanitising maps two keys onto one name.
+    Unless the id maps back to exactly one key (only folders were joined, nothing else
+    changed), a short hash of the key is appended, so two keys never share an id.
+
+    The pipeline passes the whole key (no prefix): an invoice's result key must not
+    depend on which prefix a run was started with, or runs over `in/` and `in/a/`
+    would write `in/x.pdf` and `in/a/x.pdf` to the same result.
     """
     rel = source_key[len(source_prefix) :] if source_key.startswith(source_prefix) else source_key
-    rel = unicodedata.normalize("NFC", rel.lstrip("/"))
-    stem = rel[:-4] if rel.lower().endswith(".pdf") else rel
+    normal = unicodedata.normalize("NFC", rel.lstrip("/"))
+    stem = normal[:-4] if normal.lower().endswith(".pdf") else normal
     parts = [_UNSAFE.sub("_", p).strip(" .") or "_" for p in stem.split("/") if p]
-    safe = "__".join(parts)[:180] or "_"
-    if safe != stem:
+    joined = "__".join(parts)
+    safe = joined[:180] or "_"
+    reversible = (
+        rel == "/".join(parts) + ".pdf" and safe == joined and not any("__" in p for p in parts)
+    )
+    if not reversible:
         safe = f"{safe}-{hashlib.sha1(source_key.encode()).hexdigest()[:8]}"
     return safe
 

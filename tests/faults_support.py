@@ -126,6 +126,29 @@ def direct_s3(endpoint: str, bucket: str) -> S3Store:
     return S3Store(client, bucket)
 
 
+OPERATOR_AGENT = "invoiceflow-operator"
+
+
+def operator_s3(endpoint: str, bucket: str) -> S3Store:
+    """A client whose requests the fault proxy can tell apart (by its User-Agent)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(
+            retries={"mode": "standard", "max_attempts": 8},
+            s3={"addressing_style": "path"},
+            user_agent_extra=OPERATOR_AGENT,
+        ),
+    )
+    return S3Store(client, bucket)
+
+
 def _read_only_lock() -> Any:
     raise AssertionError("the fault tests only read the manifest through this store")
 

@@ -6,12 +6,19 @@ update, manifest and results agree, and nothing done was sent to the LLM again.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from faults_support import (
     MAX_PAGES,
     MAX_PDF_BYTES,
+    OPERATOR_AGENT,
     assert_invariants,
     bad_inputs,
     create_lock,
@@ -19,15 +26,18 @@ from faults_support import (
     flow_params,
     good_invoices,
     manifest_entries,
+    operator_s3,
     owner_only_encrypted_invoice,
     run_flow,
     save_bucket_block,
     save_llm_block,
     unique,
     upload,
+    wait_until,
 )
 
 from invoiceflow import stack
+from invoiceflow.manifest import ManifestEntry, ManifestStore, Outcome, Status
 from invoiceflow.storage import S3Store
 from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.testing.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
@@ -265,3 +275,198 @@ async def test_s3_outage_beyond_the_retries_fails_the_invoice_not_the_run(
             llm_by_key_now=llm.stats()["by_key"],
         )
         assert report.done == listed
+
+
+@dataclass(frozen=True)
+class OperatorNote:
+    """An out-of-band manifest edit: what a person or another tool might write."""
+
+    key: str
+    text: str
+
+    def apply(self, entries: dict[str, dict[str, Any]], now: dt.datetime) -> Outcome:
+        entries[self.key] = ManifestEntry(
+            status=Status.failed,
+            source_etag="operator",
+            error_kind="operator_note",
+            error_message=self.text,
+            created_at=now,
+            updated_at=now,
+        ).model_dump(mode="json", exclude_none=True)
+        return Outcome(True, 0)
+
+
+async def test_three_concurrent_runs_on_overlapping_prefixes_and_an_out_of_band_writer(
+    s3: S3Store, llm: LLMServerHandle, local_stack: stack.StackInfo
+) -> None:
+    base = unique("overlap") + "/"
+    # The same file names at two levels: the runs over base/ and base/a/ must not
+    # write one invoice's result over the other's.
+    docs = good_invoices(24, seed=41)
+    listed = upload(s3, base, docs[:12])
+    listed |= upload(
+        s3, f"{base}a/", [(f"invoice-{i:04d}", pdf) for i, (_, pdf) in enumerate(docs[12:])]
+    )
+    lock = await create_lock(unique("lock"))
+    with running_s3_fault_proxy(local_stack.s3_endpoint) as proxy:
+        bucket_block = await save_bucket_block(proxy.url, local_stack.bucket)
+        common = {
+            "manifest_key": f"manifests/{base.rstrip('/')}.json",
+            "results_prefix": f"results/{base}",
+            "extractor_block": await save_llm_block(llm.base_url, API_KEY),
+            "bucket_block": bucket_block,
+            "max_llm_concurrency": 4,
+        }
+        runs = [
+            flow_params(base, lock, **common),
+            flow_params(f"{base}a/", lock, **common),
+            flow_params(base, lock, **common),
+        ]
+        llm.reset()
+        llm.configure(latency_s=0.15, jitter_s=0.05)
+        # The out-of-band writer skips the Prefect lock entirely; only If-Match keeps
+        # its edits and the runs' updates from overwriting each other.
+        outsider = ManifestStore(
+            operator_s3(proxy.url, local_stack.bucket),
+            common["manifest_key"],
+            lock=contextlib.nullcontext,
+        )
+        notes = [OperatorNote(f"operator/note-{i}.pdf", f"checked by hand #{i}") for i in range(8)]
+        manifest_path = f"/{local_stack.bucket}/{common['manifest_key']}"
+
+        def manifest_put(r: ProxiedRequest, *, by_operator: bool) -> bool:
+            operator = OPERATOR_AGENT in r.headers.get("user-agent", "")
+            return r.method == "PUT" and r.path == manifest_path and operator == by_operator
+
+        def manifest_etag() -> str | None:
+            with contextlib.suppress(KeyError):
+                return s3.get(common["manifest_key"]).etag
+            return None
+
+        async def write_notes() -> None:
+            # 1. The operator loses a race: its PUT is parked until a run commits.
+            gate = proxy.hold(functools.partial(manifest_put, by_operator=True))
+            first = asyncio.create_task(outsider.commit([notes[0]]))
+            await wait_until(gate.arrived.is_set, 60)
+            seen = manifest_etag()
+            await wait_until(lambda: manifest_etag() != seen, 60)
+            gate.open()
+            assert (await first)[0].applied
+            # 2. A run loses a race: its PUT (under the slot) is parked while the
+            #    operator writes; If-Match sends it back to re-read and re-apply.
+            gate = proxy.hold(functools.partial(manifest_put, by_operator=False))
+            await wait_until(gate.arrived.is_set, 60)
+            assert (await outsider.commit([notes[1]]))[0].applied
+            gate.open()
+            # 3. Then plain interleaving.
+            for note in notes[2:]:
+                await asyncio.sleep(0.2)
+                assert (await outsider.commit([note]))[0].applied
+
+        *summaries, _ = await asyncio.gather(*(run_flow(p) for p in runs), write_notes())
+        llm.configure(latency_s=0.0, jitter_s=0.0)
+
+    assert [s.__class__.__name__ for s in summaries] == ["RunSummary"] * 3, summaries
+    # Claims split the work: every invoice was processed by exactly one run, once.
+    assert sum(s.processed for s in summaries) == len(listed), summaries
+    assert llm.stats()["by_key"] == {k: 1 for k in listed}
+    report = assert_invariants(s3, runs[0], listed)
+    assert report.done == listed
+    entries = report.entries
+    assert {n.key: entries[n.key]["error_message"] for n in notes} == {n.key: n.text for n in notes}
+    # Both staged races really ended in a 412 and a re-apply, and nothing was lost.
+    assert outsider.conflicts >= 1
+    assert proxy.stats()["by_status"].get("412", 0) >= 2, proxy.stats()
+    print(f"operator: {len(notes)} edits, {outsider.conflicts} conflicts; {proxy.stats()}")
+
+    before = llm.stats()["by_key"]
+    rerun = await run_flow(
+        flow_params(base, lock, **{**common, "bucket_block": "invoiceflow-bucket"})
+    )
+    assert rerun.processed == 0, rerun
+    assert_invariants(
+        s3,
+        runs[0],
+        listed,
+        done_before_retry=listed,
+        llm_by_key_before_retry=before,
+        llm_by_key_now=llm.stats()["by_key"],
+    )
+
+
+async def test_a_writer_that_lost_its_slot_is_stopped_by_if_match(
+    s3: S3Store, llm: LLMServerHandle, local_stack: stack.StackInfo
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from flows.lock import manifest_lock
+
+    prefix = unique("lost-lease") + "/"
+    listed = upload(s3, prefix, good_invoices(6, seed=43))
+    lock = await create_lock(unique("lock"))
+    with running_s3_fault_proxy(local_stack.s3_endpoint) as proxy:
+        params = flow_params(
+            prefix,
+            lock,
+            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
+        )
+        manifest_path = f"/{local_stack.bucket}/{params['manifest_key']}"
+        # The stale writer: takes the real slot, reads the manifest, and stalls with
+        # its conditional PUT in flight (a GC pause, a slow network).
+        stale = ManifestStore(
+            operator_s3(proxy.url, local_stack.bucket),
+            params["manifest_key"],
+            lock=manifest_lock(lock),
+        )
+        await stale.commit([OperatorNote("operator/before.pdf", "written first")])
+        gate = proxy.hold(
+            lambda r: (
+                r.method == "PUT"
+                and r.path == manifest_path
+                and OPERATOR_AGENT in r.headers.get("user-agent", "")
+            )
+        )
+        stalled = asyncio.create_task(
+            stale.commit([OperatorNote("operator/stalled.pdf", "written by the stale writer")])
+        )
+        await wait_until(gate.arrived.is_set, 60)
+        async with get_client() as client:
+            assert (await client.read_global_concurrency_limit_by_name(lock)).active_slots == 1
+            # Its slot is taken away (an operator frees a "stuck" slot; an expired lease
+            # has the same effect), and a flow run takes the slot and does its work.
+            await client.update_global_concurrency_limit(
+                lock, GlobalConcurrencyLimitUpdate(active_slots=0)
+            )
+        llm.reset()
+        summary = await run_flow(params)
+        assert summary.done == len(listed), summary
+        newer = s3.get(params["manifest_key"]).etag
+
+        # The stale writer wakes up: If-Match on the ETag it read fails (412), so it
+        # re-reads and re-applies its edit on top instead of overwriting the run's work.
+        gate.open()
+        assert (await stalled)[0].applied
+        assert stale.conflicts == 1
+        assert proxy.stats()["by_status"].get("412") == 1
+        assert s3.get(params["manifest_key"]).etag != newer
+
+    report = assert_invariants(s3, params, listed)
+    assert report.done == listed
+    assert {"operator/before.pdf", "operator/stalled.pdf"} <= set(report.entries)
+    assert llm.stats()["by_key"] == {k: 1 for k in listed}
+    # The slot is free again (nothing stuck) and a rerun re-bills nothing.
+    async with get_client() as client:
+        assert (await client.read_global_concurrency_limit_by_name(lock)).active_slots == 0
+    before = llm.stats()["by_key"]
+    rerun = await run_flow({**params, "bucket_block": "invoiceflow-bucket"})
+    assert rerun.processed == 0, rerun
+    assert_invariants(
+        s3,
+        params,
+        listed,
+        done_before_retry=listed,
+        llm_by_key_before_retry=before,
+        llm_by_key_now=llm.stats()["by_key"],
+    )

@@ -102,9 +102,7 @@ def assert_all_done_and_correct(
     assert {e["status"] for e in entries.values()} == {Status.done}
     for key, expected in truth.items():
         entry = entries[key]
-        assert entry["result_key"] == (
-            f"{params['results_prefix']}{invoice_id(key, params['source_prefix'])}.json"
-        )
+        assert entry["result_key"] == f"{params['results_prefix']}{invoice_id(key)}.json"
         result = ExtractionResult.model_validate_json(s3.get(entry["result_key"]).body)
         assert result.source_etag == entry["source_etag"]
         for field in HEADER_FIELDS:

@@ -27,7 +27,8 @@ returned gate is opened: a writer stalled in flight, e.g. one whose lease expire
 while its manifest PUT is on the wire.
 
 Counting: ``stats()`` returns ``requests``, ``forwarded``, ``slowdown``,
-``reset_before``, ``reset_after``, ``held`` and ``by_method`` (``"PUT"`` -> n).
+``reset_before``, ``reset_after``, ``held``, ``by_method`` (``"PUT"`` -> n) and
+``by_status`` (moto's answers to forwarded requests, ``"412"`` -> n).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class S3FaultProxy:
         self._rules: list[FaultRule] = []
         self._counts: Counter[str] = Counter()
         self._by_method: Counter[str] = Counter()
+        self._by_status: Counter[str] = Counter()
         self.configure(
             slowdown_rate=slowdown_rate,
             reset_before_rate=reset_before_rate,
@@ -211,6 +213,7 @@ class S3FaultProxy:
                 "reset_after": self._counts["reset_after"],
                 "held": self._counts["held"],
                 "by_method": dict(self._by_method),
+                "by_status": dict(self._by_status),
             }
 
     def faults_injected(self) -> int:
@@ -221,6 +224,7 @@ class S3FaultProxy:
         with self._lock:
             self._counts.clear()
             self._by_method.clear()
+            self._by_status.clear()
 
     def start(self) -> S3FaultProxy:
         self._thread = threading.Thread(
@@ -369,6 +373,7 @@ class S3FaultProxy:
                     )
                 with proxy._lock:
                     proxy._counts["forwarded"] += 1
+                    proxy._by_status[str(status)] += 1
                 if fault == "reset_after":
                     self._reset()
                     return
