@@ -73,13 +73,16 @@ class RunProgress:
         state = (self.total, self.finished)
         if state == self._published:
             return
-        self._published = state
         self._last_publish = time.monotonic()
         try:
             await self._publish(self.percent, self.describe())
-            self.publications += 1
         except Exception as exc:  # progress is cosmetic: never fail a run over it
             log.warning("could not update the progress artifact: %s", exc)
+            return
+        # Only now: a publication cancelled halfway (the ticker at run end) must not
+        # count, or the final publication would think there is nothing left to say.
+        self._published = state
+        self.publications += 1
 
     async def run_ticker(self) -> None:
         """Publish changes, at most once per `min_interval_s`, until cancelled."""
