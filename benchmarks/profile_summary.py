@@ -2,14 +2,18 @@
 
     uv run python -m benchmarks.profile_summary PROFILE_DIR_OR_FILE...
 
-For each profile: the share of samples whose innermost frame lives in each package
-(self time by package), and the functions with the most inclusive time among
-invoiceflow/flows code and Prefect's own entry points.
+For each profile it prints three tables:
+
+1. Samples by where the innermost frame is: a library, our code (invoiceflow/flows),
+   imports, or waiting. py-spy counts some blocked threads as active: those sitting in
+   `select`, in a socket read or in a lock/condition wait. They are grouped as
+   "(waiting)", because that is wall time, not CPU.
+2. The hottest innermost functions, with the chain of callers that leads to them.
+3. Inclusive time of our code's functions and Prefect's engine functions.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,73 +21,132 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-_SITE = re.compile(r"(?:site|dist)-packages/(?P<pkg>[^/]+)")
-_STDLIB = re.compile(r"/python3\.\d+/(?P<mod>[^/]+)")
+OWN_PACKAGES = ("invoiceflow", "flows", "blocks")
+# Innermost Python frames whose C call blocks (py-spy's idle heuristics miss some).
+WAITING = {
+    ("EpollSelector.select", "selectors.py"),
+    ("SocketIO.readinto", "socket.py"),
+    ("Condition.wait", "threading.py"),
+    ("Event.wait", "threading.py"),
+    ("Thread.join", "threading.py"),
+    ("_worker", "thread.py"),
+    ("poll_wait_for_socket.<locals>.do_poll", "wait.py"),
+    ("Queue.get", "queue.py"),
+    ("sleep", "time"),
+}
 
 
-def _package(file: str) -> str:
-    if m := _SITE.search(file):
-        return m.group("pkg").removesuffix(".py")
-    for own in ("invoiceflow", "flows", "blocks", "benchmarks"):
-        if file.startswith(f"{own}/") or f"/{own}/" in file:
-            return own
-    if m := _STDLIB.search(file):
-        return f"stdlib:{m.group('mod').removesuffix('.py')}"
-    return file or "?"
+class Frame(tuple[str, str, str]):
+    """(function, path, line) of one py-spy frame, e.g. `run (asyncio/runners.py:190)`."""
+
+    @classmethod
+    def parse(cls, raw: str) -> Frame | None:
+        func, sep, where = raw.rpartition(" (")
+        if not sep or not where.endswith(")"):
+            return None
+        path, _, line = where[:-1].rpartition(":")
+        if not path:
+            path, line = where[:-1], ""
+        return cls((func, path, line))
+
+    @property
+    def func(self) -> str:
+        return self[0]
+
+    @property
+    def path(self) -> str:
+        return self[1]
+
+    @property
+    def package(self) -> str:
+        path = self.path
+        if "importlib._bootstrap" in path:
+            return "(imports)"
+        top = path.split("/", 1)[0].removesuffix(".py")
+        if top in OWN_PACKAGES or top == "benchmarks":
+            return top
+        if top in sys.stdlib_module_names or top.startswith("<frozen"):
+            return f"stdlib:{top}"
+        return top
+
+    @property
+    def waiting(self) -> bool:
+        return (self.func, self.path.rsplit("/", 1)[-1]) in WAITING
+
+    def label(self) -> str:
+        return f"{self.func} ({self.path})"
 
 
-def _frames(stack: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for raw in stack.split(";"):
-        m = _FRAME.match(raw.strip())
-        if m:
-            out.append((m.group("func"), m.group("file")))
-    return out
-
-
-def load(path: Path) -> tuple[Counter[str], Counter[str], int]:
-    """(self samples by package, inclusive samples by function, total samples)."""
-    by_package: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
+def stacks(path: Path) -> list[tuple[list[Frame], int]]:
+    out: list[tuple[list[Frame], int]] = []
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
             continue
-        count = int(count_text)
-        frames = _frames(stack)
-        if not frames:
-            continue
-        total += count
-        by_package[_package(frames[-1][1])] += count
-        seen: set[str] = set()
-        for func, file in frames:
-            pkg = _package(file)
-            if pkg.startswith("stdlib") or pkg in ("?",):
-                continue
-            name = f"{pkg}: {func} ({Path(file).name})"
-            if name not in seen:
-                seen.add(name)
-                inclusive[name] += count
-    return by_package, inclusive, total
+        # --subprocesses prefixes a `process PID:"cmdline"` root frame; drop it.
+        frames = [f for raw in stack.split(";") if (f := Frame.parse(raw)) and f.path]
+        frames = [f for f in frames if not f.func.startswith("process ")]
+        if frames:
+            out.append((frames, int(count_text)))
+    return out
+
+
+def category(frames: list[Frame]) -> str:
+    leaf = frames[-1]
+    if leaf.waiting:
+        return "(waiting)"
+    if any(f.package == "(imports)" for f in frames):
+        return "(imports)"
+    return leaf.package
 
 
 def summarize_file(path: Path, console: Console, top: int = 15) -> None:
-    by_package, inclusive, total = load(path)
+    data = stacks(path)
+    total = sum(count for _, count in data)
     if not total:
         console.print(f"{path}: no samples")
         return
-    table = Table(title=f"{path.name}: {total} samples, self time by package")
-    table.add_column("package")
+    by_category: Counter[str] = Counter()
+    leaves: Counter[tuple[str, str]] = Counter()
+    inclusive: Counter[str] = Counter()
+    for frames, count in data:
+        cat = category(frames)
+        by_category[cat] += count
+        if cat in ("(waiting)", "(imports)"):
+            continue
+        callers = [f for f in frames[:-1] if not f.package.startswith("stdlib")][-3:]
+        leaves[(frames[-1].label(), " <- ".join(f.func for f in reversed(callers)))] += count
+        seen: set[str] = set()
+        for f in frames:
+            if f.package in OWN_PACKAGES or f.path.startswith(
+                ("prefect/task_engine", "prefect/flow_engine", "prefect/concurrency")
+            ):
+                name = f.label()
+                if name not in seen:
+                    seen.add(name)
+                    inclusive[name] += count
+
+    table = Table(title=f"{path.name}: {total} samples by innermost frame")
+    table.add_column("where")
     table.add_column("share", justify="right")
-    for pkg, count in by_package.most_common(top):
-        table.add_row(pkg, f"{count / total:.1%}")
+    for name, count in by_category.most_common(top):
+        table.add_row(name, f"{count / total:.1%}")
     console.print(table)
-    table = Table(title=f"{path.name}: inclusive time, top functions")
+
+    table = Table(title=f"{path.name}: hottest functions (self), with their callers")
+    table.add_column("function")
+    table.add_column("called from", overflow="fold")
+    table.add_column("share", justify="right")
+    for (leaf, chain), count in leaves.most_common(top):
+        table.add_row(leaf, chain, f"{count / total:.1%}")
+    console.print(table)
+
+    if not inclusive:
+        return
+    table = Table(title=f"{path.name}: inclusive time of our code and Prefect's engine")
     table.add_column("function")
     table.add_column("share", justify="right")
-    for name, count in inclusive.most_common(top * 2):
+    for name, count in inclusive.most_common(top):
         table.add_row(name, f"{count / total:.1%}")
     console.print(table)
 
@@ -95,6 +158,6 @@ def summarize_dir(path: Path, console: Console) -> None:
 
 
 if __name__ == "__main__":
-    out = Console(width=160)
+    out = Console(width=180)
     for arg in sys.argv[1:]:
         summarize_dir(Path(arg), out)

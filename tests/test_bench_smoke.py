@@ -1,0 +1,69 @@
+"""`make bench` end to end on a tiny corpus: the harness runs and its JSON is complete.
+
+It asserts correctness only (keys present, every contender ran, nothing lost), never
+speed: figures on a shared 2-core machine are noise at this size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOP_LEVEL_KEYS = {
+    "n",
+    "latency_s",
+    "concurrency",
+    "ideal_s",
+    "pipeline_wall_s",
+    "seed_wall_s",
+    "naive_wall_s",
+    "naive_n",
+    "manifest_writes",
+    "slot_acquisitions",
+    "lost_updates",
+    "cpu_ms_per_invoice",
+    "peak_rss_mb",
+    "contenders",
+}
+
+
+def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
+    output = tmp_path / "bench-results.json"
+    # The harness starts its own stack; don't let it inherit the test session's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--n", "20", "--latency", "0.05",
+         "--concurrency", "8", "--naive-n", "10", "--output", str(output)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(output.read_text())
+    assert set(doc) == TOP_LEVEL_KEYS
+    assert (doc["n"], doc["naive_n"], doc["concurrency"]) == (20, 10, 8)
+    assert doc["lost_updates"] == 0
+    assert set(doc["contenders"]) == {"seed", "naive", "pipeline"}
+    for name, contender in doc["contenders"].items():
+        assert contender["status"] == "ok", (name, contender.get("error"))
+        assert contender["lost_updates"] == 0, name
+        assert contender["manifest_done"] == contender["listed"] == contender["n"], name
+    # One write per update: the seed records each invoice once; naive Prefect commits at
+    # least a claim and a `done` per invoice, each under its own slot acquisition. The
+    # pipeline group-commits, so it writes less often than once per invoice.
+    naive = doc["contenders"]["naive"]
+    assert doc["contenders"]["seed"]["manifest_writes"] == 20
+    assert naive["slot_acquisitions"] >= naive["manifest_writes"] >= 2 * 10
+    assert 1 <= doc["manifest_writes"] < 20
+    assert doc["slot_acquisitions"] >= doc["manifest_writes"]
+    assert doc["cpu_ms_per_invoice"] > 0 and doc["peak_rss_mb"] > 0
