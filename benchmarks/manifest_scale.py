@@ -4,13 +4,19 @@
     uv run python -m benchmarks.run --scale-manifest 100000      # same thing
 
 Starts moto's S3 server on a free port, writes a manifest of `entries` realistic `done`
-entries, then times group commits of 1 and of 1000 new claims through the real
-`ManifestStore` (asyncio.Lock, conditional write), twice over:
+entries, then times group commits through the real `ManifestStore` (asyncio.Lock,
+conditional write): 1 and 1000 new claims (what `select` commits), and 1 and 16
+invoices claimed and finished with the pipeline's own done update (`RecordDone`,
+which looks for a duplicate invoice at commit time). Each is timed
 
-* end to end: `await store.commit(updates)`, what a flow's committer pays per batch;
 * broken down, with the store's own steps: read (`read_sync`: GET + decode), of which
   GET is the S3 transfer alone, apply (the updates on the decoded entries), encode (the
-  store's `_encode`), write (`put_conditional` with If-Match).
+  store's `_encode`), write (`put_conditional` with If-Match);
+* end to end, `await store.commit(updates)`, right after another writer changed the
+  object (nothing read before can be reused) and back to back with the store's own
+  previous commit (a store that keeps its snapshot can skip the download).
+
+An in-memory table compares the size and CPU of a few other encodings of the entries.
 
 Whatever encoding `ManifestStore` uses is what gets measured, so the numbers follow the
 lead's choice of encoding without changes here.
@@ -30,20 +36,37 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from invoiceflow import stack
-from invoiceflow.manifest import Claim, ManifestEntry, ManifestStore, Snapshot, Status
+from invoiceflow.manifest import (
+    Claim,
+    ManifestEntry,
+    ManifestStore,
+    Snapshot,
+    Status,
+    Transition,
+    Update,
+)
 from invoiceflow.storage import S3Store, make_s3_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "bench-manifest-scale.json"
+UpdateKind = Literal["claim", "done"]
 MANIFEST_KEY = "manifest.json"
 TARGET_COMMIT_S = 1.0
+# Claims: what `select` commits. Done: what finishing invoices commits; at C=32, L=2 s
+# about 16 invoices finish per second, i.e. per default 1 s commit interval.
+DEFAULT_BATCHES: tuple[tuple[UpdateKind, int], ...] = (
+    ("claim", 1),
+    ("claim", 1000),
+    ("done", 1),
+    ("done", 16),
+)
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 T = TypeVar("T")
@@ -88,8 +111,29 @@ def realistic_entries(count: int) -> dict[str, dict[str, Any]]:
             vendor_name=f"Vendor {i % 997} GmbH",
             total=f"{(i * 37) % 100000}.{i % 100:02d}",
             currency="EUR",
+            **_known_fields(_done_details(i)),
         ).model_dump(mode="json")
     return entries
+
+
+def _done_details(i: int) -> dict[str, Any]:
+    """What the pipeline adds to a done entry besides the basics (as of this writing)."""
+    return {
+        "invoice_number": f"INV-2026-{i:07d}",
+        "vendor_tax_id": f"DE{i % 997:09d}",
+        "source": "llm",
+        "model": "gpt-4o-mini",
+        "tokens_in": 900 + i % 700,
+        "tokens_out": 200 + i % 150,
+        "cost": f"0.000{i % 10}",
+        "truncated": False,
+        "needs_review": False,
+    }
+
+
+def _known_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    # Only what ManifestEntry declares, so the harness survives schema changes.
+    return {k: v for k, v in fields.items() if k in ManifestEntry.model_fields}
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -98,19 +142,44 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return value, time.perf_counter() - start
 
 
-def claims(batch: int, round_no: int) -> list[Claim]:
-    return [
-        Claim(f"incoming/2026-12/new-{round_no:03d}-{i:05d}.pdf", f"{i:032x}", "bench-run")
-        for i in range(batch)
-    ]
+def updates_for(kind: UpdateKind, batch: int, round_no: int) -> list[Update]:
+    """`batch` new invoices claimed; for "done", also finished in the same commit.
+
+    "done" uses the pipeline's own done update (`RecordDone`, which checks for a
+    duplicate invoice under the lock) when it exists, else a plain `Transition`.
+    """
+    keys = [f"incoming/2026-12/new-{round_no:03d}-{i:05d}.pdf" for i in range(batch)]
+    updates: list[Update] = [Claim(k, f"{i:032x}", "bench-run") for i, k in enumerate(keys)]
+    if kind == "done":
+        updates += [_done_update(k, 1_000_000 * round_no + i) for i, k in enumerate(keys)]
+    return updates
 
 
-def breakdown(store: ManifestStore, batch: int, round_no: int) -> dict[str, float]:
+def _done_update(key: str, i: int) -> Update:
+    fields = {
+        "result_key": f"results/{key.removesuffix('.pdf')}.json",
+        "extractor": "openai",
+        "vendor_name": f"Vendor {i % 997} GmbH",
+        "total": "100.00",
+        "currency": "EUR",
+        **_known_fields(_done_details(i)),
+    }
+    transition = Transition(key, 1, Status.done, fields)
+    try:
+        from invoiceflow.validate import RecordDone
+    except ImportError:
+        return transition
+    return RecordDone(transition)
+
+
+def breakdown(
+    store: ManifestStore, kind: UpdateKind, batch: int, round_no: int
+) -> dict[str, float]:
     """One commit, step by step, with the store's own read, encode and conditional write."""
     _obj, get_s = timed(lambda: store.s3.get(store.key, max_bytes=store.max_bytes))
     snap, read_s = timed(store.read_sync)
     now = dt.datetime.now(dt.UTC)
-    updates = claims(batch, round_no)
+    updates = updates_for(kind, batch, round_no)
     _outcomes, apply_s = timed(lambda: [u.apply(snap.entries, now) for u in updates])
     encode: Callable[[Snapshot, int, dt.datetime], bytes] = store._encode
     body, encode_s = timed(lambda: encode(snap, snap.revision + 1, now))
@@ -128,10 +197,12 @@ def breakdown(store: ManifestStore, batch: int, round_no: int) -> dict[str, floa
     }
 
 
-def commit_ms(runner: asyncio.Runner, store: ManifestStore, batch: int, round_no: int) -> float:
-    """One `store.commit` of `batch` new claims, end to end, in milliseconds."""
+def commit_ms(
+    runner: asyncio.Runner, store: ManifestStore, kind: UpdateKind, batch: int, round_no: int
+) -> float:
+    """One `store.commit` of `updates_for(kind, batch)`, end to end, in milliseconds."""
     start = time.perf_counter()
-    runner.run(store.commit(claims(batch, round_no)))
+    runner.run(store.commit(updates_for(kind, batch, round_no)))
     return (time.perf_counter() - start) * 1000
 
 
@@ -180,7 +251,7 @@ def encoding_alternatives(entries: dict[str, dict[str, Any]]) -> list[dict[str, 
 def run_scale(
     *,
     entries: int = 100_000,
-    batches: tuple[int, ...] = (1, 1000),
+    batches: tuple[tuple[UpdateKind, int], ...] = DEFAULT_BATCHES,
     repeat: int = 3,
     output: Path = DEFAULT_OUTPUT,
 ) -> dict[str, Any]:
@@ -204,7 +275,8 @@ def run_scale(
         del initial
         rows: list[dict[str, Any]] = []
         round_no = 0
-        for batch in batches:
+        for kind, batch in batches:
+            console.print(f"timing commits of {batch} {kind} ...")
             steps: list[dict[str, float]] = []
             after_other_writer: list[float] = []
             back_to_back: list[float] = []
@@ -212,14 +284,14 @@ def run_scale(
                 round_no += 1
                 # The breakdown writes behind the store's back, like another run would:
                 # the next commit cannot reuse anything it read before.
-                steps.append(breakdown(store, batch, round_no))
+                steps.append(breakdown(store, kind, batch, round_no))
                 round_no += 1
-                after_other_writer.append(commit_ms(runner, store, batch, round_no))
+                after_other_writer.append(commit_ms(runner, store, kind, batch, round_no))
                 round_no += 1
                 # Nobody wrote since this store's own commit: a store that keeps its
                 # last snapshot can skip the download and parse.
-                back_to_back.append(commit_ms(runner, store, batch, round_no))
-            row: dict[str, Any] = {"batch": batch}
+                back_to_back.append(commit_ms(runner, store, kind, batch, round_no))
+            row: dict[str, Any] = {"updates": kind, "batch": batch}
             for name in steps[0]:
                 row[name] = round(statistics.median(s[name] for s in steps), 1)
             row["commit_ms_after_other_writer"] = round(statistics.median(after_other_writer), 1)
@@ -248,7 +320,16 @@ def print_table(doc: dict[str, Any]) -> None:
         "store.commit: after another writer, and back to back. Target: one commit ≤ 1 s",
     )
     columns = [
-        *("batch", "read_ms", "get_ms", "decode_ms", "apply_ms", "encode_ms", "write_ms"),
+        *(
+            "updates",
+            "batch",
+            "read_ms",
+            "get_ms",
+            "decode_ms",
+            "apply_ms",
+            "encode_ms",
+            "write_ms",
+        ),
         *("total_ms", "commit_ms_after_other_writer", "commit_ms_back_to_back", "bytes"),
     ]
     for column in columns:
@@ -258,7 +339,8 @@ def print_table(doc: dict[str, Any]) -> None:
     for row in doc["commits"]:
         cells = []
         for column in columns:
-            text = f"{row[column]:,.0f}" if column == "bytes" else str(row[column])
+            value = row[column]
+            text = f"{value:,.0f}" if column == "bytes" else str(value)
             if column.startswith("commit_ms") and row[column] > limit_ms:
                 text = f"[red]{text}[/]"
             cells.append(text)
