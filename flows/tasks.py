@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -56,11 +59,30 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
                     store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
                 ) as committer,
             ):
-                yield InvoicePipeline(s3, committer, extractor, config)
+                yield InvoicePipeline(s3, committer, extractor, config, finished_flow_runs)
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def finished_flow_runs(run_ids: set[str]) -> set[str]:
+    """Which of these flow runs have ended (completed, failed, crashed, cancelled).
+
+    A claim held by such a run will never be finished by it, so the pipeline takes it
+    over. Unknown ids (another server, deleted runs) are not assumed dead.
+    """
+    ids = []
+    for run_id in run_ids:
+        with contextlib.suppress(ValueError):
+            ids.append(uuid.UUID(run_id))
+    if not ids:
+        return set()
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+        )
+    return {str(r.id) for r in runs if r.state is not None and r.state.is_final()}
 
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.

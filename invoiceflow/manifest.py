@@ -105,9 +105,10 @@ class Claim:
     """Take an invoice for processing by `run_id`, starting a new attempt.
 
     Refused when the invoice is already finished for good (per `selection`), or when
-    another run holds a fresh claim on it. A claim older than `stale_after` is treated
-    as abandoned (its process died), and the same run may always re-claim, which is
-    what a flow retry after a crash does.
+    another run holds a fresh claim on it. A claim is abandoned, and may be taken over,
+    when its run is in `abandoned_runs` (the orchestrator says that run has ended:
+    crashed, failed, cancelled) or is older than `stale_after` (its process died
+    unnoticed). The same run may always re-claim, which is what a flow retry does.
     """
 
     key: str
@@ -115,6 +116,7 @@ class Claim:
     run_id: str
     selection: Selection = "new"
     stale_after: dt.timedelta = dt.timedelta(minutes=15)
+    abandoned_runs: frozenset[str] = frozenset()
 
     def apply(self, entries: dict[str, dict[str, Any]], now: dt.datetime) -> Outcome:
         raw = entries.get(self.key)
@@ -136,7 +138,8 @@ class Claim:
 
     def _refusal(self, prev: ManifestEntry, now: dt.datetime) -> str:
         if prev.status in (Status.pending, Status.processing):
-            if prev.run_id != self.run_id and now - prev.updated_at < self.stale_after:
+            live = prev.run_id not in self.abandoned_runs
+            if prev.run_id != self.run_id and live and now - prev.updated_at < self.stale_after:
                 return f"claimed by run {prev.run_id}"
             return ""
         if self.selection == "all":

@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -35,6 +35,9 @@ from invoiceflow.validate import RecordDone, duplicate_reason, validate_extracti
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Given run ids holding claims, which of those runs have ended (supplied by the flow).
+FinishedRuns = Callable[[set[str]], Awaitable[Iterable[str]]]
 
 
 @dataclass(frozen=True)
@@ -143,11 +146,13 @@ class InvoicePipeline:
         committer: GroupCommitter,
         extractor: Extractor,
         config: PipelineConfig,
+        finished_runs: FinishedRuns | None = None,
     ) -> None:
         self.s3 = s3
         self.committer = committer
         self.extractor = extractor
         self.config = config
+        self.finished_runs = finished_runs
         self._llm_slots = asyncio.Semaphore(config.max_concurrency)
 
     async def select(self, selection: Selection = "new") -> list[WorkItem]:
@@ -156,14 +161,33 @@ class InvoicePipeline:
         listed = await asyncio.to_thread(lambda: list(self.s3.list_pdfs(prefix)))
         snapshot = await self.committer.store.read()
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
+        abandoned = await self._abandoned_runs(snapshot, [o.key for o in candidates])
         outcomes = await self.committer.submit_many(
-            Claim(o.key, o.etag, self.config.run_id, selection) for o in candidates
+            Claim(o.key, o.etag, self.config.run_id, selection, abandoned_runs=abandoned)
+            for o in candidates
         )
         return [
             WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key))
             for o, out in zip(candidates, outcomes, strict=True)
             if out.applied
         ]
+
+    async def _abandoned_runs(self, snapshot: Snapshot, keys: list[str]) -> frozenset[str]:
+        """Other runs holding claims on `keys` that the orchestrator says have ended.
+
+        Their claims are dead (a crashed or killed run never finishes them), so this run
+        takes them over now instead of after the stale-claim timeout.
+        """
+        holders = {
+            raw["run_id"]
+            for key in keys
+            if (raw := snapshot.entries.get(key)) is not None
+            and raw["status"] in (Status.pending, Status.processing)
+            and raw.get("run_id") not in (None, self.config.run_id)
+        }
+        if not holders or self.finished_runs is None:
+            return frozenset()
+        return frozenset(await self.finished_runs(holders))
 
     def parse(self, item: WorkItem) -> ParsedDoc:
         """Download and parse one PDF. Blocking: run it on a worker thread."""

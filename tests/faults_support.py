@@ -294,6 +294,15 @@ def execute_flow_run(
     )
 
 
+async def run_flow_by_engine(flow_run: Any) -> Any:
+    """Execute an existing flow run in this process, as a worker's child process does."""
+    from prefect.flow_engine import run_flow as engine_run_flow
+
+    from flows.process_invoices import process_invoices
+
+    return await engine_run_flow(process_invoices, flow_run=flow_run)
+
+
 async def flow_run_state(flow_run_id: uuid.UUID) -> Any:
     from prefect.client.orchestration import get_client
 

@@ -10,8 +10,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,14 +25,19 @@ from faults_support import (
     OPERATOR_AGENT,
     assert_invariants,
     bad_inputs,
+    create_flow_run,
     create_lock,
     direct_s3,
+    done_keys,
+    execute_flow_run,
     flow_params,
+    flow_run_state,
     good_invoices,
     manifest_entries,
     operator_s3,
     owner_only_encrypted_invoice,
     run_flow,
+    run_flow_by_engine,
     save_bucket_block,
     save_llm_block,
     unique,
@@ -469,4 +478,102 @@ async def test_a_writer_that_lost_its_slot_is_stopped_by_if_match(
         done_before_retry=listed,
         llm_by_key_before_retry=before,
         llm_by_key_now=llm.stats()["by_key"],
+    )
+
+
+async def _slot_in_use(lock: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(lock)).active_slots
+
+
+async def _kill_mid_run(
+    proc: subprocess.Popen[bytes],
+    s3: S3Store,
+    params: dict[str, Any],
+    lock: str,
+    at_least_done: int,
+) -> set[str]:
+    """SIGKILL the flow process once some invoices are done, preferably between commits.
+
+    Killed while holding the manifest slot, the slot would stay taken until its lease
+    (60 s) expires; that is Prefect's repossessor at work and only slows the retry, so
+    the kill waits (briefly) for a moment when the slot is free.
+    """
+    await wait_until(
+        lambda: proc.poll() is None and len(done_keys(s3, params["manifest_key"])) >= at_least_done,
+        120,
+        interval_s=0.05,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while await _slot_in_use(lock) and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    return done_keys(s3, params["manifest_key"])
+
+
+@pytest.mark.parametrize("retry", ["same-run", "new-run"])
+async def test_flow_process_sigkilled_mid_run_then_retried(
+    retry: str, s3: S3Store, local_stack: stack.StackInfo, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry, Crashed
+
+    prefix = unique(f"sigkill-{retry}") + "/"
+    listed = upload(s3, prefix, good_invoices(24, seed=47))
+    lock = await create_lock(unique("lock"))
+    with running_llm_server(latency_s=0.6, jitter_s=0.1, api_key=API_KEY) as llm:
+        params = flow_params(
+            prefix,
+            lock,
+            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            max_llm_concurrency=2,
+        )
+        run_id = await create_flow_run(params)
+        proc = execute_flow_run(run_id, local_stack.env(), tmp_path / "first.log")
+        done_at_kill = await _kill_mid_run(proc, s3, params, lock, at_least_done=3)
+        llm_at_kill = llm.stats()["by_key"]
+        entries = manifest_entries(s3, params["manifest_key"])
+        in_flight = {k for k, e in entries.items() if e["status"] in ("pending", "processing")}
+        assert done_at_kill and in_flight, entries  # really killed mid-run
+        assert set(entries) == listed  # every claim was recorded before any work
+        # What a worker reports when its flow process dies.
+        async with get_client() as client:
+            await client.set_flow_run_state(
+                run_id, Crashed(message="flow process killed (SIGKILL)"), force=True
+            )
+
+        if retry == "same-run":
+            # Retry in the UI: the same flow run id runs again (here in this process,
+            # through the engine entry point a worker's process calls) and re-claims its
+            # own claims, whatever their age.
+            async with get_client() as client:
+                await client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+                flow_run = await client.read_flow_run(run_id)
+            summary = await run_flow_by_engine(flow_run)
+            assert summary.processed == len(listed) - len(done_at_kill), summary
+            assert (await flow_run_state(run_id)).is_completed()
+        else:
+            # A new run takes over the claims of the crashed one at once.
+            summary = await run_flow(params)
+            assert summary.processed == len(listed) - len(done_at_kill), summary
+
+        report = assert_invariants(
+            s3,
+            params,
+            listed,
+            done_before_retry=done_at_kill,
+            llm_by_key_before_retry=llm_at_kill,
+            llm_by_key_now=llm.stats()["by_key"],
+        )
+        assert report.done == listed
+        # Invoices in flight at the kill were attempted again under a new attempt number.
+        assert {report.entries[k]["attempts"] for k in in_flight} == {2}
+        again = sum(llm.stats()["by_key"].get(k, 0) for k in in_flight)
+    print(
+        f"SIGKILL ({retry}): {len(done_at_kill)} done at the kill, {len(in_flight)} in flight;"
+        f" LLM calls for the in-flight ones, both runs: {again}"
     )
