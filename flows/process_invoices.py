@@ -22,7 +22,7 @@ from invoiceflow.pipeline import chunked
 
 @flow(
     name="process-invoices",
-    task_runner=ThreadPoolTaskRunner(max_workers=4),
+    task_runner=ThreadPoolTaskRunner(max_workers=1),
     on_failure=[notify_failure],
 )
 async def process_invoices(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +17,9 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect_aws import S3Bucket
 
+# Imported with the flow rather than at the run's first LLM call: the openai SDK takes
+# seconds to import, which would stall the flow's event loop just as the run starts.
+import invoiceflow.extractors.openai  # noqa: F401
 from blocks.extractor import ExtractorBlock
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
@@ -29,6 +33,8 @@ from invoiceflow.pipeline import (
     WorkItem,
 )
 from invoiceflow.storage import S3Store
+
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -111,6 +117,18 @@ async def extract_invoices(
 async def extract_when_parsed(
     parsed: PrefectFuture[list[ParsedDoc]], pipeline: InvoicePipeline
 ) -> list[InvoiceOutcome]:
-    # .result() blocks, so wait for the parse task off the event loop.
-    docs = await asyncio.to_thread(parsed.result)
-    return await extract_invoices(docs, pipeline)
+    return await extract_invoices(await resolved(parsed), pipeline)
+
+
+async def resolved(future: PrefectFuture[T]) -> T:
+    """Await a thread-pool task's result without blocking the loop or an executor thread.
+
+    `asyncio.to_thread(future.result)` would park a default-executor thread per pending
+    future; with ~50 chunks those threads were all taken, and every S3 write and
+    manifest commit (which also use `to_thread`) queued behind the slowest parse.
+    """
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+    await done.wait()
+    return future.result()

@@ -303,6 +303,13 @@ class ManifestStore:
             return await asyncio.to_thread(self._commit_sync, batch)
 
 
+class _Flush:
+    pass
+
+
+_FLUSH = _Flush()
+
+
 @dataclass
 class _Pending:
     update: Update
@@ -328,8 +335,9 @@ class GroupCommitter:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        # None is the close sentinel; submit_nowait refuses after close, so it is last.
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        # Sentinels: None closes (submit_nowait refuses after close, so it is last);
+        # _FLUSH cuts the batch being gathered short.
+        self._queue: asyncio.Queue[_Pending | _Flush | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._failure: BaseException | None = None
@@ -364,6 +372,14 @@ class GroupCommitter:
     async def submit(self, update: Update) -> Outcome:
         return await self.submit_nowait(update)
 
+    def flush(self) -> None:
+        """Commit what is queued now rather than after `max_wait_s`.
+
+        For a producer that knows nothing more is coming soon (the run's last invoice),
+        so its acknowledgement does not wait out the batch window.
+        """
+        self._queue.put_nowait(_FLUSH)
+
     async def submit_many(self, updates: Iterable[Update]) -> list[Outcome]:
         futures = [self.submit_nowait(u) for u in updates]
         return list(await asyncio.gather(*futures))
@@ -375,6 +391,8 @@ class GroupCommitter:
             first = await self._queue.get()
             if first is None:
                 return
+            if first is _FLUSH:
+                continue  # nothing gathered yet: nothing to cut short
             batch = [first]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -390,6 +408,8 @@ class GroupCommitter:
                         break
                 if item is None:
                     closing = True  # flush what we have now instead of waiting out the batch
+                    break
+                if item is _FLUSH:
                     break
                 batch.append(item)
             await self._commit(batch)

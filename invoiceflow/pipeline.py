@@ -26,7 +26,16 @@ from invoiceflow.extractors import (
     Extractor,
 )
 from invoiceflow.extractors.einvoice import read_einvoice
-from invoiceflow.manifest import Claim, GroupCommitter, Selection, Snapshot, Status, Transition
+from invoiceflow.manifest import (
+    Claim,
+    GroupCommitter,
+    Outcome,
+    Selection,
+    Snapshot,
+    Status,
+    Transition,
+    Update,
+)
 from invoiceflow.pdf import PdfError, parse_pdf
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
@@ -154,6 +163,7 @@ class InvoicePipeline:
         self.config = config
         self.finished_runs = finished_runs
         self._llm_slots = asyncio.Semaphore(config.max_concurrency)
+        self._unfinished = 0  # claimed by select() and not yet recorded as done/failed
 
     async def select(self, selection: Selection = "new") -> list[WorkItem]:
         """List PDFs under the prefix and claim the ones this run should process."""
@@ -166,11 +176,21 @@ class InvoicePipeline:
             Claim(o.key, o.etag, self.config.run_id, selection, abandoned_runs=abandoned)
             for o in candidates
         )
-        return [
+        items = [
             WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key))
             for o, out in zip(candidates, outcomes, strict=True)
             if out.applied
         ]
+        self._unfinished = len(items)
+        return items
+
+    async def _record_final(self, update: Update) -> Outcome:
+        """Queue an invoice's final status; after the run's last one, commit at once."""
+        acknowledged = self.committer.submit_nowait(update)
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self.committer.flush()  # nothing else is coming: don't wait out the batch
+        return await acknowledged
 
     async def _abandoned_runs(self, snapshot: Snapshot, keys: list[str]) -> frozenset[str]:
         """Other runs holding claims on `keys` that the orchestrator says have ended.
@@ -321,7 +341,7 @@ class InvoicePipeline:
                 },
             )
         )
-        outcome = await self.committer.submit(update)
+        outcome = await self._record_final(update)
         if (duplicate := update.duplicate_of) is not None:
             result = result.model_copy(
                 update={
@@ -381,7 +401,7 @@ class InvoicePipeline:
                 "tokens_out": usage.completion_tokens,
                 "cost": str(cost) if cost is not None else None,
             }
-        outcome = await self.committer.submit(
+        outcome = await self._record_final(
             Transition(item.key, item.attempt, Status.failed, fields)
         )
         return InvoiceOutcome(

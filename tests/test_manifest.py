@@ -223,3 +223,17 @@ def test_committer_bounds_are_checked(s3_store: S3Store) -> None:
         GroupCommitter(store, max_batch=0)
     with pytest.raises(ValueError):
         GroupCommitter(store, max_wait_s=120)
+
+
+async def test_flush_cuts_the_batch_window_short(s3_store: S3Store) -> None:
+    store = store_with(s3_store, asyncio.Lock())
+    async with GroupCommitter(store, max_wait_s=30) as committer:
+        first = committer.submit_nowait(claim("a.pdf"))
+        second = committer.submit_nowait(claim("b.pdf"))
+        committer.flush()
+        # Without the flush these would wait out the 30 s window.
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+        assert all(o.applied for o in outcomes)
+        assert store.writes == 1
+        committer.flush()  # with nothing queued: no empty commit
+    assert store.writes == 1
