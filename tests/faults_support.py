@@ -319,6 +319,38 @@ async def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) 
         await asyncio.sleep(interval_s)
 
 
+# -- a dedicated stack whose Prefect server can be restarted ---------------------------
+
+
+def restart_prefect_server(info: Any, *, down_s: float = 0.0) -> Any:
+    """Stop the stack's Prefect server and start it again on the same port and home.
+
+    The database and the lease storage (on disk, see `stack.server_env`) survive; the
+    server's in-memory state does not. Returns the updated `StackInfo` (new pid,
+    recorded in stack.json so `stack.down` stops the new server).
+    """
+    import dataclasses
+    import time
+
+    from invoiceflow import stack
+
+    stack._stop(info.prefect_pid)
+    time.sleep(down_s)
+    home = info.prefect_home
+    log = Path(info.state_dir) / "logs" / "prefect-server.log"
+    pid = stack._spawn(
+        [stack._bin("prefect"), "server", "start", "--host", "127.0.0.1",
+         "--port", str(info.prefect_port)],
+        log,
+        {**stack.server_env(home), "PREFECT_API_URL": info.api_url,
+         "PREFECT_SERVER_UI_API_URL": info.api_url},
+    )  # fmt: skip
+    restarted = dataclasses.replace(info, prefect_pid=pid)
+    (Path(info.state_dir) / "stack.json").write_text(json.dumps(dataclasses.asdict(restarted)))
+    stack._wait_healthy(f"{info.api_url}/health", pid, log, 180)
+    return restarted
+
+
 # -- the three invariants --------------------------------------------------------------
 
 

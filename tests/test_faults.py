@@ -36,6 +36,7 @@ from faults_support import (
     manifest_entries,
     operator_s3,
     owner_only_encrypted_invoice,
+    restart_prefect_server,
     run_flow,
     run_flow_by_engine,
     save_bucket_block,
@@ -576,4 +577,95 @@ async def test_flow_process_sigkilled_mid_run_then_retried(
     print(
         f"SIGKILL ({retry}): {len(done_at_kill)} done at the kill, {len(in_flight)} in flight;"
         f" LLM calls for the in-flight ones, both runs: {again}"
+    )
+
+
+@pytest.fixture
+def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackInfo]:
+    """A stack of this test's own, since its Prefect server gets restarted."""
+    state = tmp_path_factory.mktemp("own-stack")
+    prefect_port = stack.free_port()
+    with pytest.MonkeyPatch.context() as env:
+        # The server's environment: its own URL (not the session server's), and a
+        # repossessor that looks for expired leases every second instead of 15.
+        env.setenv("PREFECT_API_URL", f"http://127.0.0.1:{prefect_port}/api")
+        env.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")
+        info, _ = stack.up(
+            state, prefect_port=prefect_port, s3_port=stack.free_port(), bucket="own-stack"
+        )
+    try:
+        yield info
+    finally:
+        stack.down(state)
+
+
+async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
+    own_stack: stack.StackInfo, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    s3 = direct_s3(own_stack.s3_endpoint, own_stack.bucket)
+    s3.ensure_bucket()
+    prefix = unique("restart") + "/"
+    listed = upload(s3, prefix, good_invoices(24, seed=53))
+    with (
+        running_llm_server(latency_s=0.5, jitter_s=0.1, api_key=API_KEY) as llm,
+        temporary_settings({PREFECT_API_URL: own_stack.api_url}),
+    ):
+        lock = await create_lock(unique("lock"))
+        params = flow_params(
+            prefix,
+            lock,
+            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            bucket_block=await save_bucket_block(own_stack.s3_endpoint, own_stack.bucket),
+            max_llm_concurrency=2,
+        )
+        run_id = await create_flow_run(params)
+        proc = execute_flow_run(run_id, own_stack.env(), tmp_path / "flow.log")
+        await wait_until(lambda: len(done_keys(s3, params["manifest_key"])) >= 3, 180, 0.1)
+        # Hold the manifest slot across the restart, as a commit in progress would.
+        async with get_client() as client:
+            while True:
+                with contextlib.suppress(Exception):  # 423 while the run holds it
+                    lease = await client.increment_concurrency_slots_with_lease(
+                        names=[lock], slots=1, mode="concurrency", lease_duration=60
+                    )
+                    break
+                await asyncio.sleep(0.05)
+        lease_id = lease.json()["lease_id"]
+        done_before_restart = done_keys(s3, params["manifest_key"])
+
+        restarted = await asyncio.to_thread(restart_prefect_server, own_stack)
+        assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
+        async with get_client() as client:
+            # The lease survived the restart (it is on disk), so its holder can release
+            # it; with in-memory lease storage this slot would stay taken for good.
+            assert (await client.read_global_concurrency_limit_by_name(lock)).active_slots == 1
+            await client.release_concurrency_slots_with_lease(lease_id)
+        assert await asyncio.to_thread(proc.wait, 240) == 0, (tmp_path / "flow.log").read_text()[
+            -3000:
+        ]
+        state = await flow_run_state(run_id)
+        async with get_client() as client:
+            assert (await client.read_global_concurrency_limit_by_name(lock)).active_slots == 0
+        report = assert_invariants(s3, params, listed)
+        assert report.done == listed
+        assert llm.stats()["by_key"] == {k: 1 for k in listed}
+
+        # A rerun after the restart re-bills nothing.
+        before = llm.stats()["by_key"]
+        rerun = await run_flow(params)
+        assert rerun.processed == 0, rerun
+        assert_invariants(
+            s3,
+            params,
+            listed,
+            done_before_retry=listed,
+            llm_by_key_before_retry=before,
+            llm_by_key_now=llm.stats()["by_key"],
+        )
+    print(
+        f"Prefect restart: {len(done_before_restart)} of {len(listed)} done before it, "
+        f"run ended {state.type.value}, pid {own_stack.prefect_pid} -> {restarted.prefect_pid}"
     )
