@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from invoiceflow import stack
+
+if TYPE_CHECKING:
+    from invoiceflow.reconcile import ReconcileReport
 
 app = typer.Typer(
     help="invoiceflow: invoice PDFs in S3 → validated JSON, via Prefect.",
@@ -246,6 +249,88 @@ def status(
     """Summarize the manifest: counts per status and one row per invoice."""
     _use_local_stack(state_dir)
     _print_manifest(_manifest_store(bucket_block, manifest_key), prefix)
+
+
+@app.command()
+def reconcile(
+    state_dir: StateDir = None,
+    prefix: Annotated[str, typer.Option(help="Source prefix whose entries to repair.")] = (
+        "incoming/"
+    ),
+    results_prefix: Annotated[str, typer.Option(help="Where the results are.")] = "results/",
+    bucket_block: Annotated[str, typer.Option()] = "invoiceflow-bucket",
+    manifest_key: Annotated[str, typer.Option()] = "manifest.json",
+    manifest_lock: Annotated[str, typer.Option(help="The manifest's concurrency limit.")] = (
+        "invoiceflow-manifest"
+    ),
+    release_claims_after: Annotated[
+        float,
+        typer.Option(
+            help="Minutes after which an unfinished claim counts as abandoned and is "
+            "released (0 releases every claim: only when no run is active)."
+        ),
+    ] = 15,
+    prune: Annotated[bool, typer.Option(help="Remove entries whose source is gone.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Report what would change; write nothing.")] = (
+        False
+    ),
+) -> None:
+    """Repair the manifest from the result objects and the source listing.
+
+    For after a crash, a lost manifest or a manual edit: an invoice whose result exists
+    for its current source becomes done, a done one whose result is missing and claims
+    nobody will finish become transient failures (the next run redoes them). Writes
+    through the manifest lock with one conditional write, so running flows lose nothing.
+    """
+    import datetime as dt
+
+    from flows.params import ProcessInvoicesParams
+
+    _use_local_stack(state_dir)
+    folders = ProcessInvoicesParams(source_prefix=prefix, results_prefix=results_prefix)
+    try:
+        report = asyncio.run(
+            _reconcile(
+                bucket_block,
+                manifest_key,
+                manifest_lock,
+                source_prefix=folders.source_prefix,
+                results_prefix=folders.results_prefix,
+                release_claims_after=dt.timedelta(minutes=release_claims_after),
+                prune=prune,
+                dry_run=dry_run,
+            )
+        )
+    except Exception as exc:  # a missing lock or an unreadable manifest: say what to do
+        err.print(f"[red]reconcile failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"reconcile {folders.source_prefix} against {folders.results_prefix}")
+    table.add_column("finding")
+    table.add_column("invoices", justify="right")
+    table.add_column("examples")
+    for name, keys in report.as_dict().items():
+        if isinstance(keys, list) and keys:
+            table.add_row(name.replace("_", " "), str(len(keys)), ", ".join(keys[:3]))
+    console.print(table)
+    verb = "would change" if dry_run else "changed"
+    console.print(f"{verb} {report.changes} entries; {report.unchanged} already consistent")
+
+
+async def _reconcile(
+    bucket_block: str, manifest_key: str, lock: str, **options: Any
+) -> ReconcileReport:
+    from prefect_aws import S3Bucket
+
+    from flows.lock import check_manifest_lock, manifest_lock
+    from invoiceflow.manifest import ManifestStore
+    from invoiceflow.reconcile import reconcile
+    from invoiceflow.storage import S3Store
+
+    await check_manifest_lock(lock)
+    bucket = await S3Bucket.load(bucket_block)
+    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock))
+    return await reconcile(store, **options)
 
 
 def _local_extractor(extractor: str, base_url: str | None, model: str):

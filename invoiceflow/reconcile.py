@@ -1,0 +1,361 @@
+"""Rebuild or repair the manifest from the result objects and the source listing.
+
+The result objects are the durable record of finished work (each names its source key
+and ETag), and the listing says what exists now. After a crash, a lost or hand-edited
+manifest, or results copied in from elsewhere, `reconcile` brings the manifest entries
+under one source prefix back in line with both:
+
+=====================  ==================================================================
+finding                repair
+=====================  ==================================================================
+result matches source  entry becomes ``done`` from the result (missing, not done, wrong
+(same key and ETag)    result key, or from an older source version) — a crash between
+                       the result write and the manifest commit, or a lost manifest
+done, no such result   ``failed`` (transient, ``result_missing``): the next run redoes it
+claim never finished   ``failed`` (transient, ``abandoned``) when older than
+                       ``release_claims_after`` (default 15 minutes, the claim timeout)
+unreadable entry       dropped and rebuilt from the result, if any (a bad manual edit)
+source gone            reported; removed with ``prune``
+result without source  reported (never deleted)
+=====================  ==================================================================
+
+Entries outside the prefix are never touched. Entries whose source changed since
+(different ETag) and ``failed`` entries are left alone: the next run decides.
+
+`Reconcile` is a manifest `Update`, so it is applied by `ManifestStore.commit`: under
+the manifest lock, to the manifest as it is at that moment, with one conditional write.
+A run that commits in between is therefore never overwritten, only reconciled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from invoiceflow.manifest import ManifestEntry, ManifestStore, Outcome, Snapshot, Status
+from invoiceflow.schema import ExtractionResult
+from invoiceflow.storage import S3Store, invoice_id, result_key
+
+log = logging.getLogger(__name__)
+
+# A result object is a few KB; anything far larger is not one of ours.
+MAX_RESULT_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FoundResult:
+    """One result object, reduced to what the manifest records."""
+
+    key: str
+    source_key: str
+    source_etag: str
+    fields: Mapping[str, Any]
+    extracted_at: dt.datetime
+
+
+def manifest_fields(result: ExtractionResult, key: str) -> dict[str, Any]:
+    """The manifest fields of a `done` entry, as the pipeline records them."""
+    inv = result.invoice
+    usage = result.usage if result.source == "llm" else None
+    return {
+        "result_key": key,
+        "extractor": result.extractor,
+        "vendor_name": inv.vendor_name,
+        "total": str(inv.total) if inv.total is not None else None,
+        "currency": inv.currency,
+        "invoice_number": inv.invoice_number,
+        "vendor_tax_id": inv.vendor_tax_id,
+        "source": result.source,
+        "model": result.model,
+        "tokens_in": usage.prompt_tokens if usage else None,
+        "tokens_out": usage.completion_tokens if usage else None,
+        "cost": str(result.cost) if result.cost is not None else None,
+        "truncated": result.truncation is not None,
+        "needs_review": result.needs_review,
+        "review_reasons": list(result.review_reasons[:5]) or None,
+        "duplicate_of": result.duplicate_of,
+        "error_kind": None,
+        "error_message": None,
+        "transient": None,
+    }
+
+
+@dataclass
+class ReconcileReport:
+    """What a reconcile found and changed (key lists, sorted)."""
+
+    marked_done: list[str] = field(default_factory=list)
+    result_missing: list[str] = field(default_factory=list)
+    released_claims: list[str] = field(default_factory=list)
+    rebuilt_invalid: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    orphaned_entries: list[str] = field(default_factory=list)
+    orphaned_results: list[str] = field(default_factory=list)
+    unreadable_results: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def changes(self) -> int:
+        return (
+            len(self.marked_done)
+            + len(self.result_missing)
+            + len(self.released_claims)
+            + len(self.rebuilt_invalid)
+            + len(self.pruned)
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "marked_done": self.marked_done,
+            "result_missing": self.result_missing,
+            "released_claims": self.released_claims,
+            "rebuilt_invalid": self.rebuilt_invalid,
+            "pruned": self.pruned,
+            "orphaned_entries": self.orphaned_entries,
+            "orphaned_results": self.orphaned_results,
+            "unreadable_results": self.unreadable_results,
+            "unchanged": self.unchanged,
+            "changes": self.changes,
+        }
+
+
+@dataclass
+class Reconcile:
+    """The manifest `Update` that repairs the entries under `source_prefix`.
+
+    `apply` may run more than once (a conflicting write makes the store re-read and
+    re-apply), so it rebuilds `report` from scratch every time.
+    """
+
+    source_prefix: str
+    listing: Mapping[str, str]
+    """Source key -> current ETag, for every PDF under the prefix."""
+    results: Mapping[str, FoundResult]
+    """Source key -> its best result object."""
+    orphaned_results: list[str] = field(default_factory=list)
+    unreadable_results: list[str] = field(default_factory=list)
+    release_claims_after: dt.timedelta | None = dt.timedelta(minutes=15)
+    prune: bool = False
+    report: ReconcileReport = field(default_factory=ReconcileReport)
+
+    @property
+    def key(self) -> str:
+        return self.source_prefix
+
+    def apply(self, entries: dict[str, dict[str, Any]], now: dt.datetime) -> Outcome:
+        report = ReconcileReport(
+            orphaned_results=sorted(self.orphaned_results),
+            unreadable_results=sorted(self.unreadable_results),
+        )
+        keys = set(self.listing) | {k for k in entries if k.startswith(self.source_prefix)}
+        for key in sorted(keys):
+            self._reconcile_one(key, entries, now, report)
+        self.report = report
+        return Outcome(report.changes > 0, 0, "" if report.changes else "nothing to repair")
+
+    def _reconcile_one(
+        self, key: str, entries: dict[str, dict[str, Any]], now: dt.datetime, r: ReconcileReport
+    ) -> None:
+        entry: ManifestEntry | None = None
+        if (raw := entries.get(key)) is not None:
+            try:
+                entry = ManifestEntry.model_validate(raw)
+            except ValidationError:
+                del entries[key]
+                r.rebuilt_invalid.append(key)
+        etag = self.listing.get(key)
+        if etag is None:  # the source is gone
+            if entry is not None:
+                if self.prune:
+                    del entries[key]
+                    r.pruned.append(key)
+                else:
+                    r.orphaned_entries.append(key)
+            return
+        found = self.results.get(key)
+        if found is not None and found.source_etag == etag:
+            if (
+                entry is not None
+                and entry.source_etag == etag
+                and entry.status is Status.done
+                and entry.result_key == found.key
+            ):
+                r.unchanged += 1
+                return
+            entries[key] = _dump(
+                ManifestEntry(
+                    status=Status.done,
+                    source_etag=etag,
+                    attempts=max(entry.attempts, 1) if entry is not None else 1,
+                    run_id=entry.run_id if entry is not None else None,
+                    created_at=entry.created_at if entry is not None else found.extracted_at,
+                    updated_at=now,
+                    **{k: v for k, v in found.fields.items() if v is not None},
+                )
+            )
+            if key not in r.rebuilt_invalid:
+                r.marked_done.append(key)
+            return
+        if entry is None:
+            return  # never seen, or its entry was unreadable: the next run claims it
+        if entry.source_etag != etag:
+            r.unchanged += 1  # the source changed since: the next run claims it
+            return
+        if entry.status is Status.done:
+            what = "points at a result that is missing" if found is None else "has a stale result"
+            self._fail(entries, key, entry, now, "result_missing", f"manifest said done but {what}")
+            r.result_missing.append(key)
+        elif entry.status in (Status.pending, Status.processing) and (
+            self.release_claims_after is not None
+            and now - entry.updated_at >= self.release_claims_after
+        ):
+            message = (
+                f"claimed by run {entry.run_id} at {entry.updated_at:%Y-%m-%d %H:%M:%S}Z "
+                "and never finished (released by reconcile)"
+            )
+            self._fail(entries, key, entry, now, "abandoned", message)
+            r.released_claims.append(key)
+        else:
+            r.unchanged += 1
+
+    @staticmethod
+    def _fail(
+        entries: dict[str, dict[str, Any]],
+        key: str,
+        entry: ManifestEntry,
+        now: dt.datetime,
+        kind: str,
+        message: str,
+    ) -> None:
+        # Transient, so the next `new` run picks it up; result fields are cleared.
+        entries[key] = _dump(
+            ManifestEntry(
+                status=Status.failed,
+                source_etag=entry.source_etag,
+                attempts=entry.attempts,
+                run_id=entry.run_id,
+                created_at=entry.created_at,
+                updated_at=now,
+                error_kind=kind,
+                error_message=message,
+                transient=True,
+            )
+        )
+
+
+def _dump(entry: ManifestEntry) -> dict[str, Any]:
+    return entry.model_dump(mode="json", exclude_none=True)
+
+
+def _list_json(s3: S3Store, prefix: str) -> Iterator[str]:
+    paginator = s3.client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=s3.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith(".json"):
+                yield obj["Key"]
+
+
+def _read_result(s3: S3Store, key: str) -> FoundResult | None:
+    try:
+        body, _ = s3.get(key, max_bytes=MAX_RESULT_BYTES)
+        result = ExtractionResult.model_validate_json(body)
+    except (KeyError, ValueError, ValidationError, json.JSONDecodeError):
+        return None
+    return FoundResult(
+        key,
+        result.source_key,
+        result.source_etag,
+        manifest_fields(result, key),
+        result.extracted_at,
+    )
+
+
+def plan(
+    s3: S3Store,
+    *,
+    source_prefix: str,
+    results_prefix: str,
+    release_claims_after: dt.timedelta | None = dt.timedelta(minutes=15),
+    prune: bool = False,
+    max_workers: int = 16,
+) -> Reconcile:
+    """List the sources and read every result under `results_prefix` (I/O, no lock)."""
+    listing = {o.key: o.etag for o in s3.list_pdfs(source_prefix)}
+    result_keys = list(_list_json(s3, results_prefix))
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        read = list(pool.map(lambda k: (k, _read_result(s3, k)), result_keys))
+    results: dict[str, FoundResult] = {}
+    orphans, unreadable = [], []
+    for key, found in read:
+        if found is None:
+            unreadable.append(key)
+        elif found.source_key not in listing:
+            if found.source_key.startswith(source_prefix):
+                orphans.append(key)
+        elif _better(found, results.get(found.source_key), listing[found.source_key]):
+            results[found.source_key] = found
+    return Reconcile(
+        source_prefix,
+        listing,
+        results,
+        orphaned_results=orphans,
+        unreadable_results=unreadable,
+        release_claims_after=release_claims_after,
+        prune=prune,
+    )
+
+
+def _better(candidate: FoundResult, current: FoundResult | None, etag: str) -> bool:
+    """Of two results for one source: the one for its current ETag, then the canonical
+    key (where the pipeline writes today), then the newest."""
+    if current is None:
+        return True
+
+    def rank(f: FoundResult) -> tuple[bool, bool, dt.datetime]:
+        canonical = f.key.endswith(f"/{invoice_id(f.source_key)}.json")
+        return (f.source_etag == etag, canonical, f.extracted_at)
+
+    return rank(candidate) > rank(current)
+
+
+async def reconcile(
+    store: ManifestStore,
+    *,
+    source_prefix: str,
+    results_prefix: str,
+    release_claims_after: dt.timedelta | None = dt.timedelta(minutes=15),
+    prune: bool = False,
+    dry_run: bool = False,
+) -> ReconcileReport:
+    """Plan from S3, then apply under the store's lock with one conditional write.
+
+    With `dry_run`, the repair is applied to a private copy of the manifest and
+    nothing is written.
+    """
+    update = await asyncio.to_thread(
+        plan,
+        store.s3,
+        source_prefix=source_prefix,
+        results_prefix=results_prefix,
+        release_claims_after=release_claims_after,
+        prune=prune,
+    )
+    if dry_run:
+        snap: Snapshot = await store.read()
+        update.apply(snap.entries, dt.datetime.now(dt.UTC))
+    else:
+        await store.commit([update])
+    return update.report
+
+
+def canonical_result_key(results_prefix: str, source_key: str) -> str:
+    """Where the pipeline writes the result of `source_key`."""
+    return result_key(results_prefix, invoice_id(source_key))

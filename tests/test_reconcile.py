@@ -1,0 +1,310 @@
+"""`invoiceflow reconcile`: the manifest repaired from results and the source listing.
+
+Unit cases run on moto's S3 with an in-process lock; the end-to-end cases use real
+flow runs, the Prefect manifest lock and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from invoiceflow import stack
+from invoiceflow.manifest import Claim, ManifestStore, Status, Transition
+from invoiceflow.reconcile import canonical_result_key, reconcile
+from invoiceflow.schema import ExtractionResult, Invoice
+from invoiceflow.storage import S3Store
+
+SRC = "in/"
+RES = "results/"
+
+
+def _store(s3: S3Store, lock: asyncio.Lock | None = None) -> ManifestStore:
+    shared = lock or asyncio.Lock()
+    return ManifestStore(s3, "manifest.json", lock=lambda: shared)
+
+
+def _source(s3: S3Store, key: str, body: bytes = b"%PDF-1.7 invoice") -> str:
+    return s3.put(key, body, content_type="application/pdf")
+
+
+def _result(s3: S3Store, key: str, etag: str, vendor: str = "ACME GmbH") -> str:
+    rkey = canonical_result_key(RES, key)
+    result = ExtractionResult(
+        source_key=key,
+        source_etag=etag,
+        extractor="rules",
+        pages=1,
+        invoice=Invoice(vendor_name=vendor, total=Decimal("119.00"), currency="EUR"),
+        extracted_at=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        source="rules",
+    )
+    s3.put(rkey, result.model_dump_json().encode())
+    return rkey
+
+
+async def _done(store: ManifestStore, key: str, etag: str, result_key: str) -> None:
+    outcome = (await store.commit([Claim(key, etag, "run-1")]))[0]
+    await store.commit([Transition(key, outcome.attempt, Status.done, {"result_key": result_key})])
+
+
+async def _raw_edit(store: ManifestStore, edit: Any) -> None:
+    """A manual edit of the manifest JSON, conditional like every writer's."""
+    body, etag = store.s3.get(store.key)
+    doc = json.loads(body)
+    edit(doc["entries"])
+    store.s3.put_conditional(store.key, json.dumps(doc).encode(), if_match=etag)
+
+
+async def test_a_lost_manifest_is_rebuilt_from_the_results(s3_store: S3Store) -> None:
+    store = _store(s3_store)
+    keys = [f"{SRC}inv-{i}.pdf" for i in range(5)]
+    for key in keys:
+        _result(s3_store, key, _source(s3_store, key))
+    _source(s3_store, f"{SRC}never-processed.pdf")
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+
+    assert report.marked_done == keys
+    entries = store.read_sync().entries
+    assert set(entries) == set(keys)  # the unprocessed one stays new: the next run claims it
+    for key in keys:
+        assert entries[key]["status"] == "done"
+        assert entries[key]["result_key"] == canonical_result_key(RES, key)
+        assert (entries[key]["vendor_name"], entries[key]["total"]) == ("ACME GmbH", "119.00")
+    # Idempotent: a second pass finds nothing to do and does not write.
+    revision = store.read_sync().revision
+    again = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+    assert (again.changes, again.unchanged) == (0, 5)
+    assert store.read_sync().revision == revision
+
+
+async def test_crash_between_result_write_and_done_commit_is_marked_done(
+    s3_store: S3Store,
+) -> None:
+    store = _store(s3_store)
+    key = f"{SRC}crashed.pdf"
+    etag = _source(s3_store, key)
+    claim = (await store.commit([Claim(key, etag, "run-dead")]))[0]
+    await store.commit([Transition(key, claim.attempt, Status.processing)])
+    _result(s3_store, key, etag)  # the result landed, the done commit never did
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+
+    assert report.marked_done == [key]
+    entry = store.read_sync().entry(key)
+    assert entry is not None and entry.status is Status.done and entry.attempts == 1
+    # The dead run's late transitions cannot undo it.
+    late = await store.commit([Transition(key, claim.attempt, Status.failed)])
+    assert not late[0].applied
+
+
+async def test_done_without_its_result_becomes_a_transient_failure(s3_store: S3Store) -> None:
+    store = _store(s3_store)
+    gone, stale = f"{SRC}gone.pdf", f"{SRC}stale.pdf"
+    gone_etag, stale_etag = _source(s3_store, gone), _source(s3_store, stale)
+    await _done(store, gone, gone_etag, canonical_result_key(RES, gone))  # never written
+    await _done(store, stale, stale_etag, _result(s3_store, stale, "an-older-version"))
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+
+    assert report.result_missing == [gone, stale]
+    snap = store.read_sync()
+    for key in (gone, stale):
+        entry = snap.entry(key)
+        assert entry is not None
+        assert (entry.status, entry.error_kind, entry.transient) == (
+            "failed",
+            "result_missing",
+            True,
+        )
+        assert entry.result_key is None
+    # A `new` run claims them again.
+    again = await store.commit([Claim(gone, gone_etag, "run-2")])
+    assert again[0].applied
+
+
+async def test_only_stale_claims_are_released(s3_store: S3Store) -> None:
+    store = _store(s3_store)
+    old, fresh = f"{SRC}old-claim.pdf", f"{SRC}fresh-claim.pdf"
+    await store.commit([Claim(old, _source(s3_store, old), "run-dead")])
+    await store.commit([Claim(fresh, _source(s3_store, fresh), "run-alive")])
+    hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    await _raw_edit(store, lambda e: e[old].update(updated_at=hour_ago))
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+
+    assert report.released_claims == [old]
+    snap = store.read_sync()
+    released, kept = snap.entry(old), snap.entry(fresh)
+    assert released is not None and kept is not None
+    assert (released.status, released.error_kind, released.transient) == (
+        "failed",
+        "abandoned",
+        True,
+    )
+    assert "run-dead" in (released.error_message or "")
+    assert kept.status is Status.pending  # a live run's claim is left alone
+
+
+async def test_manual_edits_are_repaired_and_other_prefixes_untouched(
+    s3_store: S3Store,
+) -> None:
+    store = _store(s3_store)
+    broken, deleted, orphan = f"{SRC}broken.pdf", f"{SRC}deleted.pdf", f"{SRC}orphan.pdf"
+    for key in (broken, deleted, orphan):
+        await _done(store, key, etag := _source(s3_store, key), _result(s3_store, key, etag))
+    s3_store.client.delete_object(Bucket=s3_store.bucket, Key=orphan)  # source gone
+    await store.commit([Claim("elsewhere/x.pdf", "e", "run-9")])
+
+    def edit(entries: dict[str, Any]) -> None:
+        entries[broken]["status"] = "finished?"  # not a status
+        del entries[deleted]
+
+    await _raw_edit(store, edit)
+    before = store.read_sync().entries["elsewhere/x.pdf"]
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES)
+
+    assert report.rebuilt_invalid == [broken]
+    assert report.marked_done == [deleted]
+    assert report.orphaned_entries == [orphan]
+    assert report.orphaned_results == [canonical_result_key(RES, orphan)]
+    entries = store.read_sync().entries
+    assert entries[broken]["status"] == entries[deleted]["status"] == "done"
+    assert entries["elsewhere/x.pdf"] == before
+
+    pruned = await reconcile(store, source_prefix=SRC, results_prefix=RES, prune=True)
+    assert pruned.pruned == [orphan]
+    assert orphan not in store.read_sync().entries
+    # The orphaned result object is reported, never deleted.
+    assert s3_store.get(canonical_result_key(RES, orphan)).body
+
+
+async def test_dry_run_writes_nothing(s3_store: S3Store) -> None:
+    store = _store(s3_store)
+    key = f"{SRC}a.pdf"
+    _result(s3_store, key, _source(s3_store, key))
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES, dry_run=True)
+    assert report.marked_done == [key]
+    with pytest.raises(KeyError):
+        s3_store.get(store.key)
+
+
+async def test_reconcile_racing_writers_loses_nothing(s3_store: S3Store) -> None:
+    """Reconcile applies to the manifest as it is at commit time, under the lock."""
+    lock = asyncio.Lock()
+    store = _store(s3_store, lock)
+    keys = [f"{SRC}r-{i}.pdf" for i in range(30)]
+    etags = {k: _source(s3_store, k) for k in keys}
+    for key in keys[:10]:
+        _result(s3_store, key, etags[key])
+    # Another writer of the same manifest (a run) claims the rest while reconcile runs.
+    other = _store(s3_store, lock)
+    claims = [other.commit([Claim(k, etags[k], "run-live")]) for k in keys[10:]]
+    report, *_ = await asyncio.gather(
+        reconcile(store, source_prefix=SRC, results_prefix=RES), *claims
+    )
+    entries = store.read_sync().entries
+    assert sorted(report.marked_done) == keys[:10]
+    assert {entries[k]["status"] for k in keys[:10]} == {"done"}
+    assert {entries[k]["status"] for k in keys[10:]} == {"pending"}
+
+
+# -- end to end: real runs, the Prefect lock, the CLI ----------------------------------
+
+
+@pytest.mark.e2e
+def test_cli_reconcile_after_a_lost_manifest_rebills_nothing(
+    local_stack: stack.StackInfo,
+) -> None:
+    """Flow run, manifest deleted, `invoiceflow reconcile`, rerun: nothing re-processed."""
+    from faults_support import (
+        assert_invariants,
+        create_lock,
+        direct_s3,
+        flow_params,
+        good_invoices,
+        run_flow,
+        unique,
+        upload,
+    )
+
+    from flows.cli import app
+
+    s3 = direct_s3(local_stack.s3_endpoint, local_stack.bucket)
+    prefix = unique("reconcile") + "/"
+    listed = upload(s3, prefix, good_invoices(6, seed=59))
+    params = flow_params(prefix, asyncio.run(create_lock(unique("lock"))))
+    first = asyncio.run(run_flow(params))
+    assert first.done == len(listed), first
+    s3.client.delete_object(Bucket=s3.bucket, Key=params["manifest_key"])  # lost
+    args = [
+        "reconcile",
+        "--prefix", prefix,
+        "--results-prefix", params["results_prefix"],
+        "--manifest-key", params["manifest_key"],
+        "--manifest-lock", params["manifest_lock"],
+    ]  # fmt: skip
+
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would change 6 entries" in dry.output
+    with pytest.raises(KeyError):
+        s3.get(params["manifest_key"])
+
+    real = CliRunner().invoke(app, args)
+    assert real.exit_code == 0, real.output
+    assert "changed 6 entries" in real.output and "marked done" in real.output
+    assert_invariants(s3, params, listed)
+    rerun = asyncio.run(run_flow(params))
+    assert rerun.processed == 0, rerun
+
+    missing_lock = CliRunner().invoke(app, [*args[:-1], unique("no-such-lock")])
+    assert missing_lock.exit_code == 1
+    assert "prefect gcl create" in " ".join(missing_lock.output.split())  # rich wraps lines
+
+
+@pytest.mark.e2e
+async def test_reconcile_during_a_run_loses_none_of_its_updates(
+    local_stack: stack.StackInfo,
+) -> None:
+    from faults_support import (
+        assert_invariants,
+        create_lock,
+        direct_s3,
+        flow_params,
+        good_invoices,
+        run_flow,
+        unique,
+        upload,
+    )
+
+    from flows.lock import manifest_lock
+
+    s3 = direct_s3(local_stack.s3_endpoint, local_stack.bucket)
+    prefix = unique("reconcile-live") + "/"
+    listed = upload(s3, prefix, good_invoices(20, seed=61))
+    params = flow_params(prefix, await create_lock(unique("lock")), invoices_per_task=2)
+    store = ManifestStore(s3, params["manifest_key"], lock=manifest_lock(params["manifest_lock"]))
+
+    async def reconcile_repeatedly() -> int:
+        changes = 0
+        for _ in range(5):
+            await asyncio.sleep(0.3)
+            report = await reconcile(
+                store, source_prefix=prefix, results_prefix=params["results_prefix"]
+            )
+            changes += report.changes
+        return changes
+
+    summary, _ = await asyncio.gather(run_flow(params), reconcile_repeatedly())
+    assert summary.done == len(listed), summary
+    report = assert_invariants(s3, params, listed)
+    assert report.done == listed
