@@ -15,6 +15,7 @@ timeout           yes        request, pool or total-time timeout (also 408)
 connection        yes        connect failure, reset, truncated response
 auth              no         401 / 403
 context_too_long  no         the prompt exceeds the model's context (or 413)
+response_too_big  no         the answer exceeds ``max_response_bytes`` (not retried)
 bad_request       no         any other 4xx
 refusal           no         model refused or the content filter stopped it
 invalid_json      no         content missing, cut off, or not JSON (after a repair)
@@ -34,7 +35,7 @@ import asyncio
 import contextvars
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -78,6 +79,9 @@ DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_MAX_CHARS = 48_000
 # Completion budget assumed for rate limiting before the real usage is known.
 DEFAULT_OUTPUT_ESTIMATE = 1_000
+# An invoice answer is a few KB. Far more means a broken or hostile endpoint, whose
+# answer the SDK would otherwise read whole into memory.
+DEFAULT_MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 
 _RESPONSE_FORMATS: Final[dict[str, dict[str, Any]]] = {
     "json_schema": {
@@ -169,6 +173,29 @@ def _map_api_error(exc: openai.APIError) -> ExtractionError:
     return ExtractionError("invalid_json", f"LLM response unusable: {exc}", transient=False)
 
 
+class ResponseTooLarge(openai.OpenAIError):
+    """The answer exceeded the byte limit. An `OpenAIError`, so the SDK does not retry it."""
+
+
+class _BoundedBody(httpx2.AsyncByteStream):
+    """A response body that stops being read once it exceeds `limit` bytes."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._inner:
+            received += len(chunk)
+            if received > self._limit:
+                raise ResponseTooLarge(f"LLM response exceeded {self._limit} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class OpenAIExtractor:
     """`Extractor` backed by chat completions with strict JSON-schema output."""
 
@@ -194,6 +221,7 @@ class OpenAIExtractor:
         price: TokenPrice | None = None,
         price_currency: str = "USD",
         limiter: Limiter | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not api_key:
             # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
@@ -221,6 +249,7 @@ class OpenAIExtractor:
         self.price = price
         self.price_currency = price_currency
         self.limiter: Limiter = limiter or Unlimited()
+        self.max_response_bytes = max_response_bytes
         self._client: AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -244,10 +273,20 @@ class OpenAIExtractor:
                 limits=limits,
                 event_hooks={
                     "request": [_count_request],
-                    "response": [_reset_headers_to_retry_after],
+                    "response": [_reset_headers_to_retry_after, self._bound_body],
                 },
             ),
         )
+
+    async def _bound_body(self, response: httpx2.Response) -> None:
+        """Response hook: refuse an oversized answer before or while it is read."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_response_bytes:
+            await response.aclose()
+            raise ResponseTooLarge(
+                f"LLM response of {declared} bytes is over the {self.max_response_bytes} limit"
+            )
+        response.stream = _BoundedBody(response.stream, self.max_response_bytes)  # type: ignore[arg-type]
 
     def _client_for_running_loop(self) -> AsyncOpenAI:
         # Pooled connections belong to the event loop that opened them; reusing them
@@ -345,6 +384,8 @@ class OpenAIExtractor:
                             extra_headers=headers,
                             **extra,
                         )
+                except ResponseTooLarge as exc:
+                    raise ExtractionError("response_too_big", str(exc), transient=False) from exc
                 except TimeoutError as exc:
                     raise ExtractionError(
                         "timeout",
