@@ -10,25 +10,28 @@ The block is the source of truth, so a run creates or updates these limits at st
 
 Slots: Prefect waiters poll (a refused acquire returns 423 and a Retry-After of up to
 30 s, FIELD_NOTES), so a slot freed by one run can sit idle while the waiter of
-another sleeps. Two things keep slots busy instead: `ProviderLimiter` keeps a slot
-it holds for the next call (released after ``linger_s`` idle), and `prefect_slot`
-polls a refused acquire itself, with stamina's short jittered backoff, rather than
-sleeping Prefect's Retry-After. Rate limits keep Prefect's own Retry-After pacing,
-which for decaying slots is exactly the time until the budget refills.
+another sleeps. Three things keep slots busy instead: `ProviderLimiter` hands a slot a
+call frees to the next waiting call of its run, keeps it for ``linger_s`` when none
+waits, and only then gives it back; `prefect_slot` polls a refused acquire itself with
+a short jittered backoff instead of sleeping Prefect's Retry-After. Rate
+permits are taken in batches (`ProviderLimiter`'s reservoir) with Prefect's own
+`rate_limit`, whose Retry-After for decaying limits is the time until the refill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from uuid import UUID
 
 import httpx
-import stamina
-from prefect.client.orchestration import get_client
-from prefect.concurrency.asyncio import concurrency, rate_limit
-from prefect.exceptions import ConcurrencySlotAcquisitionError
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.concurrency.asyncio import rate_limit
 
 from blocks.extractor import ExtractorBlock
 from invoiceflow.extractors.limits import ProviderLimiter, RateKind, RateTaker, SlotFactory
@@ -50,45 +53,67 @@ class ProviderLimitNames:
         return cls(base, f"{base}:rpm", f"{base}:tpm")
 
 
-def _refused(exc: Exception) -> bool:
-    """A 423 "all slots taken" — worth polling again; anything else is not."""
-    cause = exc.__cause__
-    return (
-        isinstance(exc, ConcurrencySlotAcquisitionError)
-        and isinstance(cause, httpx.HTTPStatusError)
-        and cause.response.status_code == 423
-    )
+class ProviderLimitMissing(RuntimeError):
+    """The provider's concurrency limit does not exist (or vanished mid-run)."""
 
 
 def prefect_slot(
     name: str, *, poll_initial_s: float = 0.05, poll_max_s: float = 0.5
 ) -> SlotFactory:
-    """`SlotFactory` holding one slot of the concurrency limit ``name`` while entered."""
+    """`SlotFactory` holding one slot of the concurrency limit ``name`` while entered.
+
+    Talks to the lease API directly rather than through `prefect.concurrency`: that
+    client funnels every acquisition of a limit through one queue (so concurrent
+    acquisitions wait in line), sleeps Prefect's Retry-After on a 423 inside that
+    queue, and logs each 423 as an error when told not to retry. Here a refused
+    acquire is polled again after a short jittered backoff, and the lease is
+    renewed like Prefect does (every 3/4 of its duration) until the slot is released.
+    """
 
     @contextlib.asynccontextmanager
     async def slot() -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            async for attempt in stamina.retry_context(
-                on=_refused,
-                attempts=None,
-                timeout=None,
-                wait_initial=poll_initial_s,
-                wait_max=poll_max_s,
-                wait_jitter=poll_initial_s,
-            ):
-                with attempt:
-                    await stack.enter_async_context(
-                        concurrency(
-                            name,
-                            occupy=1,
-                            max_retries=0,
-                            strict=True,
-                            lease_duration=LEASE_DURATION_S,
-                        )
-                    )
-            yield
+        async with get_client() as client:
+            response = await _poll_for_slot(client, name, poll_initial_s, poll_max_s)
+            lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+            if not lease.limits:
+                raise ProviderLimitMissing(f"concurrency limit {name!r} does not exist")
+            renewal = asyncio.create_task(_renew(client, lease.lease_id))
+            try:
+                yield
+            finally:
+                renewal.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewal
+                await client.release_concurrency_slots_with_lease(lease_id=lease.lease_id)
 
     return slot
+
+
+async def _poll_for_slot(
+    client: PrefectClient, name: str, initial_s: float, max_s: float
+) -> httpx.Response:
+    # A wait loop, not error retries: a 423 means "busy, ask again", and with many
+    # waiters a retry library would log thousands of warnings for normal waiting.
+    delay = initial_s
+    while True:
+        try:
+            return await client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=LEASE_DURATION_S
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:
+                raise
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads pollers
+        delay = min(delay * 2, max_s)
+
+
+async def _renew(client: PrefectClient, lease_id: UUID) -> None:
+    while True:
+        await asyncio.sleep(LEASE_DURATION_S * 0.75)
+        try:
+            await client.renew_concurrency_lease(lease_id, lease_duration=LEASE_DURATION_S)
+        except Exception as exc:  # the slot may be given to another run; say so loudly
+            log.error("renewing provider slot lease %s failed: %s", lease_id, exc)
 
 
 def prefect_rate(names: ProviderLimitNames) -> RateTaker:

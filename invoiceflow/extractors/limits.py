@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -143,28 +144,21 @@ class TokenBucket:
 
 class _RemoteSlot:
     """One provider-wide slot, held by a keeper task (the context must be entered and
-    exited by the same task) until ``release`` is set."""
+    exited by the same task) until ``release`` is called."""
 
-    def __init__(self, factory: SlotFactory) -> None:
+    def __init__(self, factory: SlotFactory, on_entered: Callable[[_RemoteSlot], None]) -> None:
         self._factory = factory
-        self._entered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_entered = on_entered
         self._release = asyncio.Event()
         self._linger: asyncio.TimerHandle | None = None
+        self.entered = False
         self.task = asyncio.create_task(self._keep(), name="provider-slot")
 
     async def _keep(self) -> None:
-        try:
-            async with self._factory():
-                self._entered.set_result(None)
-                await self._release.wait()
-        except BaseException as exc:
-            if not self._entered.done():
-                self._entered.set_exception(exc)
-                return
-            raise
-
-    async def entered(self) -> None:
-        await asyncio.shield(self._entered)
+        async with self._factory():
+            self.entered = True
+            self._on_entered(self)
+            await self._release.wait()
 
     def release(self) -> None:
         self.cancel_linger()
@@ -180,8 +174,40 @@ class _RemoteSlot:
             self._linger = None
 
 
+class _Reservoir:
+    """Permits taken from a shared rate limit in batches and spent locally.
+
+    Each shared take is a round trip (and Prefect's client serializes them per limit),
+    so a call taking its own permit would wait in line; a batch of a second's worth
+    serves the next calls at once. Permits left at the end decay on the server.
+    """
+
+    def __init__(self, kind: RateKind, taker: RateTaker, batch: int) -> None:
+        self._kind = kind
+        self._taker = taker
+        self._batch = max(1, batch)
+        self._level = 0
+        self._lock = asyncio.Lock()
+
+    async def take(self, amount: int) -> None:
+        async with self._lock:
+            if self._level < amount:
+                wanted = max(amount - self._level, self._batch)
+                await self._taker(self._kind, wanted)
+                self._level += wanted
+            self._level -= amount
+
+    def adjust(self, delta: int) -> None:
+        self._level -= delta  # may go negative: the next take pays the debt
+
+
 class ProviderLimiter:
-    """In-flight, RPM and TPM limits for one provider, local and optionally shared."""
+    """In-flight, RPM and TPM limits for one provider, local and optionally shared.
+
+    With ``shared_slot``, every call also holds one provider-wide slot. A slot freed by
+    a call goes straight to a call of this run that is waiting for one, else stays idle
+    for ``linger_s`` for the next call, else is given back.
+    """
 
     def __init__(
         self,
@@ -191,22 +217,34 @@ class ProviderLimiter:
         tokens_per_minute: float | None = None,
         shared_slot: SlotFactory | None = None,
         shared_rate: RateTaker | None = None,
-        linger_s: float = 0.5,
+        linger_s: float = 0.25,
+        max_acquiring: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if max_in_flight < 1 or max_acquiring < 1:
+            raise ValueError("max_in_flight and max_acquiring must be at least 1")
+        self._max_acquiring = max_acquiring
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._rpm = TokenBucket(requests_per_minute, clock=clock) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute, clock=clock) if tokens_per_minute else None
         self._tokens_per_minute = tokens_per_minute
+        self._shared_requests = (
+            _Reservoir("requests", shared_rate, min(max_in_flight, int(requests_per_minute) // 60))
+            if shared_rate is not None and requests_per_minute
+            else None
+        )
+        self._shared_tokens = (
+            _Reservoir("tokens", shared_rate, int(tokens_per_minute) // 60)
+            if shared_rate is not None and tokens_per_minute
+            else None
+        )
         self._shared_slot = shared_slot
-        self._shared_rate = shared_rate
         self._linger_s = linger_s
         self._clock = clock
         self._idle: list[_RemoteSlot] = []
         self._held: set[_RemoteSlot] = set()
+        self._waiters: deque[asyncio.Future[_RemoteSlot]] = deque()
         self._in_flight = 0
         self.stats = LimiterStats(slots=max_in_flight)
 
@@ -222,10 +260,10 @@ class ProviderLimiter:
             await self._rpm.take(1)
         if self._tpm is not None and estimate:
             await self._tpm.take(estimate)
-        if self._shared_rate is not None:
-            await self._shared_rate("requests", 1)
-            if estimate and self._tokens_per_minute:
-                await self._shared_rate("tokens", estimate)
+        if self._shared_requests is not None:
+            await self._shared_requests.take(1)
+        if self._shared_tokens is not None and estimate:
+            await self._shared_tokens.take(estimate)
         async with self._slots:
             remote = await self._take_remote()
             started = self._clock()
@@ -244,45 +282,102 @@ class ProviderLimiter:
                 stats.busy_s += ended - started
                 stats.last_end = ended
                 if remote is not None:
-                    self._idle.append(remote)
-                    remote.linger(self._linger_s, self._expire)
+                    self._give(remote)
 
     async def _take_remote(self) -> _RemoteSlot | None:
         if self._shared_slot is None:
             return None
         while self._idle:
             slot = self._idle.pop()
+            slot.cancel_linger()
             if not slot.task.done():
-                slot.cancel_linger()
                 return slot
             self._held.discard(slot)
-        slot = _RemoteSlot(self._shared_slot)
-        self._held.add(slot)
+        waiter: asyncio.Future[_RemoteSlot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._acquire_for_waiters()
         try:
-            await slot.entered()
-        except BaseException:
-            self._held.discard(slot)
-            slot.release()
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give(waiter.result())
             raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def _acquire_for_waiters(self) -> None:
+        """Start acquisitions for waiters that no pending acquisition will serve.
+
+        Whichever slot comes first (a new one, or one another call of this run frees)
+        serves a waiter; a later one goes idle. Never holding or awaiting more than
+        max_in_flight slots keeps a run from snatching slots it cannot use, and at most
+        ``max_acquiring`` acquisitions at a time spare the limit's server: a burst of
+        them made Prefect on SQLite stall for seconds (16 at once took 7 s to grant,
+        2 at a time ramp 16 slots up in about a second).
+        """
+        if self._shared_slot is None:
+            return
+        pending = sum(not slot.entered for slot in self._held)
+        waiting = sum(not waiter.done() for waiter in self._waiters)
+        wanted = min(
+            waiting - pending,
+            self.max_in_flight - len(self._held),
+            self._max_acquiring - pending,
+        )
+        for _ in range(wanted):
+            opening = _RemoteSlot(self._shared_slot, self._on_entered)
+            self._held.add(opening)
+            opening.task.add_done_callback(lambda task, slot=opening: self._on_closed(slot, task))
+
+    def _on_entered(self, slot: _RemoteSlot) -> None:
         self.stats.remote_acquisitions += 1
-        return slot
+        self._give(slot)
+        self._acquire_for_waiters()
+
+    def _on_closed(self, slot: _RemoteSlot, task: asyncio.Task[None]) -> None:
+        self._held.discard(slot)
+        if task.cancelled() or slot.entered:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("releasing a provider slot failed: %s", task.exception())
+            self._acquire_for_waiters()
+            return
+        # The acquisition itself failed: one waiter learns why.
+        error = task.exception()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error or RuntimeError("provider slot not acquired"))
+                return
+        log.warning("acquiring a provider slot failed: %s", error)
+
+    def _give(self, slot: _RemoteSlot) -> None:
+        """Hand a slot to a waiting call of this run, or keep it idle for a while."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._idle.append(slot)
+        slot.linger(self._linger_s, self._expire)
 
     def _expire(self, slot: _RemoteSlot) -> None:
         if slot in self._idle:
             self._idle.remove(slot)
-            self._held.discard(slot)
+            self._held.discard(slot)  # on its way back; no longer counts for this run
             slot.release()
 
     def _settle_tokens(self, estimate: int, used: int) -> None:
         if self._tpm is not None:
             self._tpm.adjust(used - estimate)
+        if self._shared_tokens is not None:
+            self._shared_tokens.adjust(used - estimate)
 
     async def aclose(self) -> None:
-        """Give every held provider-wide slot back now."""
+        """Give every held provider-wide slot back now (pending acquisitions too)."""
         held, self._held, self._idle = list(self._held), set(), []
         for slot in held:
             slot.release()
-        results = await asyncio.gather(*(s.task for s in held), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                log.warning("releasing a provider slot failed: %s", result)
+            if not slot.entered:
+                slot.task.cancel()
+        await asyncio.gather(*(s.task for s in held), return_exceptions=True)

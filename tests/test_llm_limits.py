@@ -1,0 +1,286 @@
+"""Provider limits: in-flight slots, RPM/TPM budgets, slot reuse, utilisation, and the
+Prefect-backed limits shared by concurrent runs (real Prefect server, loopback LLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from invoiceflow.extractors.limits import (
+    LimiterStats,
+    ProviderLimiter,
+    TokenBucket,
+    slot_utilisation,
+)
+from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
+
+pytestmark = pytest.mark.llm
+
+API_KEY = "sk-limits"
+TEXT = "ACME GmbH\nInvoice ACME-42\nTotal EUR 1.190,00"
+
+
+class FakeSharedSlots:
+    """An in-memory stand-in for the provider-wide limit: counts holds and takes."""
+
+    def __init__(self, limit: int) -> None:
+        self.gate = asyncio.Semaphore(limit)
+        self.held = 0
+        self.max_held = 0
+        self.acquisitions = 0
+        self.fail_next = False
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("limit server unreachable")
+        async with self.gate:
+            self.acquisitions += 1
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
+            try:
+                yield
+            finally:
+                self.held -= 1
+
+
+async def test_in_flight_is_bounded() -> None:
+    limiter = ProviderLimiter(max_in_flight=3)
+    running = peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with limiter.call():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+
+    await asyncio.gather(*(call() for _ in range(20)))
+    assert peak == 3
+    assert limiter.stats.calls == 20
+    assert limiter.stats.max_in_flight == 3
+    assert 0 < limiter.stats.utilisation <= 1
+
+
+async def test_shared_slots_are_kept_between_calls_then_given_back() -> None:
+    shared = FakeSharedSlots(limit=2)
+    limiter = ProviderLimiter(max_in_flight=2, shared_slot=shared.slot, linger_s=0.2)
+    for _ in range(10):
+        async with limiter.call():
+            await asyncio.sleep(0)
+
+    # Ten sequential calls, one remote acquisition: the slot stayed with the run.
+    assert shared.acquisitions == 1
+    assert limiter.stats.remote_acquisitions == 1
+    assert shared.held == 1
+    await asyncio.sleep(0.5)  # linger expires
+    assert shared.held == 0
+
+
+async def test_shared_slots_bound_two_runs_together() -> None:
+    shared = FakeSharedSlots(limit=3)
+    runs = [ProviderLimiter(max_in_flight=3, shared_slot=shared.slot, linger_s=0.05) for _ in "ab"]
+
+    async def call(limiter: ProviderLimiter) -> None:
+        async with limiter.call():
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(call(limiter) for limiter in runs for _ in range(15)))
+    assert shared.max_held == 3
+    for limiter in runs:
+        await limiter.aclose()
+    assert shared.held == 0
+
+
+class SlowSharedSlots(FakeSharedSlots):
+    """Acquiring takes a while, like a round trip to a busy limit server."""
+
+    def __init__(self, limit: int, delay_s: float) -> None:
+        super().__init__(limit)
+        self.delay_s = delay_s
+        self.acquiring = 0
+        self.max_acquiring = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.acquiring += 1
+        self.max_acquiring = max(self.max_acquiring, self.acquiring)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.acquiring -= 1
+        async with super().slot():
+            yield
+
+
+async def test_a_run_never_asks_for_more_slots_than_it_can_use() -> None:
+    shared = SlowSharedSlots(limit=10, delay_s=0.02)
+    limiter = ProviderLimiter(max_in_flight=4, shared_slot=shared.slot, max_acquiring=2)
+
+    async def call() -> None:
+        async with limiter.call():
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(call() for _ in range(60)))
+    # Freed slots went to this run's next calls: four acquisitions served sixty calls,
+    # never more than two acquisitions at a time, never more than four slots held.
+    assert shared.acquisitions == 4
+    assert shared.max_acquiring <= 2
+    assert shared.max_held == 4
+    await limiter.aclose()
+    assert shared.held == 0
+
+
+async def test_calls_after_every_slot_lingered_out_still_get_slots() -> None:
+    shared = FakeSharedSlots(limit=2)
+    limiter = ProviderLimiter(max_in_flight=2, shared_slot=shared.slot, linger_s=0.01)
+    for _ in range(3):
+        await asyncio.gather(*(_hold(limiter, 0.01) for _ in range(4)))
+        await asyncio.sleep(0.05)  # every slot expires and is given back
+        assert shared.held == 0
+    assert shared.acquisitions == 6
+    await limiter.aclose()
+
+
+async def _hold(limiter: ProviderLimiter, seconds: float) -> None:
+    async with limiter.call():
+        await asyncio.sleep(seconds)
+
+
+async def test_failed_shared_acquisition_propagates_without_leaking() -> None:
+    shared = FakeSharedSlots(limit=1)
+    limiter = ProviderLimiter(max_in_flight=1, shared_slot=shared.slot)
+    shared.fail_next = True
+    with pytest.raises(RuntimeError, match="unreachable"):
+        async with limiter.call():
+            pass
+    async with limiter.call():  # the local slot was released, the next call works
+        assert shared.held == 1
+    await limiter.aclose()
+    assert shared.held == 0
+
+
+async def test_requests_per_minute_paces_calls() -> None:
+    limiter = ProviderLimiter(max_in_flight=50, requests_per_minute=120)  # 2 per second
+    started = time.monotonic()
+    for _ in range(121):  # a minute's burst, then one more
+        async with limiter.call():
+            pass
+    # The 121st request waits for half a second of refill.
+    assert time.monotonic() - started >= 0.45
+
+
+async def test_tokens_per_minute_charges_the_real_usage() -> None:
+    bucket = TokenBucket(6000)  # 100 tokens a second
+    await bucket.take(6000)
+    bucket.adjust(-100)  # a call used 100 tokens less than estimated: refunded
+    started = time.monotonic()
+    await bucket.take(100)
+    assert time.monotonic() - started < 0.5
+    bucket.adjust(200)  # a call used 200 more than estimated: owed
+    started = time.monotonic()
+    await bucket.take(1)
+    assert time.monotonic() - started >= 1.5
+
+
+def test_slot_utilisation_merges_runs() -> None:
+    a = LimiterStats(slots=4, busy_s=8.0, first_start=0.0, last_end=2.0)
+    b = LimiterStats(slots=4, busy_s=4.0, first_start=1.0, last_end=3.0)
+    # 12 busy slot-seconds over 3 s of 4 slots.
+    assert slot_utilisation([a, b], slots=4) == pytest.approx(1.0)
+    assert a.utilisation == pytest.approx(1.0)
+    assert b.utilisation == pytest.approx(0.5)
+    assert slot_utilisation([LimiterStats(slots=4)], slots=4) == 0.0
+
+
+# --- shared across runs, on the real Prefect server --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LLMServerHandle]:
+    with running_llm_server(api_key=API_KEY) as handle:
+        yield handle
+
+
+async def test_provider_limit_holds_across_concurrent_runs(
+    local_stack: Any, llm: LLMServerHandle
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from blocks.extractor import ExtractorBlock
+    from flows.llm_limits import ProviderLimitNames, provider_limiter
+
+    block_name = f"limits-{uuid.uuid4().hex[:8]}"
+    block = ExtractorBlock(
+        kind="openai",
+        base_url=llm.base_url,
+        api_key=SecretStr(API_KEY),
+        model="test-model",
+        max_in_flight=4,
+        requests_per_minute=6000,
+    )
+    llm.reset()
+    llm.configure(latency_s=0.3)
+    # Two runs, each allowed 8 calls in flight by its own parameters.
+    limiters = [await provider_limiter(block, block_name, max_in_flight=8) for _ in range(2)]
+    assert all(limiter is not None for limiter in limiters)
+    extractors = [block.build(limiter=limiter) for limiter in limiters]
+    try:
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                ex.extract_document(TEXT, invoice_key=f"run{i}-{j}")
+                for i, ex in enumerate(extractors)
+                for j in range(12)
+            )
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for ex, limiter in zip(extractors, limiters, strict=True):
+            await ex.aclose()  # type: ignore[attr-defined]
+            assert limiter is not None
+            await limiter.aclose()
+
+    stats = llm.stats()
+    assert stats["total"] == 24
+    # Provider-wide: never more than 4 calls at the server, though the runs allow 16.
+    assert 2 <= stats["max_in_flight"] <= 4
+    assert elapsed >= 24 * 0.3 / 4 * 0.9
+    utilisation = slot_utilisation([lim.stats for lim in limiters if lim], slots=4)
+    print(f"provider slot utilisation across two runs: {utilisation:.0%} in {elapsed:.2f} s")
+    assert 0.3 < utilisation <= 1.0
+
+    names = ProviderLimitNames.for_block(block_name)
+    async with get_client() as client:
+        in_flight = await client.read_global_concurrency_limit_by_name(names.in_flight)
+        requests = await client.read_global_concurrency_limit_by_name(names.requests)
+    assert (in_flight.limit, in_flight.active_slots) == (4, 0)  # every slot given back
+    assert (requests.limit, requests.slot_decay_per_second) == (6000, 100.0)
+
+
+async def test_prefect_rate_limit_paces_requests(local_stack: Any) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.llm_limits import ProviderLimitNames, prefect_rate
+
+    names = ProviderLimitNames.for_block(f"rate-{uuid.uuid4().hex[:8]}")
+    async with get_client() as client:
+        # A tiny budget that refills fast: 2 requests, 5 more per second.
+        await client.upsert_global_concurrency_limit_by_name(
+            names.requests, 2, slot_decay_per_second=5.0
+        )
+    take = prefect_rate(names)
+    started = time.monotonic()
+    for _ in range(5):
+        await take("requests", 1)
+    # Two at once, then three more at no more than 5 per second.
+    assert time.monotonic() - started >= 0.5
