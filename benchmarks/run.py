@@ -242,8 +242,10 @@ def run_contender(bench: Bench, name: ContenderName, n: int, timeout_s: float) -
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _stop_process(proc)
         finally:
+            # Also on Ctrl-C/SIGTERM: the contender has its own session, so nothing
+            # else would stop it.
+            _stop_process(proc)
             bench.running.remove(proc)
     process_wall_s = time.monotonic() - started
 
@@ -474,17 +476,23 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` stops what it started."""
+def interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM unwind the harness, so every `finally` stops what it started.
 
-    def handler(signum: int, frame: Any) -> None:
+    SIGINT gets Python's default handler back even when the shell that started us
+    ignored it (background jobs of non-interactive shells inherit SIGINT ignored).
+    """
+
+    def exit_on_sigterm(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def run_bench(
@@ -653,19 +661,23 @@ def main(
         if name not in CONTENDER_ORDER:
             raise typer.BadParameter(f"unknown contender {name!r}", param_hint="--contenders")
         chosen.append(name)  # type: ignore[arg-type]
-    with sigterm_as_exit():
-        doc = run_bench(
-            n=n,
-            latency_s=latency,
-            concurrency=concurrency,
-            naive_n=naive_n or min(n, 100),
-            contenders=chosen,
-            output=output,
-            corpus_seed=seed,
-            timeout_s=timeout,
-            profile_dir=profile,
-            keep_workdir=keep_workdir,
-        )
+    try:
+        with interruptible():
+            doc = run_bench(
+                n=n,
+                latency_s=latency,
+                concurrency=concurrency,
+                naive_n=naive_n or min(n, 100),
+                contenders=chosen,
+                output=output,
+                corpus_seed=seed,
+                timeout_s=timeout,
+                profile_dir=profile,
+                keep_workdir=keep_workdir,
+            )
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: everything the harness started has been stopped")
+        raise typer.Exit(130) from None
     print_table(doc)
     if profile is not None:
         from benchmarks.profile_summary import summarize_dir
