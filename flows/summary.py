@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from flows.params import ProcessInvoicesParams
 from invoiceflow.manifest import Status
-from invoiceflow.pipeline import InvoiceOutcome
+from invoiceflow.pipeline import InvoiceOutcome, run_totals
 
 
 class InvoicesFailed(RuntimeError):
@@ -26,6 +26,11 @@ class RunSummary(BaseModel):
     failures: dict[str, str]
     needs_review: int = 0
     tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # LLM cost from the extractor block's price table (None: no price for the model).
+    cost: str | None = None
+    duplicates: int = 0
     # Sum of invoice totals per currency, as decimal strings (money is never a float).
     totals: dict[str, str] = {}
 
@@ -48,6 +53,7 @@ async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome
     for o in outcomes:
         logger.log(*_log_line(o))
     counts = Counter(o.status for o in outcomes)
+    llm = run_totals(outcomes)
     totals: dict[str, Decimal] = {}
     for o in outcomes:
         if o.status is Status.done and o.invoice is not None and o.invoice.total is not None:
@@ -64,6 +70,10 @@ async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome
         },
         needs_review=sum(1 for o in outcomes if _needs_review(o)),
         tokens=sum(_tokens(o) or 0 for o in outcomes),
+        prompt_tokens=llm.prompt_tokens,
+        completion_tokens=llm.completion_tokens,
+        cost=str(llm.cost) if llm.cost is not None else None,
+        duplicates=llm.duplicates,
         totals={currency: str(total) for currency, total in sorted(totals.items())},
     )
     if outcomes:
@@ -155,8 +165,11 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         f"- done: **{s.done}**",
         f"- failed: **{s.failed}**",
         f"- needs review: **{s.needs_review}**",
-        f"- LLM tokens: **{s.tokens}**",
+        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, {s.completion_tokens} out)",
+        f"- duplicates: **{s.duplicates}**",
     ]
+    if s.tokens:
+        lines.append(f"- LLM cost: **{s.cost if s.cost is not None else 'unknown (no price)'}**")
     if s.totals:
         lines += ["", "## Invoice totals", "", "| currency | total |", "|---|---:|"]
         lines += [f"| {currency} | {total} |" for currency, total in s.totals.items()]

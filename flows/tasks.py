@@ -21,6 +21,7 @@ from prefect_aws import S3Bucket
 # seconds to import, which would stall the flow's event loop just as the run starts.
 import invoiceflow.extractors.openai  # noqa: F401
 from blocks.extractor import ExtractorBlock
+from flows.llm_limits import provider_limiter
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
@@ -45,7 +46,11 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     extractor_block = await ExtractorBlock.load(params.extractor_block)
     s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
     store = ManifestStore(s3, params.manifest_key, lock=manifest_lock(params.manifest_lock))
-    extractor = extractor_block.build()
+    # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
+    limiter = await provider_limiter(
+        extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
+    )
+    extractor = extractor_block.build(limiter=limiter)
     config = PipelineConfig(
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
@@ -70,6 +75,8 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
             await aclose()
+        if limiter is not None:
+            await limiter.aclose()  # provider slots go back to the other runs now
 
 
 async def finished_flow_runs(run_ids: set[str]) -> set[str]:

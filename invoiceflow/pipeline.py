@@ -84,6 +84,7 @@ class InvoiceOutcome:
     transient: bool = False
     usage: dict[str, int] = field(default_factory=dict)
     cost: Decimal | None = None
+    cost_currency: str | None = None
     source: ExtractionSource | None = None
     needs_review: bool = False
     duplicate_of: str | None = None
@@ -359,6 +360,7 @@ class InvoicePipeline:
             key,
             usage=_usage_dict(extraction.usage) if used_tokens else {},
             cost=extraction.cost,
+            cost_currency=extraction.cost_currency,
             source=extraction.source,
             needs_review=result.needs_review,
             duplicate_of=duplicate,

@@ -202,6 +202,22 @@ def test_slot_utilisation_merges_runs() -> None:
     assert slot_utilisation([LimiterStats(slots=4)], slots=4) == 0.0
 
 
+async def test_server_side_utilisation_agrees_with_the_limiter(llm: LLMServerHandle) -> None:
+    from invoiceflow.extractors.openai import OpenAIExtractor
+    from invoiceflow.testing.llm_server import utilisation
+
+    llm.reset()
+    llm.configure(latency_s=0.2)
+    limiter = ProviderLimiter(max_in_flight=4)
+    async with OpenAIExtractor(base_url=llm.base_url, api_key=API_KEY, limiter=limiter) as ex:
+        await asyncio.gather(*(ex.extract_document(TEXT) for _ in range(16)))
+    at_server = utilisation(llm.stats(), slots=4)
+    # Four busy slots the whole time, apart from the ramp and HTTP overhead.
+    assert 0.5 < at_server <= 1.0
+    assert 0.5 < limiter.stats.utilisation <= 1.0
+    assert utilisation({"busy_s": 0, "first_start": None, "last_end": None}, slots=4) == 0.0
+
+
 # --- shared across runs, on the real Prefect server --------------------------------------
 
 

@@ -131,14 +131,13 @@ class BedrockServer(LLMServer):
         self.total += 1
         if key is not None:
             self.by_key[key] += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        started = self._enter()
         try:
             outcome, response = await self._converse(request, body, messages, users, last_user, key)
         except Exception:
             outcome, response = "500", _error(500, "answer function failed")
         finally:
-            self.in_flight -= 1
+            self._leave(started)
         self.by_status[outcome] += 1
         return response
 

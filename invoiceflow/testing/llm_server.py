@@ -57,7 +57,8 @@ Counting (``GET /_stats``)
     last user message, which needs no client cooperation but breaks when the prompt
     text changes. ``by_status`` counts outcomes ("200", "429", "timeout", "reset", ...);
     ``in_flight`` / ``max_in_flight`` show real server-side concurrency; ``by_format``
-    counts the requested ``response_format`` types ("json_schema", "none", ...).
+    counts the requested ``response_format`` types ("json_schema", "none", ...);
+    ``busy_s`` / ``first_start`` / ``last_end`` feed `utilisation` (slot busy share).
 
 Control
     ``POST /_control/faults`` (a fault plan; replaces the current one),
@@ -376,6 +377,11 @@ class LLMServer:
         self.response_formats: set[str] | None = set(formats) if formats is not None else None
         self.in_flight = 0
         self.max_in_flight = 0
+        # Request-seconds spent inside the server, and the window they fell in, so a
+        # benchmark can tell how busy the provider's slots were (see `utilisation`).
+        self.busy_s = 0.0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
 
     def _set_plan(self, plan: FaultPlan) -> None:
         self.plan = plan
@@ -392,7 +398,24 @@ class LLMServer:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "models_requests": self.models_requests,
+            "busy_s": self.busy_s,
+            "first_start": self.first_start,
+            "last_end": self.last_end,
         }
+
+    def _enter(self) -> float:
+        started = time.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.first_start is None:
+            self.first_start = started
+        return started
+
+    def _leave(self, started: float) -> None:
+        self.in_flight -= 1
+        ended = time.monotonic()
+        self.busy_s += ended - started
+        self.last_end = ended
 
     def fault_snapshot(self) -> dict[str, Any]:
         return {
@@ -485,15 +508,14 @@ class LLMServer:
         if key is not None:
             self.by_key[key] += 1
         self.by_sha1[hashlib.sha1(user_message.encode()).hexdigest()] += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        started = self._enter()
         try:
             outcome, response = await self._chat(request, body, user_message, key)
         except Exception:
             log.exception("loopback LLM server failed to answer")
             outcome, response = "500", _error(500, "answer function failed", type_="server_error")
         finally:
-            self.in_flight -= 1
+            self._leave(started)
         self.by_status[outcome] += 1
         return response
 
@@ -636,6 +658,19 @@ class LLMServer:
             Route("/_health", self.health, methods=["GET"]),
         ]
         return _KeepRawSend(Starlette(routes=routes))
+
+
+def utilisation(stats: Mapping[str, Any], *, slots: int) -> float:
+    """How busy ``slots`` provider slots were, measured at the provider: request-seconds
+    served / (slots x seconds from the first request's arrival to the last answer).
+
+    ``stats`` is `LLMServerHandle.stats()` (after a `reset` before the measured load).
+    With the provider limit at ``slots``, 1.0 means no slot was ever idle.
+    """
+    first, last = stats.get("first_start"), stats.get("last_end")
+    if first is None or last is None or last <= first or slots < 1:
+        return 0.0
+    return min(1.0, float(stats["busy_s"]) / (slots * (last - first)))
 
 
 def build_app(config: LLMServerConfig | None = None, **kwargs: Any) -> ASGIApp:
