@@ -48,7 +48,7 @@ from faults_support import (
 
 from invoiceflow import stack
 from invoiceflow.manifest import ManifestEntry, ManifestStore, Outcome, Status
-from invoiceflow.storage import S3Store
+from invoiceflow.storage import S3Store, invoice_id, result_key
 from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.testing.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
 
@@ -251,13 +251,13 @@ async def test_s3_outage_beyond_the_retries_fails_the_invoice_not_the_run(
             # Two attempts, so the outage outlasts the retries in a second, not ~35 s.
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket, max_attempts=2),
         )
-        unwritable_result = params["results_prefix"] + unwritable.rsplit("/", 1)[1][:-4]
+        unwritable_result = result_key(params["results_prefix"], invoice_id(unwritable))
 
         def source_get(r: ProxiedRequest) -> bool:
             return r.method == "GET" and r.path.endswith(unreadable)
 
         def result_put(r: ProxiedRequest) -> bool:
-            return r.method == "PUT" and unwritable_result in r.path
+            return r.method == "PUT" and r.path.endswith(unwritable_result)
 
         proxy.add_rule(source_get, "slowdown", times=-1)
         proxy.add_rule(result_put, "reset_before", times=-1)
