@@ -176,6 +176,19 @@ class Transition:
         return Outcome(True, prev.attempts)
 
 
+class Entries(dict[str, dict[str, Any]]):
+    """The manifest's entries, plus indexes that updates build once per decoded copy.
+
+    Between a run's own commits the committer reuses its decoded entries (S3 answers
+    304), so an index built by the first update that needs one serves every later
+    commit too; updates keep it current. A fresh read starts with no indexes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.indexes: dict[str, Any] = {}
+
+
 @dataclass(frozen=True)
 class Snapshot:
     entries: dict[str, dict[str, Any]]
@@ -230,7 +243,7 @@ class ManifestStore:
         try:
             body, etag = self.s3.get(self.key, max_bytes=self.max_bytes)
         except KeyError:
-            return Snapshot({}, None, 0)
+            return Snapshot(Entries(), None, 0)
         return self._decode(body, etag)
 
     async def read(self) -> Snapshot:
@@ -240,7 +253,7 @@ class ManifestStore:
         doc = orjson.loads(body)
         if doc.get("format") != FORMAT_VERSION:
             raise ValueError(f"manifest {self.key} has unknown format {doc.get('format')!r}")
-        return Snapshot(doc["entries"], etag, doc.get("revision", 0))
+        return Snapshot(Entries(doc["entries"]), etag, doc.get("revision", 0))
 
     def _read_for_commit(self) -> Snapshot:
         """The committer's copy, re-downloaded only when someone else wrote since.
@@ -255,7 +268,7 @@ class ManifestStore:
         try:
             fresh = self.s3.get_if_changed(self.key, cached.etag, max_bytes=self.max_bytes)
         except KeyError:
-            return Snapshot({}, None, 0)
+            return Snapshot(Entries(), None, 0)
         return cached if fresh is None else self._decode(fresh.body, fresh.etag)
 
     def _encode(self, snap: Snapshot, revision: int, now: dt.datetime) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -276,12 +277,38 @@ def find_duplicate(
     entries: Mapping[str, Mapping[str, Any]], key: str, fields: Mapping[str, Any]
 ) -> str | None:
     """The first other finished entry for the same vendor invoice, if any."""
-    if not fields.get("invoice_number"):
+    number = fields.get("invoice_number")
+    if not number:
         return None
-    for other_key, other in entries.items():
-        if other_key != key and other.get("status") == "done" and same_invoice(fields, other):
+    for other_key in _by_invoice_number(entries).get(compact(number), ()):
+        other = entries.get(other_key)
+        if (
+            other_key != key
+            and other is not None
+            and other.get("status") == "done"
+            and same_invoice(fields, other)
+        ):
             return other_key
     return None
+
+
+def _by_invoice_number(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Keys of done entries by compacted invoice number, built once per decoded manifest.
+
+    A scan per finished invoice made a commit O(batch x manifest): 0.65 s per update
+    at 100,000 entries. Stale keys are harmless because `find_duplicate` re-checks the
+    current entry.
+    """
+    indexes = getattr(entries, "indexes", None)  # present on manifest.Entries
+    if indexes is not None and "invoice_number" in indexes:
+        return indexes["invoice_number"]
+    index: dict[str, list[str]] = defaultdict(list)
+    for other_key, other in entries.items():
+        if other.get("status") == "done" and (number := other.get("invoice_number")):
+            index[compact(number)].append(other_key)
+    if indexes is not None:
+        indexes["invoice_number"] = index
+    return index
 
 
 @dataclass(frozen=True)
@@ -315,6 +342,8 @@ class RecordDone:
                 "review_reasons": [*reasons, duplicate_reason(duplicate)],
             }
         outcome = replace(self.transition, fields=fields).apply(entries, now)
+        if outcome.applied and (number := fields.get("invoice_number")):
+            _by_invoice_number(entries)[compact(number)].append(self.key)
         if duplicate is not None and outcome.applied:
             self._found.append(duplicate)
         return outcome

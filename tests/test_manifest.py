@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -76,7 +75,10 @@ async def test_superseded_attempt_cannot_finish(s3_store: S3Store) -> None:
     ],
 )
 async def test_claim_rules(
-    s3_store: S3Store, prev_status: Status, transient: bool | None, selection: str,
+    s3_store: S3Store,
+    prev_status: Status,
+    transient: bool | None,
+    selection: str,
     expected: bool,
 ) -> None:
     store = store_with(s3_store, asyncio.Lock())
@@ -110,39 +112,42 @@ def test_if_match_stops_a_writer_whose_read_is_stale(s3_store: S3Store) -> None:
     assert json.loads(s3_store.get(KEY).body) == {"v": 2}
 
 
+class InterleavingStore(S3Store):
+    """Real S3 calls; an out-of-band writer gets in between every read and write.
+
+    moto's conditional write is check-then-write, not atomic, so truly simultaneous
+    writers can race inside moto itself (FIELD_NOTES); interleaving deterministically
+    tests our 412 handling without testing moto's atomicity.
+    """
+
+    def __init__(self, inner: S3Store) -> None:
+        super().__init__(inner.client, inner.bucket)
+        self.out_of_band_keys: list[str] = []
+
+    def put_conditional(
+        self, key: str, body: bytes, *, if_match: str | None, content_type: str = "application/json"
+    ) -> str:
+        if len(self.out_of_band_keys) < 10:
+            doc = json.loads(self.get(key).body)
+            oob = f"oob-{len(self.out_of_band_keys)}"
+            doc["entries"][oob] = doc["entries"]["seed.pdf"]
+            doc["revision"] += 1
+            super().put(key, json.dumps(doc).encode())
+            self.out_of_band_keys.append(oob)
+        return super().put_conditional(key, body, if_match=if_match, content_type=content_type)
+
+
 async def test_conflict_is_reread_and_reapplied(s3_store: S3Store) -> None:
-    """An out-of-band writer races every commit; conditional writes keep both sides."""
-    store = store_with(s3_store, asyncio.Lock())
-    await store.commit([claim("seed.pdf")])
-    stop = threading.Event()
-    oob_keys: list[str] = []
-
-    def out_of_band_writer() -> None:
-        i = 0
-        while not stop.is_set():
-            snap = store.read_sync()
-            snap.entries[f"oob-{i}"] = snap.entries["seed.pdf"]
-            body = json.dumps({"format": 1, "revision": snap.revision + 1,
-                               "entries": snap.entries}).encode()
-            try:
-                s3_store.put_conditional(KEY, body, if_match=snap.etag)
-                oob_keys.append(f"oob-{i}")
-                i += 1
-            except PreconditionFailed:
-                pass
-
-    writer = threading.Thread(target=out_of_band_writer)
-    writer.start()
-    try:
-        for i in range(25):
-            await store.commit([claim(f"k{i}.pdf")])
-    finally:
-        stop.set()
-        writer.join()
+    """An out-of-band edit lands between each read and write: If-Match keeps both."""
+    await store_with(s3_store, asyncio.Lock()).commit([claim("seed.pdf")])
+    racing = InterleavingStore(s3_store)
+    store = ManifestStore(racing, KEY, lock=store_with(s3_store, asyncio.Lock())._lock)
+    for i in range(5):
+        await store.commit([claim(f"k{i}.pdf")])
     entries = (await store.read()).entries
-    assert {f"k{i}.pdf" for i in range(25)} <= entries.keys()
-    assert set(oob_keys) <= entries.keys()
-    assert oob_keys, "the out-of-band writer never got a write in"
+    assert {f"k{i}.pdf" for i in range(5)} <= entries.keys()
+    assert set(racing.out_of_band_keys) <= entries.keys()
+    assert store.conflicts == 10 and store.writes == 5
 
 
 def unguarded_update(s3: S3Store, key: str) -> None:
@@ -164,18 +169,15 @@ async def test_unguarded_read_modify_write_loses_updates(s3_store: S3Store) -> N
     assert len(kept) < n, "the race did not show; the test would not catch it"
 
 
-@pytest.mark.parametrize("lock", ["asyncio.Lock", "none (If-Match alone)"])
-async def test_manifest_store_loses_no_update_under_the_same_load(
-    s3_store: S3Store, lock: str
-) -> None:
-    store = store_with(s3_store, asyncio.Lock() if lock == "asyncio.Lock" else None)
+async def test_manifest_store_loses_no_update_under_the_same_load(s3_store: S3Store) -> None:
+    # Lock-free writers relying on If-Match alone are covered deterministically by
+    # test_conflict_is_reread_and_reapplied: moto's conditional write is not atomic.
+    store = store_with(s3_store, asyncio.Lock())
     n = 40
     await asyncio.gather(*(store.commit([claim(f"k{i}")]) for i in range(n)))
     snap = await store.read()
     assert len(snap.entries) == n
     assert snap.revision == n == store.writes
-    if lock == "none (If-Match alone)":
-        assert store.conflicts > 0, "no conflict happened, so If-Match was not exercised"
 
 
 async def test_group_commit_batches_and_loses_nothing(s3_store: S3Store) -> None:
