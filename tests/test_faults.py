@@ -99,6 +99,7 @@ async def test_bad_inputs_fail_permanently_with_a_reason_and_are_not_retried(
         assert (entry["error_kind"], entry.get("transient")) == (b.kind, False), (key, entry)
         for word in b.message_words:
             assert word in entry["error_message"], (key, entry["error_message"])
+    print("bad inputs:", {b.name: report.entries[k]["error_message"] for k, b in expected.items()})
     # Classified before any LLM call: the LLM saw exactly the good invoices, once each.
     assert llm.stats()["by_key"] == {k: 1 for k in good}
 
@@ -192,6 +193,7 @@ async def test_llm_429_500_and_timeouts_are_retried_and_a_rerun_bills_only_the_f
     )
     assert report.done == listed
     assert {after[k] > stats["by_key"][k] for k in unlucky} == {True}
+    print(f"LLM faults, first run: {stats['total']} calls {stats['by_status']}; failed {errors}")
 
 
 async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
