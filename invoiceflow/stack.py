@@ -65,6 +65,9 @@ class StackInfo:
             "PREFECT_API_URL": self.api_url,
             "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # The client retries 429/502/503 by default; a 500 from a server mid-restart
+            # is just as transient for us.
+            "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
             # moto accepts any credentials; boto3 still wants some to sign with.
             "AWS_ACCESS_KEY_ID": "invoiceflow-local",
             "AWS_SECRET_ACCESS_KEY": "invoiceflow-local",
