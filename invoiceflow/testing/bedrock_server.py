@@ -31,14 +31,11 @@ import contextlib
 import json
 import math
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -52,10 +49,9 @@ from invoiceflow.testing.llm_server import (
     LLMServerConfig,
     LLMServerHandle,
     _KeepRawSend,
-    _listening_socket,
     _ResetConnection,
-    _uvicorn_config,
     invoice_text_of,
+    serving_in_thread,
 )
 
 _ERROR_CODES: dict[int, str] = {
@@ -253,22 +249,5 @@ def running_bedrock_server(
     requests must be signed with.
     """
     app = BedrockServer(LLMServerConfig(**config)).asgi_app()
-    sock = _listening_socket(host, port)
-    server = uvicorn.Server(_uvicorn_config(app, log_config=None))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="bedrock-server", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("loopback Bedrock server thread died during start-up")
-            if time.monotonic() > deadline:
-                raise RuntimeError("loopback Bedrock server did not start within 15 s")
-            time.sleep(0.005)
-        yield BedrockServerHandle(host, sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with serving_in_thread(app, host, port, name="Bedrock") as bound_port:
+        yield BedrockServerHandle(host, bound_port)

@@ -814,22 +814,29 @@ def running_llm_server(
     hang_s). Port 0 picks a free port; ``handle.port`` is the real one.
     """
     app = build_app(LLMServerConfig(**config))
+    with serving_in_thread(app, host, port, name="LLM") as bound_port:
+        yield LLMServerHandle(host, bound_port)
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: ASGIApp, host: str, port: int, *, name: str) -> Iterator[int]:
+    """Serve `app` with uvicorn on its own event loop in a daemon thread; yields the port."""
     sock = _listening_socket(host, port)
     # log_config=None: don't let uvicorn's dictConfig rewire the test process's logging.
     server = uvicorn.Server(_uvicorn_config(app, log_config=None))
     thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="llm-server", daemon=True
+        target=server.run, kwargs={"sockets": [sock]}, name=f"{name}-server", daemon=True
     )
     thread.start()
     try:
         deadline = time.monotonic() + 15
         while not server.started:
             if not thread.is_alive():
-                raise RuntimeError("loopback LLM server thread died during start-up")
+                raise RuntimeError(f"loopback {name} server thread died during start-up")
             if time.monotonic() > deadline:
-                raise RuntimeError("loopback LLM server did not start within 15 s")
+                raise RuntimeError(f"loopback {name} server did not start within 15 s")
             time.sleep(0.005)
-        yield LLMServerHandle(host, sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
     finally:
         server.should_exit = True
         thread.join(timeout=15)
