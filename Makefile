@@ -59,7 +59,13 @@ format: sync
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .
 
-test: lint
+# The UI tests drive Debian's chromium through Playwright's executable_path (Playwright's
+# own browser download can't work here); installed once, then this is a no-op.
+/usr/bin/chromium:
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
+
+test: lint /usr/bin/chromium
 	$(UV) run pytest $(PYTEST_ARGS)
 
 bench: sync

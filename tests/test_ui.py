@@ -1,6 +1,6 @@
 """The Prefect UI, driven the way an operator uses it, in headless Chromium.
 
-Debian's chromium (`apt-get install chromium`, done by .ci/run) driven by Playwright
+Debian's chromium (`apt-get install chromium`, done by `make test`) driven by Playwright
 through `executable_path`; Playwright's own browser download is never used. The server
 is the session's (conftest), the deployments come from prefect.yaml, and a worker
 subprocess executes what the browser starts. Screenshots land in test-output/ui/.
@@ -60,7 +60,7 @@ UI_TIMEOUT_MS = 60_000  # the UI's first load on a busy 2-core machine
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/run, or `apt-get install -y chromium`")
+        pytest.fail(f"{CHROMIUM} is missing: run `make test`, or `apt-get install -y chromium`")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
