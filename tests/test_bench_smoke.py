@@ -31,6 +31,7 @@ TOP_LEVEL_KEYS = {
     "lost_updates",
     "cpu_ms_per_invoice",
     "peak_rss_mb",
+    "llm_slot_utilisation",
     "contenders",
 }
 
@@ -53,6 +54,7 @@ def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
     assert set(doc) == TOP_LEVEL_KEYS
     assert (doc["n"], doc["naive_n"], doc["concurrency"]) == (20, 10, 8)
     assert doc["lost_updates"] == 0
+    assert 0 < doc["llm_slot_utilisation"] <= 1
     assert set(doc["contenders"]) == {"seed", "naive", "pipeline"}
     for name, contender in doc["contenders"].items():
         assert contender["status"] == "ok", (name, contender.get("error"))
