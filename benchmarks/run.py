@@ -537,7 +537,11 @@ def run_bench(
         progress(f"starting Prefect + moto S3 on free ports (state in {workdir})")
         cleanup.callback(stack.down, workdir)
         info, _ = stack.up(
-            workdir, prefect_port=stack.free_port(), s3_port=stack.free_port(), bucket=BUCKET
+            workdir,
+            prefect_port=stack.free_port(),
+            s3_port=stack.free_port(),
+            bucket=BUCKET,
+            die_with_caller=True,
         )
         # Before anything imports Prefect: this process and the contenders use our stack.
         base_env = dict(os.environ)

@@ -10,6 +10,7 @@ the stack (bucket, concurrency limit, blocks, sample invoices) lives in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -137,7 +138,16 @@ def _wait_healthy(url: str, pid: int, log: Path, timeout_s: float) -> None:
     raise StackError(f"{url} did not become healthy within {timeout_s:.0f}s; see {log}")
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started us dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], *, die_with_parent: bool) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -147,6 +157,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> int:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # own process group: `down` stops its children too
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
         )
     return proc.pid
 
@@ -179,11 +190,14 @@ def up(
     s3_port: int | None = None,
     bucket: str = "invoiceflow",
     timeout_s: float = 120,
+    die_with_caller: bool = False,
 ) -> tuple[StackInfo, bool]:
     """Start (or reuse) the stack. Returns (info, reused).
 
     Ports left as None reuse the running stack's, or default to 4200 (Prefect) and
-    5055 (S3) for a new one.
+    5055 (S3) for a new one. `die_with_caller` (tests, benchmarks) stops the servers
+    when this process dies, even by SIGKILL, so an interrupted run leaks no servers;
+    `invoiceflow up` leaves it off so the stack outlives the command.
     """
     state = (state_dir or default_state_dir()).resolve()
     existing = load(state)
@@ -224,11 +238,13 @@ def up(
             # on whatever PREFECT_API_URL this shell has), i.e. someone else's server.
             "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         },
+        die_with_parent=die_with_caller,
     )
     s3_pid = _spawn(
         [_bin("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
         logs / "s3-server.log",
         dict(os.environ),
+        die_with_parent=die_with_caller,
     )
     info = StackInfo(str(state), prefect_port, s3_port, prefect_pid, s3_pid, bucket)
     (state / "stack.json").write_text(json.dumps(asdict(info), indent=2))

@@ -31,7 +31,11 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 def local_stack() -> Iterator[stack.StackInfo]:
     """Prefect server + S3 + bucket + manifest lock + blocks, for the whole session."""
     info, _ = stack.up(
-        STATE_DIR, prefect_port=PREFECT_PORT, s3_port=S3_PORT, bucket="invoiceflow-test"
+        STATE_DIR,
+        prefect_port=PREFECT_PORT,
+        s3_port=S3_PORT,
+        bucket="invoiceflow-test",
+        die_with_caller=True,  # a killed test run leaks no servers
     )
     try:
         from flows.provision import provision_local

@@ -344,6 +344,9 @@ def restart_prefect_server(info: Any, *, down_s: float = 0.0) -> Any:
         log,
         {**stack.server_env(home), "PREFECT_API_URL": info.api_url,
          "PREFECT_SERVER_UI_API_URL": info.api_url},
+        # Started from a worker thread: a parent-death signal would fire when that
+        # thread ends, not when the test process does. The fixture's down() stops it.
+        die_with_parent=False,
     )  # fmt: skip
     restarted = dataclasses.replace(info, prefect_pid=pid)
     (Path(info.state_dir) / "stack.json").write_text(json.dumps(dataclasses.asdict(restarted)))

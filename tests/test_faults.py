@@ -598,7 +598,11 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.StackI
         env.setenv("PREFECT_API_URL", f"http://127.0.0.1:{prefect_port}/api")
         env.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")
         info, _ = stack.up(
-            state, prefect_port=prefect_port, s3_port=stack.free_port(), bucket="own-stack"
+            state,
+            prefect_port=prefect_port,
+            s3_port=stack.free_port(),
+            bucket="own-stack",
+            die_with_caller=True,
         )
     try:
         yield info
