@@ -39,7 +39,9 @@ from invoiceflow.extractors.llm import (
     SYSTEM_PROMPT,
     TokenPrice,
     apply_budget,
+    charge,
     estimate_tokens,
+    llm_extraction,
     parse_answer,
     repair_message,
     user_message,
@@ -206,23 +208,21 @@ class BedrockExtractor:
                     log.info("repairing Bedrock answer for %s: %s", invoice_key, exc)
                     messages += _repair_turns(response, tool_use, exc)
         except ExtractionError as exc:
-            exc.attempts, exc.usage = attempts[0], usage
-            exc.cost = self.price.cost(usage) if self.price else None
+            charge(exc, attempts[0], usage, self.price)
             raise
         finally:
             _ATTEMPTS.reset(token)
-        return Extraction(
-            invoice=invoice,
-            source="llm",
+        return llm_extraction(
+            invoice,
             extractor=self.name,
             model=self.model,
             usage=usage,
-            cost=self.price.cost(usage) if self.price else None,
-            cost_currency=self.price_currency if self.price else None,
+            price=self.price,
+            price_currency=self.price_currency,
             attempts=attempts[0],
             repaired=len(messages) > 1,
             truncation=truncation,
-            notes=tuple(notes),
+            notes=notes,
         )
 
     async def _converse(self, messages: list[dict[str, Any]], invoice_key: str | None) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from invoiceflow.extractors import ExtractionError
+from invoiceflow.extractors import Extraction, ExtractionError
 from invoiceflow.normalize import parse_amount
 from invoiceflow.schema import ISO_4217, Invoice, Truncation, Usage
 
@@ -287,3 +287,38 @@ StructuredOutput = Literal["auto", "json_schema", "json_object", "prompt"]
 def estimate_tokens(*texts: str) -> int:
     """Rough prompt size (4 characters a token) for rate budgets before the call."""
     return sum(len(t) for t in texts) // 4 + 1
+
+
+def charge(error: ExtractionError, attempts: int, usage: Usage, price: TokenPrice | None) -> None:
+    """A failed call is billed too: record what it took on the error."""
+    error.attempts, error.usage = attempts, usage
+    error.cost = price.cost(usage) if price else None
+
+
+def llm_extraction(
+    invoice: Invoice,
+    *,
+    extractor: str,
+    model: str,
+    usage: Usage,
+    price: TokenPrice | None,
+    price_currency: str,
+    attempts: int,
+    repaired: bool,
+    truncation: Truncation | None,
+    notes: list[str],
+) -> Extraction:
+    """The `Extraction` of one successful LLM call (with its repairs), priced."""
+    return Extraction(
+        invoice=invoice,
+        source="llm",
+        extractor=extractor,
+        model=model,
+        usage=usage,
+        cost=price.cost(usage) if price else None,
+        cost_currency=price_currency if price else None,
+        attempts=attempts,
+        repaired=repaired,
+        truncation=truncation,
+        notes=tuple(notes),
+    )

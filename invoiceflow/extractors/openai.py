@@ -52,8 +52,10 @@ from invoiceflow.extractors.llm import (
     StructuredOutput,
     TokenPrice,
     apply_budget,
+    charge,
     estimate_tokens,
     fit_text,
+    llm_extraction,
     parse_answer,
     parse_invoice_content,
     repair_message,
@@ -335,23 +337,21 @@ class OpenAIExtractor:
                         {"role": "user", "content": repair_message(exc)},
                     ]
         except ExtractionError as exc:
-            exc.attempts, exc.usage = attempts[0], usage
-            exc.cost = self.price.cost(usage) if self.price else None
+            charge(exc, attempts[0], usage, self.price)
             raise
         finally:
             _ATTEMPTS.reset(token)
-        return Extraction(
-            invoice=invoice,
-            source="llm",
+        return llm_extraction(
+            invoice,
             extractor=self.name,
             model=self.model,
             usage=usage,
-            cost=self.price.cost(usage) if self.price else None,
-            cost_currency=self.price_currency if self.price else None,
+            price=self.price,
+            price_currency=self.price_currency,
             attempts=attempts[0],
             repaired=len(turns) > 1,
             truncation=truncation,
-            notes=tuple(notes),
+            notes=notes,
         )
 
     def _system_prompt(self) -> str:
