@@ -9,7 +9,7 @@ C ?= 32
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export UV_LINK_MODE = copy
 
-.PHONY: help sync run up down status deploy worker test lint format bench clean
+.PHONY: help sync system-deps run up down status deploy worker test lint format bench clean
 
 help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
@@ -25,12 +25,12 @@ $(CURDIR)/.tools/bin/uv:
 	$(CURDIR)/.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 .venv/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen
+	$(UV) sync --frozen --all-extras
 	@touch $@
 
 sync: .venv/.synced
 
-run: sync
+run: sync system-deps
 	$(UV) run invoiceflow up
 	$(UV) run invoiceflow run
 
@@ -59,13 +59,23 @@ format: sync
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .
 
-# The UI tests drive Debian's chromium through Playwright's executable_path (Playwright's
-# own browser download can't work here); installed once, then this is a no-op.
-/usr/bin/chromium:
-	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq chromium
+# Debian packages the tests and the stacks run for real: chromium (UI tests, through
+# Playwright's executable_path; its own browser download can't work here), Tesseract with
+# the EN/DE/FR/NL language packs (OCR), PostgreSQL, Redis and haproxy (the production
+# stack). Only what is missing is installed; on a machine that has them all this is a no-op.
+DEBIAN_PACKAGES = chromium tesseract-ocr tesseract-ocr-eng tesseract-ocr-deu \
+	tesseract-ocr-fra tesseract-ocr-nld postgresql redis-server haproxy
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 
-test: lint /usr/bin/chromium
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+test: lint system-deps
 	$(UV) run pytest $(PYTEST_ARGS)
 
 bench: sync

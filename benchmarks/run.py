@@ -52,10 +52,10 @@ from benchmarks.measure import (
     upload_pdfs,
     wait_until_quiet,
 )
+from devtools.llm_server import LLMServerHandle, spawn_llm_server, utilisation
 from invoiceflow import stack
 from invoiceflow.manifest import ManifestStore, Status
 from invoiceflow.storage import S3Store, make_s3_client
-from invoiceflow.testing.llm_server import LLMServerHandle, spawn_llm_server, utilisation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "bench-results.json"
@@ -557,7 +557,7 @@ def run_bench(
                 info.bucket,
             ),
             llm=llm,
-            llm_pid=find_child("invoiceflow.testing.llm_server"),
+            llm_pid=find_child("devtools.llm_server"),
             run_id=run_id,
             workdir=workdir,
             concurrency=concurrency,

@@ -17,6 +17,12 @@ from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
 from blocks.extractor import ExtractorBlock
+from devtools.bedrock_server import (
+    BedrockServerHandle,
+    decode_metadata,
+    running_bedrock_server,
+)
+from devtools.llm_server import FALLBACK_ANSWER
 from invoiceflow.extractors import ExtractionError
 from invoiceflow.extractors.bedrock import (
     BEDROCK_SYSTEM_PROMPT,
@@ -28,12 +34,6 @@ from invoiceflow.extractors.llm import REPAIR_PREFIX, TokenPrice, user_message
 from invoiceflow.pdf import parse_pdf
 from invoiceflow.samples import generate_invoice
 from invoiceflow.schema import Invoice
-from invoiceflow.testing.bedrock_server import (
-    BedrockServerHandle,
-    decode_metadata,
-    running_bedrock_server,
-)
-from invoiceflow.testing.llm_server import FALLBACK_ANSWER
 
 pytestmark = pytest.mark.llm
 

@@ -13,6 +13,7 @@ from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.evaluate import extract_file
 from invoiceflow.extractors.einvoice import (
     EInvoiceError,
@@ -28,7 +29,6 @@ from invoiceflow.pipeline import InvoicePipeline, PipelineConfig
 from invoiceflow.samples import EINVOICE_FLAVORS, generate_corpus, generate_invoice
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 EXPECTED_FORMAT = {
     "factur-x": "factur-x",

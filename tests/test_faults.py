@@ -46,11 +46,11 @@ from faults_support import (
     wait_until,
 )
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
+from devtools.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
 from invoiceflow import stack
 from invoiceflow.manifest import ManifestEntry, ManifestStore, Outcome, Status
 from invoiceflow.storage import S3Store, invoice_id, result_key
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
-from invoiceflow.testing.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
 
 pytestmark = pytest.mark.faults
 

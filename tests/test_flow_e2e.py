@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.manifest import ManifestStore, Status
 from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult, Invoice
 from invoiceflow.storage import S3Store, invoice_id
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 pytestmark = pytest.mark.e2e
 

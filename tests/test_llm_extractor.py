@@ -14,6 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
+from devtools.llm_server import (
+    FALLBACK_ANSWER,
+    LLMServerHandle,
+    rules_answer,
+    running_llm_server,
+    spawn_llm_server,
+)
 from invoiceflow.extractors import ExtractionError, Extractor
 from invoiceflow.extractors.openai import (
     SYSTEM_PROMPT,
@@ -22,13 +29,6 @@ from invoiceflow.extractors.openai import (
     user_message,
 )
 from invoiceflow.schema import Invoice
-from invoiceflow.testing.llm_server import (
-    FALLBACK_ANSWER,
-    LLMServerHandle,
-    rules_answer,
-    running_llm_server,
-    spawn_llm_server,
-)
 
 pytestmark = pytest.mark.llm
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from devtools.llm_server import FALLBACK_ANSWER, LLMServerHandle, running_llm_server
 from invoiceflow.extractors import ExtractionError
 from invoiceflow.extractors.llm import REPAIR_PREFIX, SYSTEM_PROMPT, TokenPrice, user_message
 from invoiceflow.extractors.openai import OpenAIExtractor, parse_reset
-from invoiceflow.testing.llm_server import FALLBACK_ANSWER, LLMServerHandle, running_llm_server
 
 pytestmark = pytest.mark.llm
 

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from devtools.llm_server import LLMServerHandle, running_llm_server, utilisation
 from invoiceflow import stack
 from invoiceflow.extractors.llm import TokenPrice
 from invoiceflow.manifest import ManifestStore
 from invoiceflow.samples import generate_corpus, generate_invoice
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server, utilisation
 
 pytestmark = [pytest.mark.e2e, pytest.mark.llm]
 

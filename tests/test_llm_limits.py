@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.extractors.limits import (
     LimiterStats,
     ProviderLimiter,
     TokenBucket,
     slot_utilisation,
 )
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 pytestmark = pytest.mark.llm
 
@@ -203,8 +203,8 @@ def test_slot_utilisation_merges_runs() -> None:
 
 
 async def test_server_side_utilisation_agrees_with_the_limiter(llm: LLMServerHandle) -> None:
+    from devtools.llm_server import utilisation
     from invoiceflow.extractors.openai import OpenAIExtractor
-    from invoiceflow.testing.llm_server import utilisation
 
     llm.reset()
     llm.configure(latency_s=0.2)

@@ -45,9 +45,9 @@ from ops_support import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.storage import S3Store
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 pytestmark = pytest.mark.ops
 

@@ -22,12 +22,12 @@ from faults_support import (
     upload,
 )
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.extractors import ExtractionError
 from invoiceflow.manifest import ManifestStore, ManifestTooLarge, Status, Transition
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 API_KEY = "sk-secret-" + uuid.uuid4().hex
 

@@ -35,9 +35,9 @@ from ops_support import (
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from prefect.client.schemas.objects import StateType
 
+from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.storage import S3Store, invoice_id, result_key
-from invoiceflow.testing.llm_server import LLMServerHandle, running_llm_server
 
 pytestmark = pytest.mark.ui
 

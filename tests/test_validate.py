@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from devtools.llm_server import FALLBACK_ANSWER, LLMServerHandle, running_llm_server
 from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.llm import TokenPrice, parse_answer
 from invoiceflow.extractors.openai import OpenAIExtractor
@@ -19,7 +20,6 @@ from invoiceflow.pipeline import InvoicePipeline, PipelineConfig, run_totals
 from invoiceflow.samples import generate_invoice
 from invoiceflow.schema import ExtractionResult, Invoice, LineItem, Truncation
 from invoiceflow.storage import S3Store
-from invoiceflow.testing.llm_server import FALLBACK_ANSWER, LLMServerHandle, running_llm_server
 from invoiceflow.validate import (
     RecordDone,
     check_invoice,

@@ -14,7 +14,7 @@ the key really travels.
 It runs on starlette + uvicorn (asyncio), so hundreds of concurrent slow requests cost
 a coroutine each, not a thread each. Run it in-process with `running_llm_server`
 (background thread, own event loop) or out of process with
-``python -m invoiceflow.testing.llm_server --port 0 --latency 2 --jitter 0.2`` (prints
+``python -m devtools.llm_server --port 0 --latency 2 --jitter 0.2`` (prints
 ``invoiceflow-llm-server listening on http://HOST:PORT/v1`` once it accepts
 connections) or `spawn_llm_server`, which wraps that command.
 
@@ -858,7 +858,7 @@ def spawn_llm_server(
 ) -> Iterator[LLMServerHandle]:
     """Run the server as a child process (its CPU then isn't the benchmark's)."""
     argv = [
-        sys.executable, "-m", "invoiceflow.testing.llm_server",
+        sys.executable, "-m", "devtools.llm_server",
         "--host", host, "--port", str(port),
         "--latency", str(latency_s), "--jitter", str(jitter_s),
         "--fault-rate", str(fault_rate), "--seed", str(seed),
@@ -894,7 +894,7 @@ def spawn_llm_server(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m invoiceflow.testing.llm_server",
+        prog="python -m devtools.llm_server",
         description="Loopback OpenAI-compatible chat-completions server.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -2,7 +2,7 @@
 
 boto3 talks to it through ``endpoint_url``; nothing is mocked on the client side. It
 reuses the OpenAI loopback server's machinery (fault plans, scripted answers,
-latency, counting, control endpoints; see `invoiceflow.testing.llm_server`) and
+latency, counting, control endpoints; see `devtools.llm_server`) and
 speaks Bedrock instead:
 
 * ``POST /model/{modelId}/converse`` answers with a ``toolUse`` block calling the
@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from invoiceflow.testing.llm_server import (
+from devtools.llm_server import (
     INVOICE_OPEN,
     AnswerValue,
     LLMServer,
