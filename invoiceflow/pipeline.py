@@ -11,13 +11,14 @@ import asyncio
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from invoiceflow.duplicates import RecordDone, duplicate_reason
 from invoiceflow.extractors import (
     DocumentExtractor,
     Extraction,
@@ -27,26 +28,29 @@ from invoiceflow.extractors import (
 )
 from invoiceflow.extractors.einvoice import read_einvoice
 from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
     Claim,
     GroupCommitter,
     Outcome,
+    RunLiveness,
+    RunLookup,
     Selection,
     Snapshot,
     Status,
     Transition,
     Update,
+    claim_holders,
+    done_fields,
 )
 from invoiceflow.pdf import PdfError, parse_pdf
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
-from invoiceflow.validate import RecordDone, duplicate_reason, validate_extraction
+from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Given run ids holding claims, which of those runs have ended (supplied by the flow).
-FinishedRuns = Callable[[set[str]], Awaitable[Iterable[str]]]
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class PipelineConfig:
     max_pages: int = 50
     # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
     einvoice_fast_path: bool = True
+    claim_timeout: dt.timedelta = DEFAULT_CLAIM_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 def chunked(items: list[T], size: int) -> list[list[T]]:
@@ -156,7 +162,7 @@ class InvoicePipeline:
         committer: GroupCommitter,
         extractor: Extractor,
         config: PipelineConfig,
-        finished_runs: FinishedRuns | None = None,
+        finished_runs: RunLookup | None = None,
     ) -> None:
         self.s3 = s3
         self.committer = committer
@@ -172,9 +178,18 @@ class InvoicePipeline:
         listed = await asyncio.to_thread(lambda: list(self.s3.list_pdfs(prefix)))
         snapshot = await self.committer.store.read()
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
-        abandoned = await self._abandoned_runs(snapshot, [o.key for o in candidates])
+        runs = await self._claim_holders(snapshot, [o.key for o in candidates])
         outcomes = await self.committer.submit_many(
-            Claim(o.key, o.etag, self.config.run_id, selection, abandoned_runs=abandoned)
+            Claim(
+                o.key,
+                o.etag,
+                self.config.run_id,
+                selection,
+                stale_after=self.config.claim_timeout,
+                abandoned_runs=runs.ended,
+                live_runs=runs.live,
+                max_attempts=self.config.max_attempts,
+            )
             for o in candidates
         )
         items = [
@@ -193,22 +208,16 @@ class InvoicePipeline:
             self.committer.flush()  # nothing else is coming: don't wait out the batch
         return await acknowledged
 
-    async def _abandoned_runs(self, snapshot: Snapshot, keys: list[str]) -> frozenset[str]:
-        """Other runs holding claims on `keys` that the orchestrator says have ended.
+    async def _claim_holders(self, snapshot: Snapshot, keys: list[str]) -> RunLiveness:
+        """What the orchestrator says about other runs holding claims on `keys`.
 
-        Their claims are dead (a crashed or killed run never finishes them), so this run
-        takes them over now instead of after the stale-claim timeout.
+        Claims of runs that have ended are taken over now, claims of live runs never;
+        only for runs it cannot tell about does the claim timeout decide.
         """
-        holders = {
-            raw["run_id"]
-            for key in keys
-            if (raw := snapshot.entries.get(key)) is not None
-            and raw["status"] in (Status.pending, Status.processing)
-            and raw.get("run_id") not in (None, self.config.run_id)
-        }
+        holders = claim_holders(snapshot.entries, keys) - {self.config.run_id}
         if not holders or self.finished_runs is None:
-            return frozenset()
-        return frozenset(await self.finished_runs(holders))
+            return RunLiveness()
+        return await self.finished_runs(holders)
 
     def parse(self, item: WorkItem) -> ParsedDoc:
         """Download and parse one PDF. Blocking: run it on a worker thread."""
@@ -315,32 +324,7 @@ class InvoicePipeline:
             return await self._fail(item, "s3_error", f"writing {key} failed: {exc}", True)
         # The duplicate check runs at commit time, under the manifest lock.
         update = RecordDone(
-            Transition(
-                item.key,
-                item.attempt,
-                Status.done,
-                {
-                    "result_key": key,
-                    "extractor": extraction.extractor,
-                    "vendor_name": invoice.vendor_name,
-                    "total": str(invoice.total) if invoice.total is not None else None,
-                    "currency": invoice.currency,
-                    "invoice_number": invoice.invoice_number,
-                    "vendor_tax_id": invoice.vendor_tax_id,
-                    "source": extraction.source,
-                    "model": extraction.model,
-                    "tokens_in": extraction.usage.prompt_tokens if used_tokens else None,
-                    "tokens_out": extraction.usage.completion_tokens if used_tokens else None,
-                    "cost": str(extraction.cost) if extraction.cost is not None else None,
-                    "truncated": extraction.truncation is not None,
-                    "needs_review": validated.needs_review,
-                    "review_reasons": list(validated.reasons[:5]) or None,
-                    "duplicate_of": None,
-                    "error_kind": None,
-                    "error_message": None,
-                    "transient": None,
-                },
-            )
+            Transition(item.key, item.attempt, Status.done, done_fields(result, key))
         )
         outcome = await self._record_final(update)
         if (duplicate := update.duplicate_of) is not None:
