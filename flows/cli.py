@@ -283,6 +283,9 @@ def reconcile(
             "decodes, and rebuild this prefix's entries from the results."
         ),
     ] = False,
+    max_manifest_bytes: Annotated[
+        int, typer.Option(help="A larger manifest counts as unreadable (as in the flow).")
+    ] = 256 * 1024 * 1024,
 ) -> None:
     """Repair the manifest from the result objects and the source listing.
 
@@ -311,6 +314,7 @@ def reconcile(
                 prune=prune,
                 dry_run=dry_run,
                 rebuild=rebuild,
+                max_manifest_bytes=max_manifest_bytes,
             )
         )
     except Exception as exc:  # a missing lock or an unreadable manifest: say what to do
@@ -331,7 +335,7 @@ def reconcile(
 
 
 async def _reconcile(
-    bucket_block: str, manifest_key: str, lock: str, **options: Any
+    bucket_block: str, manifest_key: str, lock: str, max_manifest_bytes: int, **options: Any
 ) -> ReconcileReport:
     from prefect_aws import S3Bucket
 
@@ -344,7 +348,7 @@ async def _reconcile(
     await check_manifest_lock(lock)
     bucket = await S3Bucket.load(bucket_block)
     s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
-    store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock))
+    store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock), max_bytes=max_manifest_bytes)
     return await reconcile(store, runs=flow_run_liveness, **options)
 
 

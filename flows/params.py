@@ -8,7 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.lock import LOCK_WAIT_SECONDS
-from invoiceflow.manifest import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_ATTEMPTS, key_collisions
+from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MANIFEST_BYTES,
+    key_collisions,
+)
 
 
 class ProcessInvoicesParams(BaseModel):
@@ -112,6 +117,14 @@ class ProcessInvoicesParams(BaseModel):
         title="Manifest lock wait (s)",
         description="How long a manifest write keeps retrying a deleted or disabled "
         "manifest lock before the run stops with the command that restores it.",
+    )
+    max_manifest_bytes: int = Field(
+        default=DEFAULT_MAX_MANIFEST_BYTES,
+        ge=1024,
+        le=4 * 1024**3,
+        title="Max manifest size (bytes)",
+        description="A larger manifest object stops the run before any work, with the "
+        "command that rebuilds it (`invoiceflow reconcile --rebuild`).",
     )
     max_pdf_bytes: int = Field(
         default=20_000_000,
