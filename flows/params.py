@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.lock import LOCK_WAIT_SECONDS
+from invoiceflow import defaults
 from invoiceflow.manifest import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -18,7 +19,7 @@ from invoiceflow.manifest import (
 
 class ProcessInvoicesParams(BaseModel):
     source_prefix: str = Field(
-        default="incoming/",
+        default=defaults.SOURCE_PREFIX,
         title="Source prefix",
         description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
     )
@@ -46,34 +47,34 @@ class ProcessInvoicesParams(BaseModel):
         "is not the bottleneck.",
     )
     results_prefix: str = Field(
-        default="results/",
+        default=defaults.RESULTS_PREFIX,
         title="Results prefix",
         description="Where one JSON result per invoice is written.",
     )
     manifest_key: str = Field(
-        default="manifest.json",
+        default=defaults.MANIFEST_KEY,
         title="Manifest key",
         description="The S3 object recording every invoice's status.",
     )
     bucket_block: str = Field(
-        default="invoiceflow-bucket",
+        default=defaults.BUCKET_BLOCK,
         title="S3 bucket block",
         description="Name of the saved prefect-aws S3Bucket block.",
     )
     extractor_block: str = Field(
-        default="invoiceflow-extractor",
+        default=defaults.EXTRACTOR_BLOCK,
         title="Extractor block",
         description="Name of the saved Invoice Extractor block (rules or an LLM).",
     )
     failure_notification_block: str = Field(
-        default="custom-webhook/invoiceflow-on-failure",
+        default=defaults.FAILURE_NOTIFICATION_BLOCK,
         title="Notify on failure",
         description="Notification block told when the run fails, as `type/name`, e.g. "
         "`custom-webhook/invoiceflow-on-failure` or `slack-webhook/ops`. Nobody is "
         "notified while that block is not saved; empty turns notification off.",
     )
     manifest_lock: str = Field(
-        default="invoiceflow-manifest",
+        default=defaults.MANIFEST_LOCK,
         title="Manifest lock",
         description="Global concurrency limit (size 1) serializing manifest writes.",
     )
