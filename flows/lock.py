@@ -129,10 +129,12 @@ async def _take_slot(name: str, wait_s: float) -> contextlib.AbstractAsyncContex
             if problem is None:
                 return slot
             await slot.__aexit__(None, None, None)  # an inactive limit held nothing
-        if loop.time() + delay > deadline:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
             raise ManifestLockLost(_lost_message(name, wait_s, problem))
-        log.warning("manifest lock %r unavailable (%s); retrying in %.1fs", name, problem, delay)
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        pause = min(delay * random.uniform(0.5, 1.0), remaining)  # jittered: runs differ
+        log.warning("manifest lock %r unavailable (%s); retrying in %.1fs", name, problem, pause)
+        await asyncio.sleep(pause)
         delay = min(delay * 2, 10.0)
 
 
