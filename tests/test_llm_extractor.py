@@ -300,6 +300,58 @@ async def test_refusal_is_permanent(server: LLMServerHandle) -> None:
 
     assert (error.kind, error.transient) == ("refusal", False)
     assert "can't help" in str(error)
+    assert error.usage.completion_tokens > 0  # the refused answer was billed, so it counts
+
+
+class ScriptedChat:
+    """A `ProviderChat` answering from a script, recording the repairs it was asked for."""
+
+    strict = True
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.repairs: list[str] = []
+
+    async def ask(self) -> tuple[Any, Any]:
+        from invoiceflow.schema import Usage
+
+        answer = self.answers.pop(0)
+        if isinstance(answer, ExtractionError):
+            answer.usage = Usage(prompt_tokens=7, completion_tokens=3)
+            raise answer
+        return answer, Usage(prompt_tokens=10, completion_tokens=5)
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.repairs.append(str(error))
+
+
+class Settings:
+    name, model, repair_attempts, price_currency = "scripted", "m", 1, "EUR"
+    price = None
+
+
+async def test_the_shared_repair_loop_repairs_once_then_bills_what_it_spent() -> None:
+    from invoiceflow.extractors.llm import TokenPrice, converse
+
+    good = Invoice(invoice_number="INV-1").model_dump(mode="json")
+    repaired = ScriptedChat(["not json", good])
+    extraction = await converse(Settings(), repaired, truncation=None, invoice_key="k")
+    assert extraction.repaired and extraction.invoice.invoice_number == "INV-1"
+    assert extraction.usage.total_tokens == 30 and len(repaired.repairs) == 1
+
+    settings = Settings()
+    settings.price = TokenPrice(input_per_million=Decimal(1), output_per_million=Decimal(2))
+    twice_bad = ScriptedChat(["not json", "still not json", good])
+    with pytest.raises(ExtractionError) as failure:
+        await converse(settings, twice_bad, truncation=None, invoice_key="k")
+    assert failure.value.kind == "invalid_json" and len(twice_bad.repairs) == 1
+    assert failure.value.usage.total_tokens == 30 and failure.value.cost is not None
+
+    refused = ScriptedChat(["not json", ExtractionError("refusal", "no", transient=False)])
+    with pytest.raises(ExtractionError) as failure:
+        await converse(Settings(), refused, truncation=None, invoice_key="k")
+    assert failure.value.kind == "refusal"
+    assert failure.value.usage.total_tokens == 15 + 10  # the refused call is billed too
 
 
 async def test_wrong_api_key_is_permanent_auth(server: LLMServerHandle) -> None:

@@ -39,10 +39,9 @@ from invoiceflow.extractors.llm import (
     SYSTEM_PROMPT,
     TokenPrice,
     apply_budget,
-    charge,
+    converse,
+    count_attempt,
     estimate_tokens,
-    llm_extraction,
-    parse_answer,
     repair_message,
     user_message,
 )
@@ -83,11 +82,6 @@ _AUTH: Final = frozenset(
 )
 _CONTEXT_WORDS: Final = ("too long", "context length", "context window", "too many tokens")
 
-# HTTP requests made for the current extraction (botocore retries included).
-_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "invoiceflow_bedrock_attempts", default=None
-)
-
 
 def metadata_value(key: str) -> str:
     """``key`` in the character set Bedrock's requestMetadata accepts (reversible)."""
@@ -98,12 +92,6 @@ def metadata_value(key: str) -> str:
         else:
             out.extend(f"={byte:02X}" for byte in ch.encode())
     return "".join(out)[:256]
-
-
-def _count_attempt(**_: Any) -> None:
-    counter = _ATTEMPTS.get()
-    if counter is not None:
-        counter[0] += 1
 
 
 def map_bedrock_error(exc: Exception) -> ExtractionError:
@@ -175,7 +163,7 @@ class BedrockExtractor:
         self.price_currency = price_currency
         self.limiter: Limiter = limiter or Unlimited()
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="bedrock")
-        client.meta.events.register("before-send.bedrock-runtime.Converse", _count_attempt)
+        client.meta.events.register("before-send.bedrock-runtime.Converse", count_attempt)
 
     def __repr__(self) -> str:
         return f"BedrockExtractor(model_id={self.model!r})"
@@ -187,43 +175,8 @@ class BedrockExtractor:
         self, text: str, *, pages: int | None = None, invoice_key: str | None = None
     ) -> Extraction:
         sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        messages: list[dict[str, Any]] = [
-            {"role": "user", "content": [{"text": user_message(sent, len(sent))}]}
-        ]
-        attempts = [0]
-        token = _ATTEMPTS.set(attempts)
-        usage = Usage()
-        try:
-            for round_ in range(self.repair_attempts + 1):
-                response = await self._converse(messages, invoice_key)
-                call_usage = _usage(response)
-                usage += call_usage
-                answer, tool_use = _answer(response)
-                try:
-                    invoice, notes = parse_answer(answer, strict=False)
-                    break
-                except ExtractionError as exc:
-                    if round_ == self.repair_attempts:
-                        raise
-                    log.info("repairing Bedrock answer for %s: %s", invoice_key, exc)
-                    messages += _repair_turns(response, tool_use, exc)
-        except ExtractionError as exc:
-            charge(exc, attempts[0], usage, self.price)
-            raise
-        finally:
-            _ATTEMPTS.reset(token)
-        return llm_extraction(
-            invoice,
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            price=self.price,
-            price_currency=self.price_currency,
-            attempts=attempts[0],
-            repaired=len(messages) > 1,
-            truncation=truncation,
-            notes=notes,
-        )
+        chat = _BedrockChat(self, [{"text": user_message(sent, len(sent))}], invoice_key)
+        return await converse(self, chat, truncation=truncation, invoice_key=invoice_key)
 
     async def _converse(self, messages: list[dict[str, Any]], invoice_key: str | None) -> Any:
         request: dict[str, Any] = {
@@ -303,6 +256,35 @@ def _answer(response: Any) -> tuple[dict[str, Any] | str, dict[str, Any] | None]
     if text:
         return text, None  # answered in prose instead of calling the tool
     raise ExtractionError("invalid_json", "Bedrock answered with no content", transient=False)
+
+
+class _BedrockChat:
+    """One invoice's Converse messages: the repair turn answers the tool call (or the
+    prose) with the validation error."""
+
+    strict = False  # tool input is not schema-enforced; missing keys are left null
+
+    def __init__(
+        self, extractor: BedrockExtractor, content: list[dict[str, Any]], invoice_key: str | None
+    ) -> None:
+        self._extractor = extractor
+        self._invoice_key = invoice_key
+        self.messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        self._response: Any = None
+        self._tool_use: dict[str, Any] | None = None
+
+    async def ask(self) -> tuple[dict[str, Any] | str, Usage]:
+        self._response = await self._extractor._converse(self.messages, self._invoice_key)
+        usage = _usage(self._response)
+        try:
+            answer, self._tool_use = _answer(self._response)
+        except ExtractionError as exc:
+            exc.usage = usage  # answered and billed, but unusable
+            raise
+        return answer, usage
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.messages += _repair_turns(self._response, self._tool_use, error)
 
 
 def _repair_turns(

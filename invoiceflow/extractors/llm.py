@@ -1,16 +1,19 @@
 """What every LLM extractor shares: the prompt and its envelope, the page/character
-budget, turning the model's answer into an `Invoice`, the repair prompt, and pricing.
+budget, turning the model's answer into an `Invoice`, the repair loop, and pricing.
 
-Provider modules (`openai`, `bedrock`) only move bytes and map their errors.
+Provider modules (`openai`, `bedrock`) only move bytes, speak their message format (a
+`ProviderChat`) and map their errors.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import re
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +39,8 @@ REPAIR_PREFIX: Final = "Your previous answer was rejected"
 PAGE_SEPARATOR: Final = "\n\f\n"
 
 LLM_SCHEMA: Final[dict[str, Any]] = Invoice.llm_json_schema()
+
+log = logging.getLogger(__name__)
 
 # The text must not be able to close our envelope early and continue "outside" it.
 _ENVELOPE_TAG: Final = re.compile(r"</?\s*invoice\s*>", re.IGNORECASE)
@@ -321,4 +326,97 @@ def llm_extraction(
         repaired=repaired,
         truncation=truncation,
         notes=tuple(notes),
+    )
+
+
+# --- the repair loop ---------------------------------------------------------------------
+
+# HTTP requests made for the extraction in progress (SDK / botocore retries included):
+# the providers' request hooks call `count_attempt`, which adds to the current counter.
+_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "invoiceflow_llm_attempts", default=None
+)
+
+
+def count_attempt(*_: Any, **__: Any) -> None:
+    """Request hook: one more HTTP request for the current extraction (if any)."""
+    counter = _ATTEMPTS.get()
+    if counter is not None:
+        counter[0] += 1
+
+
+class ProviderChat(Protocol):
+    """One invoice's conversation in a provider's message format.
+
+    ``ask`` sends the turns so far and returns the answer (text, or a tool's input) and
+    its usage; it raises `ExtractionError` for what no repair can fix (refusals, cut-off
+    answers, HTTP errors), with the usage of an answered call on the error.
+    ``add_repair`` appends the model's last answer and a turn asking to correct it.
+    ``strict`` says whether every schema key must be present.
+    """
+
+    @property
+    def strict(self) -> bool: ...
+
+    async def ask(self) -> tuple[str | dict[str, Any], Usage]: ...
+
+    def add_repair(self, error: ExtractionError) -> None: ...
+
+
+class LLMExtractorSettings(Protocol):
+    """What the repair loop reads from an LLM extractor."""
+
+    name: str
+    model: str
+    repair_attempts: int
+    price: TokenPrice | None
+    price_currency: str
+
+
+async def converse(
+    extractor: LLMExtractorSettings,
+    chat: ProviderChat,
+    *,
+    truncation: Truncation | None,
+    invoice_key: str | None,
+) -> Extraction:
+    """Ask, validate, and repair up to ``repair_attempts`` times; the priced result.
+
+    A failure is billed too: the raised `ExtractionError` carries the attempts, usage
+    and cost of every call made for this invoice.
+    """
+    attempts = [0]
+    token = _ATTEMPTS.set(attempts)
+    usage = Usage()
+    asked = 0
+    try:
+        while True:
+            answer, call_usage = await chat.ask()
+            asked += 1
+            usage += call_usage
+            try:
+                invoice, notes = parse_answer(answer, strict=chat.strict)
+                break
+            except ExtractionError as exc:
+                if asked > extractor.repair_attempts:
+                    raise
+                log.info("repairing %s answer for %s: %s", extractor.name, invoice_key, exc)
+                chat.add_repair(exc)
+    except ExtractionError as exc:
+        # A call that was answered but unusable (a refusal) put its usage on the error.
+        charge(exc, attempts[0], usage + exc.usage, extractor.price)
+        raise
+    finally:
+        _ATTEMPTS.reset(token)
+    return llm_extraction(
+        invoice,
+        extractor=extractor.name,
+        model=extractor.model,
+        usage=usage,
+        price=extractor.price,
+        price_currency=extractor.price_currency,
+        attempts=attempts[0],
+        repaired=asked > 1,
+        truncation=truncation,
+        notes=notes,
     )

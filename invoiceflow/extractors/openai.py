@@ -32,7 +32,6 @@ for the extractor's lifetime. Whatever the mode, an answer that fails validation
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -52,11 +51,10 @@ from invoiceflow.extractors.llm import (
     StructuredOutput,
     TokenPrice,
     apply_budget,
-    charge,
+    converse,
+    count_attempt,
     estimate_tokens,
     fit_text,
-    llm_extraction,
-    parse_answer,
     parse_invoice_content,
     repair_message,
     schema_instructions,
@@ -98,11 +96,6 @@ _FORMAT_WORDS: Final = ("response_format", "json_schema", "json_object", "struct
 _CONTEXT_WORDS: Final = ("context length", "context_length", "context window", "too many tokens")
 _RESET_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)?")
 
-# HTTP requests made for the current extraction; set per call, read by the hook.
-_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "invoiceflow_openai_attempts", default=None
-)
-
 
 def parse_reset(value: str) -> float | None:
     """Seconds in an ``x-ratelimit-reset-*`` value: "1s", "6m0s", "20ms", "0.5"."""
@@ -120,9 +113,7 @@ def parse_reset(value: str) -> float | None:
 
 
 async def _count_request(request: httpx2.Request) -> None:
-    counter = _ATTEMPTS.get()
-    if counter is not None:
-        counter[0] += 1
+    count_attempt()
 
 
 async def _reset_headers_to_retry_after(response: httpx2.Response) -> None:
@@ -333,42 +324,8 @@ class OpenAIExtractor:
         and per-invoice request counting), percent-encoded because headers are ASCII."""
         sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
         headers = {INVOICE_KEY_HEADER: quote(invoice_key, safe="/")} if invoice_key else None
-        attempts = [0]
-        token = _ATTEMPTS.set(attempts)
-        usage = Usage()
-        turns: list[dict[str, str]] = [{"role": "user", "content": user_message(sent, len(sent))}]
-        try:
-            for round_ in range(self.repair_attempts + 1):
-                content, call_usage = await self._complete(turns, headers)
-                usage += call_usage
-                try:
-                    invoice, notes = parse_answer(content, strict=self.mode == "json_schema")
-                    break
-                except ExtractionError as exc:
-                    if round_ == self.repair_attempts:
-                        raise
-                    log.info("repairing answer for %s: %s", invoice_key, exc)
-                    turns += [
-                        {"role": "assistant", "content": content},
-                        {"role": "user", "content": repair_message(exc)},
-                    ]
-        except ExtractionError as exc:
-            charge(exc, attempts[0], usage, self.price)
-            raise
-        finally:
-            _ATTEMPTS.reset(token)
-        return llm_extraction(
-            invoice,
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            price=self.price,
-            price_currency=self.price_currency,
-            attempts=attempts[0],
-            repaired=len(turns) > 1,
-            truncation=truncation,
-            notes=notes,
-        )
+        chat = _OpenAIChat(self, user_message(sent, len(sent)), headers)
+        return await converse(self, chat, truncation=truncation, invoice_key=invoice_key)
 
     def _system_prompt(self) -> str:
         return SYSTEM_PROMPT if self.mode == "json_schema" else schema_instructions()
@@ -426,7 +383,11 @@ class OpenAIExtractor:
                     raise _map_api_error(exc) from exc
                 usage = _reported_usage(completion)
                 permit.record(usage.total_tokens)
-            return self._content(completion), usage
+            try:
+                return self._content(completion), usage
+            except ExtractionError as exc:
+                exc.usage = usage  # answered and billed, but unusable
+                raise
 
     @staticmethod
     def _content(completion: Any) -> str:
@@ -461,3 +422,30 @@ class OpenAIExtractor:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _OpenAIChat:
+    """One invoice's chat-completions turns: the repair turn quotes the last answer."""
+
+    def __init__(
+        self, extractor: OpenAIExtractor, content: str, headers: dict[str, str] | None
+    ) -> None:
+        self._extractor = extractor
+        self._headers = headers
+        self.turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        self._last = ""
+
+    @property
+    def strict(self) -> bool:
+        # Read after the call: a step down the format ladder relaxes it.
+        return self._extractor.mode == "json_schema"
+
+    async def ask(self) -> tuple[str, Usage]:
+        self._last, usage = await self._extractor._complete(self.turns, self._headers)
+        return self._last, usage
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.turns += [
+            {"role": "assistant", "content": self._last},
+            {"role": "user", "content": repair_message(error)},
+        ]
