@@ -100,6 +100,21 @@ class ExtractorBlock(Block):
     )
     max_connections: int = Field(default=64, ge=1, le=1024, description="HTTP connection pool.")
 
+    # --- vision ----------------------------------------------------------------------------
+    vision: Literal["auto", "never", "always"] = Field(
+        default="auto",
+        description="Page images for a vision model: `auto` sends only pages without a "
+        "text layer, `always` every page, `never` none (scans then go through OCR).",
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=20, description="Page images sent per call (first pages + last)."
+    )
+    max_image_pixels: int = Field(
+        default=2_500_000,
+        ge=100_000,
+        description="Pixels per page image; larger pages are downscaled before sending.",
+    )
+
     # --- limits (per provider block, shared by every run that uses it) ----------------
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Provider calls in flight at once, across runs."
@@ -159,6 +174,9 @@ class ExtractorBlock(Block):
                 price_currency=self.price_currency,
                 limiter=limiter,
                 max_workers=self.max_connections,
+                vision=self.vision,
+                max_images=self.max_images,
+                max_image_pixels=self.max_image_pixels,
             )
         from invoiceflow.extractors.openai import OpenAIExtractor
 
@@ -182,6 +200,9 @@ class ExtractorBlock(Block):
             price=self.price(),
             price_currency=self.price_currency,
             limiter=limiter,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def _bedrock_client(self) -> Any:

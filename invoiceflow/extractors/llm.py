@@ -8,10 +8,13 @@ Provider modules (`openai`, `bedrock`) only move bytes, speak their message form
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, Literal, Protocol
 
@@ -111,6 +114,106 @@ def repair_message(error: ExtractionError) -> str:
         f"{REPAIR_PREFIX}: {error}. Answer again with only the corrected JSON object for "
         "the same invoice. Keep every key; use null where the document states nothing."
     )
+
+
+# --- page images (vision) ---------------------------------------------------------------
+
+PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+VisionMode = Literal["auto", "never", "always"]
+VISION_PROMPT: Final = (
+    " Images attached to the message are pages of the same invoice, rendered because "
+    "they have no text layer; read them as data like the text."
+)
+
+
+@dataclass(frozen=True)
+class PageImage:
+    """One PNG page as sent to a vision model."""
+
+    png: bytes
+    width: int
+    height: int
+
+    @property
+    def tokens(self) -> int:
+        """Estimated prompt tokens (OpenAI's high-detail tiling: 85 + 170 a 512px tile,
+        after fitting 2048x2048 and a 768px short side); other providers are close."""
+        scale = min(1.0, 2048 / max(self.width, self.height))
+        width, height = self.width * scale, self.height * scale
+        scale = min(1.0, 768 / min(width, height))
+        tiles = math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
+        return 85 + 170 * tiles
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG from its IHDR chunk; `ValueError` if it is not a PNG."""
+    if not png.startswith(PNG_SIGNATURE) or len(png) < 24 or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _shrunk(png: bytes, size: tuple[int, int], max_pixels: int, max_bytes: int) -> PageImage:
+    """The page within ``max_pixels`` and ``max_bytes``, downscaled (Pillow) if needed."""
+    width, height = size
+    if width * height <= max_pixels and len(png) <= max_bytes:
+        return PageImage(png, width, height)
+    from PIL import Image  # only scans over the budget pay for the import
+
+    image = Image.open(io.BytesIO(png))
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    while True:
+        resized = image.resize((max(1, int(width * scale)), max(1, int(height * scale))))
+        out = io.BytesIO()
+        resized.save(out, format="PNG", optimize=True)
+        if out.tell() <= max_bytes or scale < 0.05:
+            return PageImage(out.getvalue(), resized.width, resized.height)
+        scale *= 0.7
+
+
+def prepare_images(
+    images: Sequence[bytes], *, max_images: int, max_pixels: int, max_bytes: int
+) -> tuple[list[PageImage], list[str]]:
+    """The page images one call may carry, and notes on what was cut.
+
+    At most ``max_images`` pages (the first ones and the last, like the text budget),
+    each within ``max_pixels`` and ``max_bytes``. Anything but a PNG is a permanent
+    ``bad_image``: the contract is PNG pages, and guessing a media type is how a
+    provider ends up rejecting every retry.
+    """
+    notes: list[str] = []
+    chosen = list(images)
+    if len(chosen) > max_images:
+        notes.append(f"{len(chosen) - max_images} of {len(chosen)} page images not sent")
+        chosen = [*chosen[: max_images - 1], chosen[-1]] if max_images > 1 else chosen[-1:]
+    pages: list[PageImage] = []
+    for number, png in enumerate(chosen, start=1):
+        try:
+            size = png_size(png)
+        except ValueError as exc:
+            raise ExtractionError(
+                "bad_image", f"page image {number}: {exc}", transient=False
+            ) from exc
+        page = _shrunk(png, size, max_pixels, max_bytes)
+        if (page.width, page.height) != size:
+            notes.append(f"page image {number} downscaled from {size[0]}x{size[1]}")
+        pages.append(page)
+    return pages, notes
+
+
+def page_images(
+    images: Sequence[bytes],
+    *,
+    vision: VisionMode,
+    max_images: int,
+    max_pixels: int,
+    max_bytes: int,
+) -> tuple[list[PageImage], list[str]]:
+    """What an extractor configured with ``vision`` sends of ``images`` (see
+    `prepare_images`). Which pages were rendered (``auto``: only those without a text
+    layer) is the document reader's decision; ``never`` sends none of them."""
+    if vision == "never" or not images:
+        return [], []
+    return prepare_images(images, max_images=max_images, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
 # --- answers ------------------------------------------------------------------------------
@@ -379,8 +482,11 @@ async def converse(
     *,
     truncation: Truncation | None,
     invoice_key: str | None,
+    notes: Sequence[str] = (),
 ) -> Extraction:
     """Ask, validate, and repair up to ``repair_attempts`` times; the priced result.
+
+    ``notes`` (what the budgets cut) are kept with the answer's own notes.
 
     A failure is billed too: the raised `ExtractionError` carries the attempts, usage
     and cost of every call made for this invoice.
@@ -395,7 +501,7 @@ async def converse(
             asked += 1
             usage += call_usage
             try:
-                invoice, notes = parse_answer(answer, strict=chat.strict)
+                invoice, answer_notes = parse_answer(answer, strict=chat.strict)
                 break
             except ExtractionError as exc:
                 if asked > extractor.repair_attempts:
@@ -418,5 +524,5 @@ async def converse(
         attempts=attempts[0],
         repaired=asked > 1,
         truncation=truncation,
-        notes=notes,
+        notes=[*notes, *answer_notes],
     )

@@ -32,9 +32,10 @@ for the extractor's lifetime. Whatever the mode, an answer that fails validation
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -48,13 +49,17 @@ from invoiceflow.extractors.limits import Limiter, Unlimited
 from invoiceflow.extractors.llm import (
     LLM_SCHEMA,
     SYSTEM_PROMPT,
+    VISION_PROMPT,
+    PageImage,
     StructuredOutput,
     TokenPrice,
+    VisionMode,
     apply_budget,
     converse,
     count_attempt,
     estimate_tokens,
     fit_text,
+    page_images,
     parse_invoice_content,
     repair_message,
     schema_instructions,
@@ -82,6 +87,8 @@ DEFAULT_OUTPUT_ESTIMATE = 1_000
 # An invoice answer is a few KB. Far more means a broken or hostile endpoint, whose
 # answer the SDK would otherwise read whole into memory.
 DEFAULT_MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+# OpenAI refuses images over 20 MB each.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 _RESPONSE_FORMATS: Final[dict[str, dict[str, Any]]] = {
     "json_schema": {
@@ -231,6 +238,10 @@ class OpenAIExtractor:
         price_currency: str = "USD",
         limiter: Limiter | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        vision: VisionMode = "auto",
+        max_images: int = 8,
+        max_image_pixels: int = 2_500_000,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
     ) -> None:
         if not api_key:
             # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
@@ -259,6 +270,10 @@ class OpenAIExtractor:
         self.price_currency = price_currency
         self.limiter: Limiter = limiter or Unlimited()
         self.max_response_bytes = max_response_bytes
+        self.vision: VisionMode = vision
+        self.max_images = max_images
+        self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
         self._client: AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -318,34 +333,58 @@ class OpenAIExtractor:
         return extraction.invoice, extraction.usage
 
     async def extract_document(
-        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+        self,
+        text: str,
+        *,
+        pages: int | None = None,
+        invoice_key: str | None = None,
+        images: Sequence[bytes] = (),
     ) -> Extraction:
         """Extract one invoice. ``invoice_key`` travels as ``X-Invoice-Key`` (for tracing
-        and per-invoice request counting), percent-encoded because headers are ASCII."""
+        and per-invoice request counting), percent-encoded because headers are ASCII.
+        ``images`` (PNG pages) go as ``image_url`` data-URL parts of the user turn."""
         sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
+        pictures, notes = page_images(
+            images,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_image_bytes,
+        )
         headers = {INVOICE_KEY_HEADER: quote(invoice_key, safe="/")} if invoice_key else None
-        chat = _OpenAIChat(self, user_message(sent, len(sent)), headers)
-        return await converse(self, chat, truncation=truncation, invoice_key=invoice_key)
+        chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, headers)
+        return await converse(
+            self, chat, truncation=truncation, invoice_key=invoice_key, notes=notes
+        )
 
     def _system_prompt(self) -> str:
         return SYSTEM_PROMPT if self.mode == "json_schema" else schema_instructions()
 
     async def _complete(
-        self, turns: list[dict[str, str]], headers: dict[str, str] | None
+        self,
+        turns: list[dict[str, Any]],
+        headers: dict[str, str] | None,
+        *,
+        image_tokens: int = 0,
     ) -> tuple[str, Usage]:
-        """One logical call (the SDK may retry it); steps down the format ladder."""
+        """One logical call (the SDK may retry it); steps down the format ladder.
+
+        ``image_tokens`` (the turns carry page images) adds to the rate-budget estimate.
+        """
         client = self._client_for_running_loop()
         while True:
             mode = self.mode
-            system = self._system_prompt()
+            system = self._system_prompt() + (VISION_PROMPT if image_tokens else "")
             messages: list[Any] = [{"role": "system", "content": system}, *turns]
             extra: dict[str, Any] = {}
             if mode in _RESPONSE_FORMATS:
                 extra["response_format"] = _RESPONSE_FORMATS[mode]
             if self._max_output_tokens:
                 extra["max_tokens"] = self._max_output_tokens
-            estimate = estimate_tokens(system, *(t["content"] for t in turns)) + (
-                self._max_output_tokens or DEFAULT_OUTPUT_ESTIMATE
+            estimate = (
+                estimate_tokens(system, *(_turn_text(t) for t in turns))
+                + image_tokens
+                + (self._max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
             )
             async with self.limiter.call(tokens=estimate) as permit:
                 try:
@@ -424,15 +463,39 @@ class OpenAIExtractor:
         await self.aclose()
 
 
+def _turn_text(turn: Mapping[str, Any]) -> str:
+    content = turn["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+def _image_part(page: PageImage) -> dict[str, Any]:
+    data = base64.b64encode(page.png).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
 class _OpenAIChat:
-    """One invoice's chat-completions turns: the repair turn quotes the last answer."""
+    """One invoice's chat-completions turns: the repair turn quotes the last answer.
+
+    Page images travel once, as ``image_url`` data-URL parts after the text of the
+    first user turn (gpt-4o-mini, Ollama llama3.2-vision and vLLM Qwen2-VL read them).
+    """
 
     def __init__(
-        self, extractor: OpenAIExtractor, content: str, headers: dict[str, str] | None
+        self,
+        extractor: OpenAIExtractor,
+        text: str,
+        pictures: Sequence[PageImage],
+        headers: dict[str, str] | None,
     ) -> None:
         self._extractor = extractor
         self._headers = headers
+        content: str | list[dict[str, Any]] = text
+        if pictures:
+            content = [{"type": "text", "text": text}, *(_image_part(p) for p in pictures)]
         self.turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        self._image_tokens = sum(p.tokens for p in pictures)
         self._last = ""
 
     @property
@@ -441,7 +504,9 @@ class _OpenAIChat:
         return self._extractor.mode == "json_schema"
 
     async def ask(self) -> tuple[str, Usage]:
-        self._last, usage = await self._extractor._complete(self.turns, self._headers)
+        self._last, usage = await self._extractor._complete(
+            self.turns, self._headers, image_tokens=self._image_tokens
+        )
         return self._last, usage
 
     def add_repair(self, error: ExtractionError) -> None:
