@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +26,32 @@ from invoiceflow.manifest import GroupCommitter, ManifestStore
 from invoiceflow.pdf import PdfError, parse_pdf
 from invoiceflow.pipeline import InvoicePipeline, PipelineConfig
 from invoiceflow.samples import EINVOICE_FLAVORS, generate_corpus, generate_invoice
-from invoiceflow.schema import ExtractionResult
+from invoiceflow.schema import ExtractionResult, Invoice
 from invoiceflow.storage import S3Store
+
+# Fields the e-invoice reader fills that the generator's truth does not state.
+READER_ONLY_FIELDS = (
+    "document_type",
+    "customer_tax_id",
+    "payment_terms",
+    "iban",
+    "bic",
+    "tax_breakdown",
+    "vendor_address",
+    "customer_address",
+    "service_period_start",
+    "service_period_end",
+)
+
+
+def as_generated(invoice: Invoice) -> Invoice:
+    """The invoice with only the fields the sample generator states."""
+    defaults = {
+        name: Invoice.model_fields[name].get_default(call_default_factory=True)
+        for name in READER_ONLY_FIELDS
+    }
+    return invoice.model_copy(update=defaults)
+
 
 EXPECTED_FORMAT = {
     "factur-x": "factur-x",
@@ -45,7 +68,9 @@ def test_embedded_xml_is_read_exactly(flavor: str, language: str) -> None:
     extraction = read_einvoice(pdf)
 
     assert extraction is not None
-    assert extraction.invoice == truth  # every field and every line, Decimal-exact
+    # Every field and every line, Decimal-exact.
+    assert as_generated(extraction.invoice) == truth
+    assert extraction.invoice.document_type == "invoice"
     assert (extraction.source, extraction.extractor) == ("einvoice", "einvoice")
     assert extraction.einvoice_format == EXPECTED_FORMAT[flavor]
     assert extraction.usage.total_tokens == 0 and extraction.cost is None
@@ -58,7 +83,7 @@ def test_many_generated_einvoices_round_trip() -> None:
     for stem, pdf, truth in generate_corpus(60, seed=5, varied=True, einvoice_share=0.5):
         extraction = read_einvoice(pdf)
         if any(stem.endswith(f"-{flavor}") for flavor in EINVOICE_FLAVORS):
-            assert extraction is not None and extraction.invoice == truth, stem
+            assert extraction is not None and as_generated(extraction.invoice) == truth, stem
             found += 1
         else:
             assert extraction is None, stem
@@ -133,7 +158,7 @@ def test_scanned_hybrid_invoice_is_read_from_its_xml() -> None:
         parse_pdf(scan)
     done = asyncio.run(extract_file(scan, RulesExtractor()))
     assert done.extraction.source == "einvoice"
-    assert done.validated.invoice == truth
+    assert as_generated(done.validated.invoice) == truth
 
 
 def test_cli_extract_uses_the_fast_path(tmp_path: Path) -> None:
@@ -147,7 +172,7 @@ def test_cli_extract_uses_the_fast_path(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "source: einvoice (zugferd)" in result.output
     start = result.output.index("{")
-    assert json.loads(result.output[start:]) == json.loads(truth.model_dump_json())
+    assert as_generated(Invoice.model_validate_json(result.output[start:])) == truth
 
 
 # --- the pipeline never calls the LLM for an e-invoice ----------------------------------
@@ -194,7 +219,7 @@ async def test_pipeline_skips_the_llm_for_einvoices(
     result_key = outcomes[hybrid_key].result_key
     assert result_key is not None
     result = ExtractionResult.model_validate_json(s3_store.get(result_key).body)
-    assert result.invoice == hybrid_truth
+    assert as_generated(result.invoice) == hybrid_truth
     assert (result.source, result.extractor, result.einvoice_format) == (
         "einvoice",
         "einvoice",
