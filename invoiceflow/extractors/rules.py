@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from invoiceflow.extractors import Extraction
-from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_amount, parse_date
+from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_date, read_amount
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
 _I: Final = re.IGNORECASE
@@ -265,11 +265,22 @@ class RulesExtractor:
     async def extract_document(
         self, text: str, *, pages: int | None = None, invoice_key: str | None = None
     ) -> Extraction:
-        return Extraction(invoice=extract_invoice(text), source="rules", extractor=self.name)
+        invoice, notes = extract_invoice_with_notes(text)
+        return Extraction(invoice=invoice, source="rules", extractor=self.name, notes=notes)
 
 
 def extract_invoice(text: str) -> Invoice:
     """Synchronous core of `RulesExtractor`: always returns a valid `Invoice`."""
+    return extract_invoice_with_notes(text)[0]
+
+
+def extract_invoice_with_notes(text: str) -> tuple[Invoice, tuple[str, ...]]:
+    """The `Invoice` plus review reasons (e.g. a number too large to be money was ignored)."""
+    notes: list[str] = []
+    return _extract(text, notes), tuple(notes)
+
+
+def _extract(text: str, notes: list[str]) -> Invoice:
     lines = _lines(text)
     if not lines:
         return Invoice()
@@ -277,7 +288,7 @@ def extract_invoice(text: str) -> Invoice:
     vendor_tax_id = _vendor_tax_id(lines)
     totals, decimal = _totals(lines)
     header_index, columns = _table_header(lines)
-    items = _line_items(lines, header_index, columns, decimal)
+    items = _line_items(lines, header_index, columns, decimal, notes)
     item_lines = {index for index, _ in items}
     if item_lines:
         # An item description such as "Tax return preparation" must not count as a tax line.
@@ -297,10 +308,10 @@ def extract_invoice(text: str) -> Invoice:
         customer_name=_customer_name(lines),
         po_number=_labeled_token(lines, _RE_PO_NUMBER),
         currency=currency,
-        subtotal=_amount(totals.get("subtotal"), decimal),
-        tax_total=_amount(totals.get("tax_total"), decimal),
-        total=_amount(totals.get("total"), decimal),
-        amount_due=_amount(totals.get("amount_due"), decimal),
+        subtotal=_amount(totals.get("subtotal"), decimal, notes),
+        tax_total=_amount(totals.get("tax_total"), decimal, notes),
+        total=_amount(totals.get("total"), decimal, notes),
+        amount_due=_amount(totals.get("amount_due"), decimal, notes),
         line_items=[item for _, item in items],
     )
 
@@ -447,14 +458,11 @@ def _decimal_separator(amounts: Iterable[str]) -> DecimalSeparator | None:
     return "," if votes[","] > votes["."] else "."
 
 
-def _amount(text: str | None, decimal: DecimalSeparator | None) -> Decimal | None:
+def _amount(text: str | None, decimal: DecimalSeparator | None, notes: list[str]) -> Decimal | None:
     if text is None:
         return None
-    try:
-        value = parse_amount(text, decimal=decimal)
-    except ValueError:
-        return None
-    return value if _fits_money(value) else None
+    value = read_amount(text, decimal=decimal, notes=notes)
+    return value if value is not None and _fits_money(value) else None
 
 
 def _fits_money(value: Decimal) -> bool:
@@ -575,13 +583,14 @@ def _line_items(
     header_pos: int | None,
     layout: tuple[tuple[Column, ...], bool],
     decimal: DecimalSeparator | None,
+    notes: list[str],
 ) -> list[tuple[int, LineItem]]:
     if header_pos is None:
         return []  # without a table header, arithmetic-looking prose is too risky
     columns, has_pos = layout
     items: list[tuple[int, LineItem]] = []
     for line in lines[header_pos + 1 :]:
-        item = _parse_item(line.text, columns, has_pos, decimal)
+        item = _parse_item(line.text, columns, has_pos, decimal, notes)
         if item is not None:
             items.append((line.index, item))
             continue
@@ -596,7 +605,11 @@ _MAX_TOKENS_PER_NUMBER: Final = 3  # "1 234 567,89" spans three tokens
 
 
 def _parse_item(
-    text: str, columns: tuple[Column, ...], has_pos: bool, decimal: DecimalSeparator | None
+    text: str,
+    columns: tuple[Column, ...],
+    has_pos: bool,
+    decimal: DecimalSeparator | None,
+    notes: list[str],
 ) -> LineItem | None:
     """Read "<description> <n1> <n2> <n3>", where the numbers follow `columns`.
 
@@ -631,10 +644,10 @@ def _parse_item(
             raw = " ".join(tokens[start:end])
             if column != "qty" and not _MONEY_TOKEN.fullmatch(raw.replace(" ", "")):
                 break
-            try:
-                values[column] = parse_amount(raw, decimal=decimal)
-            except ValueError:
+            value = read_amount(raw, decimal=decimal, notes=notes)
+            if value is None:
                 break
+            values[column] = value
         else:
             qty, unit, amount = values["qty"], values["unit"], values["amount"]
             if not (_fits_money(unit) and _fits_money(amount) and abs(qty) < Decimal(10) ** 9):
