@@ -10,6 +10,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -479,3 +480,62 @@ async def test_29_digit_token_reaches_a_review_reason_through_validation() -> No
     assert validated.invoice.total == Decimal("10.00")
     assert validated.invoice.amount_due is None
     assert any("29-digit" in reason for reason in validated.reasons)
+
+
+# --- linear time (issue 11 item 4) -----------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    started = time.perf_counter()
+    invoice = extract_invoice(text)
+    elapsed = time.perf_counter() - started
+    assert Invoice.model_validate(invoice.model_dump()) == invoice
+    return elapsed
+
+
+def _best_of(text: str, runs: int = 3) -> float:
+    return min(_seconds(text) for _ in range(runs))
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "Date: ",  # the reported case: 8,000 repeats took 31 s
+        "Invoice No.: ",
+        "Rechnung Nr. 5 Date: Total ",
+        "Bill to: VAT ID: ",
+        "Total\n",
+        "Invoice date:\n",
+    ],
+)
+def test_repeated_labels_take_linear_time(unit: str) -> None:
+    small, large = unit * 2_000, unit * 8_000
+    ratio = _best_of(large) / max(_best_of(small), 1e-3)
+    assert ratio < 8, f"4x the input took {ratio:.1f}x the time"
+    assert _best_of(large, runs=1) < 1.5
+
+
+def test_reported_date_label_case_is_fast() -> None:
+    assert _seconds("Date: " * 8_000) < 1.0  # was 31 s
+    assert _seconds("Date: " * 10_000) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("one 5 MB line", "Total 12.00 Date: 01.02.2026 " * 180_000),
+        ("100k lines", "Invoice No.: 5 Date: 01.02.2026 Total 3.00\n" * 100_000),
+        ("5 MB of one digit", "1" * 5_000_000),
+        ("5 MB of spaces after a month", "1 Jan" + " " * 5_000_000 + "2026"),
+    ],
+)
+def test_adversarial_inputs_finish_in_bounded_time(name: str, text: str) -> None:
+    assert _seconds(text) < 5, name
+
+
+def test_overlong_text_is_flagged_for_review() -> None:
+    text = "Invoice No.: 5\n" + "filler line\n" * 60_000 + "Total EUR 3.00\n"
+    invoice, notes = extract_invoice_with_notes(text)
+    assert invoice.invoice_number == "5" and invoice.total == Decimal("3.00")
+    assert any("60002 lines" in note for note in notes), notes
+    assert _seconds(text) < 3

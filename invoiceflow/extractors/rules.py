@@ -248,6 +248,23 @@ _US_HINT: Final = re.compile(
 )
 
 
+# --- bounds that keep the extractor linear in its input -------------------------------------
+# Text extraction sometimes glues a whole page into one line; longer lines are split at a
+# space so every per-line regex sees bounded input.
+_MAX_LINE_CHARS: Final = 1_000
+# A label's value sits right after it: only this much of the line is looked at.
+_VALUE_WINDOW: Final = 160
+# A label repeated thousands of times ("Date: " x 8,000) must not cost thousands of
+# value scans: past these caps further occurrences are ignored (real invoices have a few).
+_MAX_MATCHES_PER_LINE: Final = 4
+_MAX_CANDIDATES_PER_LABEL: Final = 40
+# The longest real invoices run to a few thousand lines (~100 pages of ~5k characters);
+# beyond these the middle (line items) is skipped so the time stays bounded, and the
+# document is flagged for review. Header fields sit at the start, totals at the end.
+_MAX_LINES: Final = 40_000
+_MAX_CHARS: Final = 1_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class _Line:
     index: int
@@ -281,7 +298,7 @@ def extract_invoice_with_notes(text: str) -> tuple[Invoice, tuple[str, ...]]:
 
 
 def _extract(text: str, notes: list[str]) -> Invoice:
-    lines = _lines(text)
+    lines = _head_and_tail(_lines(text), notes)
     if not lines:
         return Invoice()
 
@@ -318,8 +335,46 @@ def _extract(text: str, notes: list[str]) -> Invoice:
 
 def _lines(text: str) -> list[_Line]:
     cleaned = text.replace("\f", "\n").replace("\u00a0", " ").replace("\u202f", " ")
-    stripped = (re.sub(r"[ \t]+", " ", raw).strip() for raw in cleaned.splitlines())
-    return [_Line(i, line) for i, line in enumerate(line for line in stripped if line)]
+    stripped = (_SPACE_RUN.sub(" ", raw).strip() for raw in cleaned.splitlines())
+    return [_Line(i, line) for i, line in enumerate(_bounded(stripped)) if line]
+
+
+_SPACE_RUN: Final = re.compile(r"[ \t]+")
+
+
+def _head_and_tail(lines: list[_Line], notes: list[str]) -> list[_Line]:
+    """`lines` within `_MAX_LINES` / `_MAX_CHARS`: the start and the end of the text."""
+    total_chars = sum(len(line.text) for line in lines)
+    if len(lines) <= _MAX_LINES and total_chars <= _MAX_CHARS:
+        return lines
+
+    def within_budget(ordered: Iterable[_Line]) -> list[_Line]:
+        kept, chars = [], 0
+        for line in ordered:
+            chars += len(line.text)
+            if len(kept) >= _MAX_LINES // 2 or chars > _MAX_CHARS // 2:
+                break
+            kept.append(line)
+        return kept
+
+    head = within_budget(lines)
+    tail = within_budget(reversed(lines[len(head) :]))[::-1]
+    notes.append(
+        f"text has {len(lines)} lines and {total_chars} characters; the rules read only "
+        f"the first {len(head)} and the last {len(tail)} lines"
+    )
+    return head + tail
+
+
+def _bounded(lines: Iterable[str]) -> Iterator[str]:
+    """Each line, split at spaces into pieces of at most `_MAX_LINE_CHARS`."""
+    for line in lines:
+        while len(line) > _MAX_LINE_CHARS:
+            cut = line.rfind(" ", _MAX_LINE_CHARS // 2, _MAX_LINE_CHARS)
+            cut = cut if cut > 0 else _MAX_LINE_CHARS
+            yield line[:cut].strip()
+            line = line[cut:].strip()
+        yield line
 
 
 # --- labelled header fields ----------------------------------------------------------------
@@ -329,15 +384,20 @@ def _label_values(lines: Sequence[_Line], label: re.Pattern[str]) -> Iterator[tu
     """(position in `lines`, text after the label) for every label occurrence.
 
     A label with nothing after it takes the next line, for layouts that stack the value
-    under its label.
+    under its label. Bounded: at most `_MAX_CANDIDATES_PER_LABEL` occurrences, each
+    with a value of at most `_VALUE_WINDOW` characters.
     """
+    found = 0
     for pos, line in enumerate(lines):
-        for match in label.finditer(line.text):
-            rest = line.text[match.end() :].strip(" :#\t")
+        for match, _ in zip(label.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False):
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW].strip(" :#\t")
             if not rest and pos + 1 < len(lines):
-                yield pos, lines[pos + 1].text
+                yield pos, lines[pos + 1].text[:_VALUE_WINDOW]
             else:
                 yield pos, rest
+            found += 1
+            if found >= _MAX_CANDIDATES_PER_LABEL:
+                return
 
 
 def _cut_at_label(value: str) -> str:
@@ -367,13 +427,12 @@ def _labeled_date(lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool
 
 
 def _customer_name(lines: Sequence[_Line]) -> str | None:
-    for pos, line in enumerate(lines):
-        for match in _RE_BILL_TO.finditer(line.text):
-            name = _cut_at_label(line.text[match.end() :])
-            if not name and pos + 1 < len(lines):
-                name = _cut_at_label(lines[pos + 1].text)
-            if name and any(ch.isalpha() for ch in name):
-                return name
+    for pos, rest in _label_values(lines, _RE_BILL_TO):
+        name = _cut_at_label(rest)
+        if not name and pos + 1 < len(lines):
+            name = _cut_at_label(lines[pos + 1].text[:_VALUE_WINDOW])
+        if name and any(ch.isalpha() for ch in name):
+            return name
     return None
 
 
@@ -412,8 +471,9 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
 
 def _vendor_tax_id(lines: Sequence[_Line]) -> str | None:
     for line in lines:
-        for match in _RE_TAX_ID.finditer(line.text):
-            rest = line.text[match.end() :]
+        matches = zip(_RE_TAX_ID.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False)
+        for match, _ in matches:
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW]
             if _CUSTOMER_QUALIFIER.search(
                 line.text[: match.start()]
             ) or _CUSTOMER_QUALIFIER_AFTER.match(rest):
