@@ -164,31 +164,65 @@ _MONTHS: Final[dict[str, int]] = {
     name: number
     for number, names in enumerate(
         [
-            ("january", "jan", "januar", "janvier", "enero", "gennaio", "januari"),
-            ("february", "feb", "februar", "février", "fevrier", "febrero", "febbraio", "februari"),
-            ("march", "mar", "märz", "maerz", "mars", "marzo", "maart", "mrt"),
-            ("april", "apr", "avril", "abril", "aprile"),
+            (
+                "january",
+                "jan",
+                "januar",
+                "jän",
+                "jaen",
+                "janvier",
+                "janv",
+                "enero",
+                "gennaio",
+                "januari",
+            ),
+            (
+                "february",
+                "feb",
+                "febr",
+                "februar",
+                "février",
+                "fevrier",
+                "févr",
+                "fevr",
+                "febrero",
+                "febbraio",
+                "februari",
+            ),
+            ("march", "mar", "märz", "maerz", "mrz", "mars", "marzo", "maart", "mrt"),
+            ("april", "apr", "avril", "avr", "abril", "aprile"),
             ("may", "mai", "mayo", "maggio", "mei", "maj"),
             ("june", "jun", "juni", "juin", "junio", "giugno"),
-            ("july", "jul", "juli", "juillet", "julio", "luglio"),
+            ("july", "jul", "juli", "juillet", "juil", "julio", "luglio"),
             ("august", "aug", "août", "aout", "agosto", "augusti", "augustus"),
             ("september", "sep", "sept", "septembre", "septiembre", "settembre"),
             ("october", "oct", "oktober", "okt", "octobre", "octubre", "ottobre"),
             ("november", "nov", "novembre", "noviembre"),
-            ("december", "dec", "dezember", "dez", "décembre", "decembre", "diciembre", "dicembre"),
+            (
+                "december",
+                "dec",
+                "dezember",
+                "dez",
+                "décembre",
+                "decembre",
+                "déc",
+                "diciembre",
+                "dicembre",
+            ),
         ],
         start=1,
     )
     for name in names
 }
 
+_ORDINALS: Final = frozenset(("st", "nd", "rd", "th", "er"))
 _MONTH_WORD: Final = r"[A-Za-zÀ-ÿ]{3,10}\.?"
 # Order matters: the ISO form must win over the numeric forms it contains.
 DATE_PATTERN: Final = re.compile(
     r"(?P<iso>\d{4}-\d{1,2}-\d{1,2})"
     r"|(?P<ymd>\d{4}[./]\d{1,2}[./]\d{1,2})"
     r"|(?P<num>\d{1,2}[./-]\d{1,2}[./-]\d{2,4})"
-    rf"|(?P<dmy>\d{{1,2}}\.?[ -]{_MONTH_WORD}[\s,-]*\d{{4}})"
+    rf"|(?P<dmy>\d{{1,2}}(?:er|st|nd|rd|th)?\.?[ -]{_MONTH_WORD}[\s,-]{{0,3}}\d{{4}})"
     rf"|(?P<mdy>{_MONTH_WORD} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}})"
 )
 
@@ -225,7 +259,7 @@ def parse_date(text: str, *, dayfirst: bool = True) -> dt.date:
             return dt.date(year, month, day)
         words = re.findall(r"[A-Za-zÀ-ÿ]+|\d+", token)
         numbers = [int(w) for w in words if w.isdigit()]
-        names = [w for w in words if not w.isdigit() and w.lower() not in ("st", "nd", "rd", "th")]
+        names = [w for w in words if not w.isdigit() and w.lower() not in _ORDINALS]
         month = _MONTHS.get(names[0].lower()) if names else None
         if month is None or len(numbers) != 2:
             raise ValueError(f"unknown month in {text!r}")
