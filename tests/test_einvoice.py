@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.evaluate import extract_file
+from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
     MAX_XML_BYTES,
     EInvoiceError,
@@ -712,3 +713,33 @@ def test_small_attachments_in_the_same_encoding_are_read() -> None:
     read = read_embedded(attachment_bomb(count=1, inflated=1_000))
     assert read.extraction is None
     assert read.notes and "not well-formed" in read.notes[0]
+
+
+def test_llm_payment_fields_must_be_printed_on_the_document() -> None:
+    """A prompt-injected IBAN (or tax line) is dropped like any unsupported value."""
+    text = (
+        "Invoice INV-1 2025-03-01 Seller GmbH EUR\nNet 100.00 VAT 19% 19.00 Total 119.00\n"
+        "Pay to IBAN DE89 3704 0044 0532 0130 00, BIC COBADEFFXXX, 30 days net"
+    )
+    answer = Invoice(
+        invoice_number="INV-1",
+        iban="GB82WEST12345698765432",  # the attacker's, not on the page
+        bic="COBADEFFXXX",
+        payment_terms="30 days net",
+        tax_breakdown=[
+            TaxBreakdown(rate=Decimal(19), taxable_amount=Decimal(100), tax_amount=Decimal(19)),
+            TaxBreakdown(rate=Decimal(7), taxable_amount=Decimal(50), tax_amount=Decimal("3.50")),
+        ],
+    )
+    extraction = Extraction(invoice=answer, source="llm", extractor="openai")
+    validated = validate_extraction(extraction, text)
+    assert validated.invoice.iban is None
+    assert (validated.invoice.bic, validated.invoice.payment_terms) == (
+        "COBADEFFXXX",
+        "30 days net",
+    )
+    assert [t.rate for t in validated.invoice.tax_breakdown] == [19]
+    assert "iban 'GB82WEST12345698765432' is not in the document text; dropped" in validated.reasons
+    printed = answer.model_copy(update={"iban": "DE89370400440532013000", "tax_breakdown": []})
+    kept = validate_extraction(Extraction(invoice=printed, source="llm", extractor="openai"), text)
+    assert kept.invoice.iban == "DE89370400440532013000"
