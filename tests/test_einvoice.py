@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import pickle
+import subprocess
+import sys
+import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +20,7 @@ from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.evaluate import extract_file
+from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
     MAX_XML_BYTES,
     EInvoiceError,
@@ -609,3 +614,132 @@ def test_results_written_before_the_new_fields_stay_readable() -> None:
     result = ExtractionResult.model_validate(old)
     assert result.read_as is None
     assert result.invoice.document_type is None and result.invoice.tax_breakdown == []
+
+
+# --- attachments are size-checked before they are inflated (issue 11, item 3) ----------------
+
+
+def attachment_bomb(
+    count: int = 30, inflated: int = 75_000_000, declared: int | None = None
+) -> bytes:
+    """A PDF whose ``count`` XML attachments are zeros deflated twice (~500 bytes each).
+
+    pypdf's ``reader.attachments[name]`` would inflate each to ``inflated`` bytes (its
+    own cap is 75 MB per stream): 30 of them took a run to 2.4 GB RSS.
+    """
+    payload = zlib.compress(zlib.compress(b"\0" * inflated, 9), 9)
+    params = f" /Params << /Size {declared} >>" if declared is not None else ""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names ["
+        + b" ".join(f"(f{i}.xml) {4 + 2 * i} 0 R".encode() for i in range(count))
+        + b"] >> >> >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+    ]
+    for i in range(count):
+        objects.append(
+            f"<< /Type /Filespec /F (f{i}.xml) /UF (f{i}.xml) "
+            f"/EF << /F {5 + 2 * i} 0 R >> >>".encode()
+        )
+        objects.append(
+            f"<< /Type /EmbeddedFile /Filter [/FlateDecode /FlateDecode] "
+            f"/Length {len(payload)}{params} >>\nstream\n".encode()
+            + payload
+            + b"\nendstream"
+        )
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += (
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
+    return bytes(out)
+
+
+# Run in a fresh interpreter so nothing else the test session allocated is counted.
+MEASURE_READ = """
+import json, sys, time, tracemalloc
+from invoiceflow.extractors.einvoice import EInvoiceError, read_embedded
+pdf = sys.stdin.buffer.read()
+tracemalloc.start()
+start = time.perf_counter()
+try:
+    read_embedded(pdf)
+    outcome = {"kind": None, "message": ""}
+except EInvoiceError as exc:
+    outcome = {"kind": exc.kind, "message": str(exc)}
+outcome["seconds"] = time.perf_counter() - start
+outcome["peak_mb"] = tracemalloc.get_traced_memory()[1] / 1e6
+print(json.dumps(outcome))
+"""
+
+
+def test_attachment_bomb_is_refused_without_inflating_it() -> None:
+    pdf = attachment_bomb()
+    assert len(pdf) < 17_000  # the issue's 17 KB PDF
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_READ],
+        input=pdf,
+        capture_output=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    outcome = json.loads(done.stdout)
+    print(f"attachment bomb: {outcome}")
+    assert outcome["kind"] == "too_large"
+    assert outcome["message"] == "attachment f0.xml inflates past 10000000 bytes"
+    # Peak allocation is the 10 MB bound plus one copy, not even one whole attachment
+    # (pypdf would allocate 75 MB for each of the 30).
+    assert outcome["peak_mb"] < 30
+    assert outcome["seconds"] < 5
+
+
+def test_declared_attachment_size_is_checked_first() -> None:
+    pdf = attachment_bomb(count=2, inflated=1_000, declared=75_000_000)
+    with pytest.raises(EInvoiceError, match=r"f0\.xml declares 75000000 bytes") as caught:
+        read_embedded(pdf)
+    assert caught.value.kind == "too_large"
+    assert read_einvoice(pdf) is None  # the old entry point still never raises
+
+
+def test_small_attachments_in_the_same_encoding_are_read() -> None:
+    """The hand-built PDF itself is fine: 1 KB of zeros is just not XML."""
+    read = read_embedded(attachment_bomb(count=1, inflated=1_000))
+    assert read.extraction is None
+    assert read.notes and "not well-formed" in read.notes[0]
+
+
+def test_llm_payment_fields_must_be_printed_on_the_document() -> None:
+    """A prompt-injected IBAN (or tax line) is dropped like any unsupported value."""
+    text = (
+        "Invoice INV-1 2025-03-01 Seller GmbH EUR\nNet 100.00 VAT 19% 19.00 Total 119.00\n"
+        "Pay to IBAN DE89 3704 0044 0532 0130 00, BIC COBADEFFXXX, 30 days net"
+    )
+    answer = Invoice(
+        invoice_number="INV-1",
+        iban="GB82WEST12345698765432",  # the attacker's, not on the page
+        bic="COBADEFFXXX",
+        payment_terms="30 days net",
+        tax_breakdown=[
+            TaxBreakdown(rate=Decimal(19), taxable_amount=Decimal(100), tax_amount=Decimal(19)),
+            TaxBreakdown(rate=Decimal(7), taxable_amount=Decimal(50), tax_amount=Decimal("3.50")),
+        ],
+    )
+    extraction = Extraction(invoice=answer, source="llm", extractor="openai")
+    validated = validate_extraction(extraction, text)
+    assert validated.invoice.iban is None
+    assert (validated.invoice.bic, validated.invoice.payment_terms) == (
+        "COBADEFFXXX",
+        "30 days net",
+    )
+    assert [t.rate for t in validated.invoice.tax_breakdown] == [19]
+    assert "iban 'GB82WEST12345698765432' is not in the document text; dropped" in validated.reasons
+    printed = answer.model_copy(update={"iban": "DE89370400440532013000", "tax_breakdown": []})
+    kept = validate_extraction(Extraction(invoice=printed, source="llm", extractor="openai"), text)
+    assert kept.invoice.iban == "DE89370400440532013000"
