@@ -32,7 +32,16 @@ SYSTEM_PROMPT: Final = (
     "JSON object the schema requires. Use null for every field the document does not "
     "state; never guess or compute missing values. Money amounts are strings with '.' "
     "as the decimal separator and no currency symbols or thousands separators. Dates "
-    "are ISO YYYY-MM-DD. currency is an ISO 4217 code."
+    "are ISO YYYY-MM-DD. currency is an ISO 4217 code. document_type is credit_note "
+    "only when the document calls itself a credit note (Gutschrift, avoir, "
+    "creditnota), otherwise invoice; a credit note's amounts keep the sign printed. "
+    "tax_breakdown has one entry per VAT rate as printed in the tax summary: rate in "
+    "percent (e.g. '19'), taxable_amount and tax_amount. vendor_address and "
+    "customer_address are the postal address as one string, lines joined with ', ', "
+    "without the name. iban and bic are the payee's bank details exactly as printed. "
+    "payment_terms is the terms text as printed (e.g. 'Net 30 days'). "
+    "service_period_start and service_period_end are the delivery or billing period, "
+    "only when stated. customer_tax_id is the buyer's VAT or tax number."
 )
 INVOICE_OPEN: Final = "<invoice>"
 INVOICE_CLOSE: Final = "</invoice>"
@@ -244,6 +253,16 @@ _LLM_MONEY: Final = re.compile(
 _CODE_FENCE: Final = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 _MONEY_KEYS: Final = ("subtotal", "tax_total", "total", "amount_due")
 _ITEM_NUMBER_KEYS: Final = ("quantity", "unit_price", "amount")
+_TAX_LINE_NUMBER_KEYS: Final = ("rate", "taxable_amount", "tax_amount")
+_LIST_KEYS: Final = {"line_items": _ITEM_NUMBER_KEYS, "tax_breakdown": _TAX_LINE_NUMBER_KEYS}
+_PERCENT: Final = re.compile(r"^\s*(.*?)\s*%\s*$")
+_DOCUMENT_TYPES: Final = {
+    "invoice": "invoice",
+    "credit_note": "credit_note",
+    "credit note": "credit_note",
+    "creditnote": "credit_note",
+    "credit": "credit_note",
+}
 
 
 def _missing_required(value: Any, schema: Mapping[str, Any], path: str) -> list[str]:
@@ -310,17 +329,27 @@ def normalize_answer(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             out[key] = _number(out[key])
     if "currency" in out:
         out["currency"] = _currency(out["currency"], notes)
-    items = out.get("line_items")
-    if items is None and "line_items" in out:
-        out["line_items"] = []
-    elif isinstance(items, list):
-        out["line_items"] = [
-            {k: (_number(v) if k in _ITEM_NUMBER_KEYS else v) for k, v in item.items()}
-            if isinstance(item, dict)
-            else item
-            for item in items
-        ]
+    if isinstance(kind := out.get("document_type"), str):
+        out["document_type"] = _DOCUMENT_TYPES.get(kind.strip().lower(), kind)
+    for key, number_keys in _LIST_KEYS.items():
+        items = out.get(key)
+        if items is None and key in out:
+            out[key] = []
+        elif isinstance(items, list):
+            out[key] = [
+                {k: (_number(_percent(v)) if k in number_keys else v) for k, v in item.items()}
+                if isinstance(item, dict)
+                else item
+                for item in items
+            ]
     return out, notes
+
+
+def _percent(value: Any) -> Any:
+    """ "19 %" -> "19"; anything else unchanged."""
+    if isinstance(value, str) and (match := _PERCENT.fullmatch(value)):
+        return match.group(1)
+    return value
 
 
 def parse_answer(answer: str | dict[str, Any], *, strict: bool) -> tuple[Invoice, list[str]]:
