@@ -375,51 +375,16 @@ class OpenAIExtractor:
         while True:
             mode = self.mode
             system = self._system_prompt() + (VISION_PROMPT if image_tokens else "")
-            messages: list[Any] = [{"role": "system", "content": system}, *turns]
-            extra: dict[str, Any] = {}
-            if mode in _RESPONSE_FORMATS:
-                extra["response_format"] = _RESPONSE_FORMATS[mode]
-            if self._max_output_tokens:
-                extra["max_tokens"] = self._max_output_tokens
             estimate = (
                 estimate_tokens(system, *(_turn_text(t) for t in turns))
                 + image_tokens
                 + (self._max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
             )
+            messages: list[Any] = [{"role": "system", "content": system}, *turns]
             async with self.limiter.call(tokens=estimate) as permit:
-                try:
-                    async with asyncio.timeout(self._max_total_s):
-                        completion = await client.chat.completions.create(
-                            model=self.model,
-                            messages=messages,
-                            temperature=self._temperature,
-                            extra_headers=headers,
-                            **extra,
-                        )
-                except ResponseTooLarge as exc:
-                    raise ExtractionError("response_too_big", str(exc), transient=False) from exc
-                except TimeoutError as exc:
-                    raise ExtractionError(
-                        "timeout",
-                        f"LLM call (retries included) exceeded {self._max_total_s} s",
-                        transient=True,
-                    ) from exc
-                except openai.APIStatusError as exc:
-                    if self._may_step_down and _unsupported_format(exc) and mode == self.mode:
-                        following = _LADDER.index(mode) + 1
-                        if following < len(_LADDER):
-                            self.mode = _LADDER[following]
-                            log.warning(
-                                "%s rejected response_format %s (%s); using %s from now on",
-                                self._base_url,
-                                mode,
-                                exc.message,
-                                self.mode,
-                            )
-                            continue
-                    raise _map_api_error(exc) from exc
-                except openai.APIError as exc:
-                    raise _map_api_error(exc) from exc
+                completion = await self._create(client, mode, messages, headers)
+                if completion is None:
+                    continue  # the server refused the format; ask again one step down
                 usage = _reported_usage(completion)
                 permit.record(usage.total_tokens)
             try:
@@ -427,6 +392,64 @@ class OpenAIExtractor:
             except ExtractionError as exc:
                 exc.usage = usage  # answered and billed, but unusable
                 raise
+
+    async def _create(
+        self,
+        client: AsyncOpenAI,
+        mode: str,
+        messages: list[Any],
+        headers: dict[str, str] | None,
+    ) -> Any | None:
+        """One chat completion in ``mode``, errors mapped to `ExtractionError`; None
+        when the server rejected ``mode`` and the extractor stepped down from it."""
+        extra: dict[str, Any] = {}
+        if mode in _RESPONSE_FORMATS:
+            extra["response_format"] = _RESPONSE_FORMATS[mode]
+        if self._max_output_tokens:
+            extra["max_tokens"] = self._max_output_tokens
+        try:
+            async with asyncio.timeout(self._max_total_s):
+                return await client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=self._temperature,
+                    extra_headers=headers,
+                    **extra,
+                )
+        except ResponseTooLarge as exc:
+            raise ExtractionError("response_too_big", str(exc), transient=False) from exc
+        except TimeoutError as exc:
+            raise ExtractionError(
+                "timeout",
+                f"LLM call (retries included) exceeded {self._max_total_s} s",
+                transient=True,
+            ) from exc
+        except openai.APIStatusError as exc:
+            if self._stepped_down(mode, exc):
+                return None
+            raise _map_api_error(exc) from exc
+        except openai.APIError as exc:
+            raise _map_api_error(exc) from exc
+
+    def _stepped_down(self, mode: str, exc: openai.APIStatusError) -> bool:
+        """Step down the format ladder if ``exc`` rejects ``mode`` (once per mode, even
+        with many calls failing at once); whether the caller should ask again."""
+        if not (self._may_step_down and _unsupported_format(exc)):
+            return False
+        if mode != self.mode:
+            return True  # another call already stepped down from it
+        following = _LADDER.index(mode) + 1
+        if following >= len(_LADDER):
+            return False
+        self.mode = _LADDER[following]
+        log.warning(
+            "%s rejected response_format %s (%s); using %s from now on",
+            self._base_url,
+            mode,
+            exc.message,
+            self.mode,
+        )
+        return True
 
     @staticmethod
     def _content(completion: Any) -> str:
