@@ -47,7 +47,11 @@ class ExtractorBlock(Block):
         description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or "
         "http://localhost:11434/v1 (Ollama).",
     )
-    api_key: SecretStr | None = Field(default=None, title="API key")
+    api_key: SecretStr | None = Field(
+        default=None,
+        title="API key",
+        description="Bearer token for `base_url`; masked in every log, error and artifact.",
+    )
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = Field(
         default="auto",
         description="`auto`: JSON-schema output, stepping down to JSON mode (then a plain "
@@ -119,8 +123,18 @@ class ExtractorBlock(Block):
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Provider calls in flight at once, across runs."
     )
-    requests_per_minute: int | None = Field(default=None, ge=1, title="Requests per minute")
-    tokens_per_minute: int | None = Field(default=None, ge=1, title="Tokens per minute")
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Requests per minute",
+        description="Provider request budget, across runs (a decaying Prefect limit).",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Tokens per minute",
+        description="Provider token budget (prompt + completion, images included), across runs.",
+    )
 
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
