@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
 import pickle
@@ -743,3 +744,26 @@ def test_llm_payment_fields_must_be_printed_on_the_document() -> None:
     printed = answer.model_copy(update={"iban": "DE89370400440532013000", "tax_breakdown": []})
     kept = validate_extraction(Extraction(invoice=printed, source="llm", extractor="openai"), text)
     assert kept.invoice.iban == "DE89370400440532013000"
+
+
+def test_an_unreadable_optional_date_is_left_out_with_a_note() -> None:
+    month = CII_WITH_NEW_FIELDS.replace(
+        b'format="102">20250228</udt:DateTimeString></ram:EndDateTime>',
+        b'format="610">202502</udt:DateTimeString></ram:EndDateTime>',
+    )
+    assert month != CII_WITH_NEW_FIELDS
+    extraction = read_einvoice_xml(month, "x.xml")
+    assert extraction.invoice.service_period_end is None
+    assert extraction.notes == (
+        "period end '202502' (format 610) is not a YYYYMMDD date; left out",
+    )
+    # Embedded, the rest of the XML is still used, and the note still asks for review.
+    pdf, _ = generate_invoice(8)
+    read = read_embedded(_with_attachment(pdf, "factur-x.xml", month))
+    assert read.extraction is not None and read.extraction.notes == extraction.notes
+
+
+def test_an_iso_date_where_yyyymmdd_belongs_is_unambiguous() -> None:
+    iso = CII_WITH_NEW_FIELDS.replace(b'format="102">20250301<', b'format="102">2025-03-01<')
+    assert iso != CII_WITH_NEW_FIELDS
+    assert read_einvoice_xml(iso, "x.xml").invoice.invoice_date == dt.date(2025, 3, 1)

@@ -117,28 +117,41 @@ def _rebuild_error(message: str, kind: EInvoiceErrorKind) -> EInvoiceError:
 
 def read_einvoice_xml(xml_bytes: bytes, name: str = "") -> Extraction:
     """The invoice a bare e-invoice XML states, exactly. Raises `EInvoiceError`."""
-    invoice, fmt, notes = _read_xml(xml_bytes, name)
-    return Extraction(
-        invoice=invoice, source="einvoice", extractor=NAME, einvoice_format=fmt, notes=notes
-    )
+    read = _read_parsed(_parse(xml_bytes), name)
+    return read.extraction(read.disagreements + read.notes)
 
 
 def parse_einvoice_xml(data: bytes, *, filename: str = "") -> tuple[Invoice, str]:
     """(invoice, format) from e-invoice XML, e.g. (…, "factur-x"). Raises `EInvoiceError`."""
-    invoice, fmt, _ = _read_xml(data, filename)
-    return invoice, fmt
+    read = _read_parsed(_parse(data), filename)
+    return read.invoice, read.fmt
 
 
-def _read_xml(data: bytes, name: str) -> tuple[Invoice, str, tuple[str, ...]]:
-    return _read_parsed(_parse(data), name)
+@dataclass(frozen=True)
+class _Read:
+    invoice: Invoice
+    fmt: str
+    # Totals that disagree with each other: an embedded XML like this is not used.
+    disagreements: tuple[str, ...]
+    # Optional values left out because they could not be read exactly.
+    notes: tuple[str, ...]
+
+    def extraction(self, notes: tuple[str, ...]) -> Extraction:
+        return Extraction(
+            invoice=self.invoice,
+            source="einvoice",
+            extractor=NAME,
+            einvoice_format=self.fmt,
+            notes=notes,
+        )
 
 
-def _read_parsed(root: Element, name: str) -> tuple[Invoice, str, tuple[str, ...]]:
+def _read_parsed(root: Element, name: str) -> _Read:
     read, fmt = _read_root(root, name)
     missing = [field for field in _REQUIRED if getattr(read.invoice, field) is None]
     if missing:
         raise EInvoiceError(f"{fmt} XML states no {', '.join(missing)}")
-    return read.invoice, fmt, tuple(inconsistencies(read.stated))
+    return _Read(read.invoice, fmt, tuple(inconsistencies(read.stated)), read.notes)
 
 
 def _parse(data: bytes) -> Element:
@@ -278,20 +291,18 @@ def read_embedded(pdf: bytes) -> EmbeddedRead:
             if root.tag in _NOT_INVOICES:
                 other_documents.append(f"{file.name} is {_NOT_INVOICES[root.tag]}")
                 continue
-            invoice, fmt, disagreements = _read_parsed(root, file.name)
+            read = _read_parsed(root, file.name)
         except EInvoiceError as exc:
             if exc.kind != "unsupported_document":  # else: some other XML, not for us
                 notes.append(f"embedded {file.name} is not usable ({exc}); read from the text")
             continue
-        if disagreements:
+        if read.disagreements:
             notes.append(
-                f"embedded {file.name} disagrees with itself ({'; '.join(disagreements)}); "
+                f"embedded {file.name} disagrees with itself ({'; '.join(read.disagreements)}); "
                 "read from the text"
             )
             continue
-        return EmbeddedRead(
-            Extraction(invoice=invoice, source="einvoice", extractor=NAME, einvoice_format=fmt)
-        )
+        return EmbeddedRead(read.extraction(read.notes))
     if other_documents and not notes:
         raise EInvoiceError(
             f"not an invoice: attachment {'; '.join(other_documents)}", kind="unsupported_document"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -65,6 +65,8 @@ class SyntaxRead:
     invoice: Invoice
     stated: StatedFigures
     type_code: str | None
+    # Optional values that could not be read exactly and were left out (review reasons).
+    notes: tuple[str, ...] = ()
 
 
 # --- element helpers ------------------------------------------------------------------------
@@ -130,17 +132,41 @@ def iso_date(value: str | None, what: str) -> dt.date | None:
 
 
 def cii_date(element: Element | None, what: str) -> dt.date | None:
-    """udt:DateTimeString; EN 16931 allows only format 102 (YYYYMMDD) for dates."""
+    """udt:DateTimeString; EN 16931 allows only format 102 (YYYYMMDD) for dates.
+
+    An ISO date (YYYY-MM-DD) in its place is unambiguous and read too; anything else
+    (e.g. format 610, a month) is not a day and is refused.
+    """
     value = text(element)
     if element is None or value is None:
         return None
     fmt = element.get("format", "102")
-    if fmt != "102":
-        raise SyntaxReadError(f"{what} uses date format {fmt}, expected 102 (YYYYMMDD)")
-    try:
-        return dt.datetime.strptime(value, "%Y%m%d").date()
-    except ValueError as exc:
-        raise SyntaxReadError(f"{what} {value!r} is not a YYYYMMDD date") from exc
+    if fmt == "102" and re.fullmatch(r"\d{8}", value):
+        try:
+            return dt.datetime.strptime(value, "%Y%m%d").date()
+        except ValueError as exc:
+            raise SyntaxReadError(f"{what} {value!r} is not a YYYYMMDD date") from exc
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return iso_date(value, what)
+    raise SyntaxReadError(f"{what} {value!r} (format {fmt}) is not a YYYYMMDD date")
+
+
+class OptionalValues:
+    """Reads optional values; one that cannot be read is left out with a note.
+
+    A due date in a format that is not a day must not make the whole e-invoice
+    unreadable, and must not pass unnoticed either.
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def date(self, read: Callable[[], dt.date | None]) -> dt.date | None:
+        try:
+            return read()
+        except SyntaxReadError as exc:
+            self.notes.append(f"{exc}; left out")
+            return None
 
 
 def in_currency(elements: list[Element], currency: str | None, what: str) -> Decimal | None:
@@ -224,6 +250,7 @@ class CiiReader:
         self.settlement = find(self.trade, dialect.settlement)
         self.summation = find(self.settlement, dialect.summation)
         self.currency = text_at(self.settlement, "InvoiceCurrencyCode")
+        self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
         seller = find(self.agreement, "SellerTradeParty")
@@ -234,7 +261,7 @@ class CiiReader:
         invoice = Invoice(
             invoice_number=text_at(self.doc, "ID"),
             invoice_date=cii_date(find(self.doc, "IssueDateTime/DateTimeString"), "issue date"),
-            due_date=self._due_date(),
+            due_date=self.optional.date(self._due_date),
             vendor_name=text_at(seller, "Name"),
             vendor_tax_id=self._tax_id(seller),
             customer_name=text_at(buyer, "Name"),
@@ -254,14 +281,14 @@ class CiiReader:
             tax_breakdown=list(stated.tax_breakdown),
             vendor_address=self._address(seller),
             customer_address=self._address(buyer),
-            service_period_start=cii_date(
-                find(period, "StartDateTime/DateTimeString"), "billing period start"
+            service_period_start=self.optional.date(
+                lambda: cii_date(find(period, "StartDateTime/DateTimeString"), "period start")
             ),
-            service_period_end=cii_date(
-                find(period, "EndDateTime/DateTimeString"), "billing period end"
+            service_period_end=self.optional.date(
+                lambda: cii_date(find(period, "EndDateTime/DateTimeString"), "period end")
             ),
         )
-        return SyntaxRead(invoice, stated, type_code)
+        return SyntaxRead(invoice, stated, type_code, tuple(self.optional.notes))
 
     def _bic(self) -> str | None:
         for means in find_all(self.settlement, "SpecifiedTradeSettlementPaymentMeans"):
@@ -380,6 +407,7 @@ class UblReader:
         self.credit_note = root.tag.endswith("}CreditNote") or root.tag == "CreditNote"
         self.currency = text_at(root, "DocumentCurrencyCode")
         self.totals = find(root, "LegalMonetaryTotal")
+        self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
         root = self.root
@@ -392,7 +420,7 @@ class UblReader:
         invoice = Invoice(
             invoice_number=text_at(root, "ID"),
             invoice_date=iso_date(text_at(root, "IssueDate"), "IssueDate"),
-            due_date=iso_date(due, "DueDate"),
+            due_date=self.optional.date(lambda: iso_date(due, "DueDate")),
             vendor_name=self._name(seller),
             vendor_tax_id=self._tax_id(seller),
             customer_name=self._name(buyer),
@@ -415,10 +443,14 @@ class UblReader:
             tax_breakdown=list(stated.tax_breakdown),
             vendor_address=self._address(seller),
             customer_address=self._address(buyer),
-            service_period_start=iso_date(text_at(root, "InvoicePeriod/StartDate"), "StartDate"),
-            service_period_end=iso_date(text_at(root, "InvoicePeriod/EndDate"), "EndDate"),
+            service_period_start=self.optional.date(
+                lambda: iso_date(text_at(root, "InvoicePeriod/StartDate"), "StartDate")
+            ),
+            service_period_end=self.optional.date(
+                lambda: iso_date(text_at(root, "InvoicePeriod/EndDate"), "EndDate")
+            ),
         )
-        return SyntaxRead(invoice, stated, type_code)
+        return SyntaxRead(invoice, stated, type_code, tuple(self.optional.notes))
 
     def _payee_account(self) -> Element | None:
         for means in find_all(self.root, "PaymentMeans"):
