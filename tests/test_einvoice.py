@@ -20,6 +20,7 @@ from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
+from invoiceflow.einvoice_samples import SAMPLE_KINDS, SampleKind, einvoice_sample
 from invoiceflow.evaluate import extract_file
 from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
@@ -767,3 +768,27 @@ def test_an_iso_date_where_yyyymmdd_belongs_is_unambiguous() -> None:
     iso = CII_WITH_NEW_FIELDS.replace(b'format="102">20250301<', b'format="102">2025-03-01<')
     assert iso != CII_WITH_NEW_FIELDS
     assert read_einvoice_xml(iso, "x.xml").invoice.invoice_date == dt.date(2025, 3, 1)
+
+
+# --- samples for the e-invoice path (bare XML, ZUGFeRD 1.0, credit notes) ----------------------
+
+
+@pytest.mark.parametrize("kind", SAMPLE_KINDS)
+@pytest.mark.parametrize("seed", [3, 44])
+def test_einvoice_samples_are_read_exactly(kind: SampleKind, seed: int) -> None:
+    name, body, truth = einvoice_sample(seed, kind)
+    if name.endswith(".pdf"):
+        extraction = read_embedded(body).extraction
+        assert extraction is not None
+        assert extract_invoice(parse_pdf(body).text).total == truth.total  # visible twin
+    else:
+        extraction = read_einvoice_xml(body, name)
+        assert extraction.notes == ()
+    document_type = truth.document_type
+    assert as_generated(extraction.invoice) == truth.model_copy(update={"document_type": None})
+    assert extraction.invoice.document_type == document_type
+    if "zugferd-1" in kind:
+        assert extraction.einvoice_format == "zugferd-1"
+        assert b"urn:ferd:CrossIndustryDocument:invoice:1p0" in (
+            body if name.endswith(".xml") else embedded_xml_files(body)[0].data
+        )
