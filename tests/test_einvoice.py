@@ -9,6 +9,7 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -792,3 +793,13 @@ def test_einvoice_samples_are_read_exactly(kind: SampleKind, seed: int) -> None:
         assert b"urn:ferd:CrossIndustryDocument:invoice:1p0" in (
             body if name.endswith(".xml") else embedded_xml_files(body)[0].data
         )
+
+
+def test_element_flood_is_refused_quickly() -> None:
+    flood = b"<r>" + b"<a/>" * 2_000_000 + b"</r>"  # 8 MB, under the byte bound
+    assert len(flood) < MAX_XML_BYTES
+    start = time.perf_counter()
+    with pytest.raises(EInvoiceError, match="more than 200000 elements") as caught:
+        read_einvoice_xml(flood, "flood.xml")
+    assert caught.value.kind == "too_large"
+    assert time.perf_counter() - start < 5  # ~0.8 s; building the whole tree took 16 s
