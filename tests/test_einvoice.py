@@ -803,3 +803,13 @@ def test_element_flood_is_refused_quickly() -> None:
         read_einvoice_xml(flood, "flood.xml")
     assert caught.value.kind == "too_large"
     assert time.perf_counter() - start < 5  # ~0.8 s; building the whole tree took 16 s
+
+
+def test_producer_slips_that_do_not_change_a_value_are_tolerated() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    no_code = xml.replace(b"<cbc:DocumentCurrencyCode>GBP</cbc:DocumentCurrencyCode>", b"")
+    assert no_code != xml and truth.currency == "GBP"
+    # The currency is still stated, on every amount.
+    assert read_einvoice_xml(no_code, "x.xml").invoice.currency == "GBP"
+    assert read_einvoice_xml(b"\r\n  " + xml, "x.xml").invoice.total == truth.total
+    assert read_einvoice_xml(b"\xef\xbb\xbf\n" + xml, "x.xml").invoice.total == truth.total

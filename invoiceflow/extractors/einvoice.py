@@ -165,7 +165,7 @@ def _parse(data: bytes) -> Element:
         )
     parser = SafeET.XMLParser(target=_BoundedTreeBuilder(MAX_XML_ELEMENTS))
     try:
-        parser.feed(data)
+        parser.feed(_without_leading_space(data))
         return parser.close()
     except _TooManyElements as exc:
         raise EInvoiceError(
@@ -175,6 +175,14 @@ def _parse(data: bytes) -> Element:
         raise EInvoiceError(f"XML uses forbidden constructs: {exc!r}") from exc
     except (SafeET.ParseError, ValueError) as exc:
         raise EInvoiceError(f"not well-formed XML: {exc}") from exc
+
+
+def _without_leading_space(data: bytes) -> bytes:
+    """Blank lines before ``<?xml`` (common in exported files) are not an error worth
+    refusing an invoice for; expat would reject them."""
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    stripped = body.lstrip(b" \t\r\n")
+    return stripped if stripped is not body and stripped.startswith(b"<") else data
 
 
 class _TooManyElements(Exception):

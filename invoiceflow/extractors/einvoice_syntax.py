@@ -249,7 +249,11 @@ class CiiReader:
         self.agreement = find(self.trade, dialect.agreement)
         self.settlement = find(self.trade, dialect.settlement)
         self.summation = find(self.settlement, dialect.summation)
-        self.currency = text_at(self.settlement, "InvoiceCurrencyCode")
+        # BT-5 is mandatory; when a producer omits it, the grand total's own currencyID
+        # still states the currency exactly.
+        self.currency = text_at(self.settlement, "InvoiceCurrencyCode") or _currency_id(
+            find(self.summation, "GrandTotalAmount")
+        )
         self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
@@ -405,8 +409,10 @@ class UblReader:
     def __init__(self, root: Element) -> None:
         self.root = root
         self.credit_note = root.tag.endswith("}CreditNote") or root.tag == "CreditNote"
-        self.currency = text_at(root, "DocumentCurrencyCode")
         self.totals = find(root, "LegalMonetaryTotal")
+        self.currency = text_at(root, "DocumentCurrencyCode") or _currency_id(
+            find(self.totals, "TaxInclusiveAmount")
+        )
         self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
@@ -566,6 +572,11 @@ def _unit_price(price: Decimal | None, basis: Decimal | None) -> Decimal | None:
     if unit != unit.quantize(Decimal("1E-10")) or unit * basis != price:
         return None
     return unit
+
+
+def _currency_id(amount: Element | None) -> str | None:
+    value = None if amount is None else amount.get("currencyID")
+    return value.strip() or None if value else None
 
 
 def _first(base: Element | None, *paths: str) -> Element | None:
