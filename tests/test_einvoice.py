@@ -813,3 +813,12 @@ def test_producer_slips_that_do_not_change_a_value_are_tolerated() -> None:
     assert read_einvoice_xml(no_code, "x.xml").invoice.currency == "GBP"
     assert read_einvoice_xml(b"\r\n  " + xml, "x.xml").invoice.total == truth.total
     assert read_einvoice_xml(b"\xef\xbb\xbf\n" + xml, "x.xml").invoice.total == truth.total
+
+
+def test_a_megabyte_invoice_number_is_refused() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    assert truth.invoice_number is not None
+    huge = xml.replace(truth.invoice_number.encode(), b"9" * 1_000_000, 1)
+    with pytest.raises(EInvoiceError, match="invoice_number is 1000000 characters") as caught:
+        read_einvoice_xml(huge, "x.xml")
+    assert caught.value.kind == "einvoice_invalid"

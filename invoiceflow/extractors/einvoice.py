@@ -96,6 +96,14 @@ _NOT_INVOICES: Final = {
     ),
 }
 _REQUIRED: Final = ("invoice_number", "invoice_date", "currency", "total")
+# Longest header text accepted, by field ("" for the rest): identifiers and names are
+# short; payment terms and addresses may be a paragraph.
+_MAX_TEXT: Final = {
+    "": 1_000,
+    "payment_terms": 4_000,
+    "vendor_address": 2_000,
+    "customer_address": 2_000,
+}
 
 EInvoiceErrorKind = Literal["unsupported_document", "einvoice_invalid", "too_large"]
 
@@ -155,6 +163,12 @@ def _read_parsed(root: Element, name: str) -> _Read:
     missing = [field for field in _REQUIRED if getattr(read.invoice, field) is None]
     if missing:
         raise EInvoiceError(f"{fmt} XML states no {', '.join(missing)}")
+    for field, value in read.invoice:
+        limit = _MAX_TEXT.get(field, _MAX_TEXT[""])
+        if isinstance(value, str) and len(value) > limit:
+            # Header values travel into the manifest and every table: a megabyte
+            # "invoice number" is an attack on those, not an invoice.
+            raise EInvoiceError(f"{field} is {len(value)} characters long (limit {limit})")
     return _Read(read.invoice, fmt, tuple(inconsistencies(read.stated)), read.notes)
 
 
