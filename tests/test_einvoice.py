@@ -822,3 +822,21 @@ def test_a_megabyte_invoice_number_is_refused() -> None:
     with pytest.raises(EInvoiceError, match="invoice_number is 1000000 characters") as caught:
         read_einvoice_xml(huge, "x.xml")
     assert caught.value.kind == "einvoice_invalid"
+
+
+@pytest.mark.parametrize(
+    ("price", "basis", "unit"),
+    [
+        (b"12.00", b"100", Decimal("0.12")),
+        (b"0.123456789012", b"1", None),  # more places than the schema keeps
+        (b"10.00", b"3", None),  # 3.333... per unit is not exact
+        (b"5.00", b"0", None),
+    ],
+)
+def test_unit_price_is_exact_or_left_out(price: bytes, basis: bytes, unit: Decimal | None) -> None:
+    xml = CII_WITH_NEW_FIELDS.replace(
+        b"<ram:ChargeAmount>1.00<", b"<ram:ChargeAmount>" + price + b"<"
+    )
+    xml = xml.replace(b"<ram:BasisQuantity>0.01<", b"<ram:BasisQuantity>" + basis + b"<")
+    (line,) = read_einvoice_xml(xml, "x.xml").invoice.line_items
+    assert (line.unit_price, line.amount) == (unit, Decimal("200.00"))

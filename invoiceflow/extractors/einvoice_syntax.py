@@ -561,17 +561,24 @@ class UblReader:
 def _unit_price(price: Decimal | None, basis: Decimal | None) -> Decimal | None:
     """The price of one unit: the stated price over its basis quantity when that is exact.
 
-    "12.00 per 100 pieces" is 0.12 per piece. A division that does not terminate within
-    the schema's 10 places is left out rather than rounded.
+    "12.00 per 100 pieces" is 0.12 per piece. A price that does not fit the schema's 10
+    places (or a basis that is not positive) is left out rather than rounded; the line
+    amount, which is what is summed, is still read.
     """
-    if price is None or basis is None or basis == 1:
-        return price
-    if basis <= 0:
-        raise SyntaxReadError(f"price basis quantity {basis} is not positive")
-    unit = price / basis
-    if unit != unit.quantize(Decimal("1E-10")) or unit * basis != price:
+    if price is None:
         return None
-    return unit
+    if basis is None or basis == 1:
+        unit = price
+    elif basis > 0:
+        unit = price / basis
+        if unit * basis != price:
+            return None
+    else:
+        return None
+    try:
+        return unit if unit == unit.quantize(Decimal("1E-10")) else None
+    except InvalidOperation:  # more digits than the context holds
+        return None
 
 
 def _currency_id(amount: Element | None) -> str | None:
