@@ -325,8 +325,9 @@ class CiiReader:
     @staticmethod
     def _tax_id(party: Element | None) -> str | None:
         registrations = find_all(party, "SpecifiedTaxRegistration/ID")
-        # VAT number ("VA") first, then the fiscal number ("FC").
-        for scheme in ("VA", "FC"):
+        # VAT number ("VA") first, then the fiscal number ("FC"), then one whose
+        # producer left out the scheme.
+        for scheme in ("VA", "FC", None):
             for element in registrations:
                 if element.get("schemeID") == scheme and (value := text(element)):
                     return value
@@ -421,7 +422,11 @@ class UblReader:
         buyer = find(root, "AccountingCustomerParty/Party")
         type_code = text_at(root, "CreditNoteTypeCode" if self.credit_note else "InvoiceTypeCode")
         stated = self.stated()
-        due = text_at(root, "DueDate") or text_at(root, "PaymentMeans/PaymentDueDate")
+        due = (
+            text_at(root, "DueDate")
+            or text_at(root, "PaymentMeans/PaymentDueDate")
+            or text_at(root, "PaymentTerms/PaymentDueDate")
+        )
         account = self._payee_account()
         invoice = Invoice(
             invoice_number=text_at(root, "ID"),
