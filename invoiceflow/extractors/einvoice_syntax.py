@@ -262,6 +262,7 @@ class CiiReader:
         type_code = text_at(self.doc, "TypeCode")
         stated = self.stated()
         period = find(self.settlement, "BillingSpecifiedPeriod")
+        payee_iban, payee_bic = self._payee_account()
         invoice = Invoice(
             invoice_number=text_at(self.doc, "ID"),
             invoice_date=cii_date(find(self.doc, "IssueDateTime/DateTimeString"), "issue date"),
@@ -280,8 +281,8 @@ class CiiReader:
             document_type=document_type(type_code),
             customer_tax_id=self._tax_id(buyer),
             payment_terms=self._payment_terms(),
-            iban=self._payee_iban(),
-            bic=self._bic(),
+            iban=payee_iban,
+            bic=payee_bic,
             tax_breakdown=list(stated.tax_breakdown),
             vendor_address=self._address(seller),
             customer_address=self._address(buyer),
@@ -294,19 +295,16 @@ class CiiReader:
         )
         return SyntaxRead(invoice, stated, type_code, tuple(self.optional.notes))
 
-    def _bic(self) -> str | None:
-        for means in find_all(self.settlement, "SpecifiedTradeSettlementPaymentMeans"):
-            if value := text_at(means, "PayeeSpecifiedCreditorFinancialInstitution/BICID"):
-                return value
-        return None
+    def _payee_account(self) -> tuple[str | None, str | None]:
+        """(IBAN, BIC) of the first means naming a payee IBAN, both from that one.
 
-    def _payee_iban(self) -> str | None:
-        # The payee's account only: a direct debit's IBAN (PayerPartyDebtorFinancialAccount)
-        # is the customer's, not where to pay.
+        The payee's account only: a direct debit's IBAN (PayerPartyDebtorFinancialAccount)
+        is the customer's, not where to pay.
+        """
         for means in find_all(self.settlement, "SpecifiedTradeSettlementPaymentMeans"):
             if value := iban(text_at(means, "PayeePartyCreditorFinancialAccount/IBANID")):
-                return value
-        return None
+                return value, text_at(means, "PayeeSpecifiedCreditorFinancialInstitution/BICID")
+        return None, None
 
     def _due_date(self) -> dt.date | None:
         for terms in find_all(self.settlement, "SpecifiedTradePaymentTerms"):
