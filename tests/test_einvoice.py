@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
 import pickle
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -19,6 +21,7 @@ from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
+from invoiceflow.einvoice_samples import SAMPLE_KINDS, SampleKind, einvoice_sample
 from invoiceflow.evaluate import extract_file
 from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
@@ -743,3 +746,97 @@ def test_llm_payment_fields_must_be_printed_on_the_document() -> None:
     printed = answer.model_copy(update={"iban": "DE89370400440532013000", "tax_breakdown": []})
     kept = validate_extraction(Extraction(invoice=printed, source="llm", extractor="openai"), text)
     assert kept.invoice.iban == "DE89370400440532013000"
+
+
+def test_an_unreadable_optional_date_is_left_out_with_a_note() -> None:
+    month = CII_WITH_NEW_FIELDS.replace(
+        b'format="102">20250228</udt:DateTimeString></ram:EndDateTime>',
+        b'format="610">202502</udt:DateTimeString></ram:EndDateTime>',
+    )
+    assert month != CII_WITH_NEW_FIELDS
+    extraction = read_einvoice_xml(month, "x.xml")
+    assert extraction.invoice.service_period_end is None
+    assert extraction.notes == (
+        "period end '202502' (format 610) is not a YYYYMMDD date; left out",
+    )
+    # Embedded, the rest of the XML is still used, and the note still asks for review.
+    pdf, _ = generate_invoice(8)
+    read = read_embedded(_with_attachment(pdf, "factur-x.xml", month))
+    assert read.extraction is not None and read.extraction.notes == extraction.notes
+
+
+def test_an_iso_date_where_yyyymmdd_belongs_is_unambiguous() -> None:
+    iso = CII_WITH_NEW_FIELDS.replace(b'format="102">20250301<', b'format="102">2025-03-01<')
+    assert iso != CII_WITH_NEW_FIELDS
+    assert read_einvoice_xml(iso, "x.xml").invoice.invoice_date == dt.date(2025, 3, 1)
+
+
+# --- samples for the e-invoice path (bare XML, ZUGFeRD 1.0, credit notes) ----------------------
+
+
+@pytest.mark.parametrize("kind", SAMPLE_KINDS)
+@pytest.mark.parametrize("seed", [3, 44])
+def test_einvoice_samples_are_read_exactly(kind: SampleKind, seed: int) -> None:
+    name, body, truth = einvoice_sample(seed, kind)
+    if name.endswith(".pdf"):
+        extraction = read_embedded(body).extraction
+        assert extraction is not None
+        assert extract_invoice(parse_pdf(body).text).total == truth.total  # visible twin
+    else:
+        extraction = read_einvoice_xml(body, name)
+        assert extraction.notes == ()
+    document_type = truth.document_type
+    assert as_generated(extraction.invoice) == truth.model_copy(update={"document_type": None})
+    assert extraction.invoice.document_type == document_type
+    if "zugferd-1" in kind:
+        assert extraction.einvoice_format == "zugferd-1"
+        assert b"urn:ferd:CrossIndustryDocument:invoice:1p0" in (
+            body if name.endswith(".xml") else embedded_xml_files(body)[0].data
+        )
+
+
+def test_element_flood_is_refused_quickly() -> None:
+    flood = b"<r>" + b"<a/>" * 2_000_000 + b"</r>"  # 8 MB, under the byte bound
+    assert len(flood) < MAX_XML_BYTES
+    start = time.perf_counter()
+    with pytest.raises(EInvoiceError, match="more than 200000 elements") as caught:
+        read_einvoice_xml(flood, "flood.xml")
+    assert caught.value.kind == "too_large"
+    assert time.perf_counter() - start < 5  # ~0.8 s; building the whole tree took 16 s
+
+
+def test_producer_slips_that_do_not_change_a_value_are_tolerated() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    no_code = xml.replace(b"<cbc:DocumentCurrencyCode>GBP</cbc:DocumentCurrencyCode>", b"")
+    assert no_code != xml and truth.currency == "GBP"
+    # The currency is still stated, on every amount.
+    assert read_einvoice_xml(no_code, "x.xml").invoice.currency == "GBP"
+    assert read_einvoice_xml(b"\r\n  " + xml, "x.xml").invoice.total == truth.total
+    assert read_einvoice_xml(b"\xef\xbb\xbf\n" + xml, "x.xml").invoice.total == truth.total
+
+
+def test_a_megabyte_invoice_number_is_refused() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    assert truth.invoice_number is not None
+    huge = xml.replace(truth.invoice_number.encode(), b"9" * 1_000_000, 1)
+    with pytest.raises(EInvoiceError, match="invoice_number is 1000000 characters") as caught:
+        read_einvoice_xml(huge, "x.xml")
+    assert caught.value.kind == "einvoice_invalid"
+
+
+@pytest.mark.parametrize(
+    ("price", "basis", "unit"),
+    [
+        (b"12.00", b"100", Decimal("0.12")),
+        (b"0.123456789012", b"1", None),  # more places than the schema keeps
+        (b"10.00", b"3", None),  # 3.333... per unit is not exact
+        (b"5.00", b"0", None),
+    ],
+)
+def test_unit_price_is_exact_or_left_out(price: bytes, basis: bytes, unit: Decimal | None) -> None:
+    xml = CII_WITH_NEW_FIELDS.replace(
+        b"<ram:ChargeAmount>1.00<", b"<ram:ChargeAmount>" + price + b"<"
+    )
+    xml = xml.replace(b"<ram:BasisQuantity>0.01<", b"<ram:BasisQuantity>" + basis + b"<")
+    (line,) = read_einvoice_xml(xml, "x.xml").invoice.line_items
+    assert (line.unit_price, line.amount) == (unit, Decimal("200.00"))
