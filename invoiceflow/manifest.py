@@ -862,10 +862,13 @@ class GroupCommitter:
         try:
             outcomes = await self.store.commit(updates)
         except Exception as exc:
-            log.error("manifest commit of %d updates failed: %s", len(batch), exc)
-            self._failure = self._failure or exc
             if isinstance(exc, ManifestLockLost):
                 self._lock_lost = exc
+            elif not batch:  # only a renewal: the next one, or the next commit, retries
+                log.warning("renewing the run's claims failed: %s", exc)
+                return
+            log.error("manifest commit of %d updates failed: %s", len(batch), exc)
+            self._failure = self._failure or exc
             self._fail(batch, exc)
             return
         self.batches += 1
