@@ -139,6 +139,9 @@ class Reconcile:
     prune: bool = False
     runs: RunLiveness = field(default_factory=RunLiveness)
     """What Prefect says about the runs holding claims under the prefix."""
+    asked_about: frozenset[str] | None = None
+    """The runs `runs` answers for (None: nobody was asked, the timeout decides). A claim
+    taken after the question, by a run not asked about, is left for the next reconcile."""
     report: ReconcileReport = field(default_factory=ReconcileReport)
 
     @property
@@ -229,6 +232,8 @@ class Reconcile:
             return False
         if entry.run_id in self.runs.ended:
             return True
+        if self.asked_about is not None and entry.run_id not in self.asked_about:
+            return False
         timeout = self.release_claims_after
         return timeout is not None and now - entry.updated_at >= timeout
 
@@ -363,6 +368,7 @@ async def reconcile(
         entries = await asyncio.to_thread(store.salvage)
         holders = claim_holders(entries, [k for k in entries if k.startswith(source_prefix)])
         update.runs = await runs(holders) if holders else RunLiveness()
+        update.asked_about = frozenset(holders)
     if dry_run:
         copy = await asyncio.to_thread(store.salvage) if rebuild else (await store.read()).entries
         update.apply(copy, dt.datetime.now(dt.UTC))

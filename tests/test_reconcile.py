@@ -256,6 +256,34 @@ async def test_claims_of_runs_prefect_reports_live_are_never_released(
     assert again.released_claims == []
 
 
+async def test_a_claim_taken_after_prefect_was_asked_is_not_released(
+    s3_store: S3Store,
+) -> None:
+    """Reconcile asks Prefect outside the lock; a run claiming in between is unknown to
+    the answer and must not fall to `release_claims_after=0` (a live run would lose it)."""
+    from invoiceflow.manifest import RunLiveness
+
+    store = _store(s3_store)
+    old, new = f"{SRC}old.pdf", f"{SRC}new.pdf"
+    await store.commit([Claim(old, _source(s3_store, old), "run-ended")])
+    new_etag = _source(s3_store, new)
+
+    async def prefect_says(run_ids: set[str]) -> RunLiveness:
+        await store.commit([Claim(new, new_etag, "run-started-meanwhile")])
+        return RunLiveness(ended=frozenset(run_ids))
+
+    report = await reconcile(
+        store,
+        source_prefix=SRC,
+        results_prefix=RES,
+        release_claims_after=dt.timedelta(0),
+        runs=prefect_says,
+    )
+    assert report.released_claims == [old]
+    entry = store.read_sync().entry(new)
+    assert entry is not None and entry.status is Status.pending
+
+
 BROKEN = {
     "invalid JSON": b'{"format": 1, "entries": {"in/',
     "a list": b'[{"in/inv-0.pdf": "done"}]',
@@ -415,5 +443,51 @@ async def test_reconcile_during_a_run_loses_none_of_its_updates(
 
     summary, _ = await asyncio.gather(run_flow(params), reconcile_repeatedly())
     assert summary.done == len(listed), summary
+    report = assert_invariants(s3, params, listed)
+    assert report.done == listed
+
+
+@pytest.mark.e2e
+async def test_reconcile_releasing_every_claim_spares_a_running_flow(
+    local_stack: stack.StackInfo,
+) -> None:
+    """`--release-claims-after 0` during a run: Prefect says the run is live, so none of
+    its claims is released (before, each became `failed`/`abandoned` under the run)."""
+    from faults_support import (
+        assert_invariants,
+        create_lock,
+        direct_s3,
+        flow_params,
+        good_invoices,
+        run_flow,
+        unique,
+        upload,
+    )
+
+    from flows.lock import manifest_lock
+    from flows.runs import flow_run_liveness
+
+    s3 = direct_s3(local_stack.s3_endpoint, local_stack.bucket)
+    prefix = unique("reconcile-spares") + "/"
+    listed = upload(s3, prefix, good_invoices(20, seed=67))
+    params = flow_params(prefix, await create_lock(unique("lock")), invoices_per_task=2)
+    store = ManifestStore(s3, params["manifest_key"], lock=manifest_lock(params["manifest_lock"]))
+    released: list[str] = []
+
+    async def release_all_claims_repeatedly() -> None:
+        for _ in range(8):
+            await asyncio.sleep(0.25)
+            report = await reconcile(
+                store,
+                source_prefix=prefix,
+                results_prefix=params["results_prefix"],
+                release_claims_after=dt.timedelta(0),
+                runs=flow_run_liveness,
+            )
+            released.extend(report.released_claims)
+
+    summary, _ = await asyncio.gather(run_flow(params), release_all_claims_repeatedly())
+    assert summary.done == len(listed), summary
+    assert released == []
     report = assert_invariants(s3, params, listed)
     assert report.done == listed
