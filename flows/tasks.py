@@ -55,7 +55,6 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
-        max_concurrency=params.max_llm_concurrency,
         max_pdf_bytes=params.max_pdf_bytes,
         max_pages=params.max_pages,
     )
@@ -100,8 +99,9 @@ async def finished_flow_runs(run_ids: set[str]) -> set[str]:
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
 @task(cache_policy=NO_CACHE)
-async def list_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
-    items = await pipeline.select(selection)
+async def claim_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
+    """List the prefix and claim, in the manifest, the invoices this run processes."""
+    items = await pipeline.claim(selection)
     expect(len(items))  # the progress artifact's 100%
     return items
 
@@ -116,7 +116,7 @@ async def extract_invoices(
     docs: list[ParsedDoc], pipeline: InvoicePipeline
 ) -> list[InvoiceOutcome]:
     async def extract_and_count(doc: ParsedDoc) -> InvoiceOutcome:
-        return observe(await pipeline.extract(doc))
+        return observe(await pipeline.process(doc))
 
     return list(await asyncio.gather(*(extract_and_count(doc) for doc in docs)))
 

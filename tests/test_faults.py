@@ -41,6 +41,7 @@ from faults_support import (
     run_flow_by_engine,
     save_bucket_block,
     save_llm_block,
+    tracking_number_invoice,
     unique,
     upload,
     wait_until,
@@ -677,3 +678,45 @@ async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
         f"Prefect restart: {len(done_before_restart)} of {len(listed)} done before it, "
         f"run ended {state.type.value}, pid {own_stack.prefect_pid} -> {restarted.prefect_pid}"
     )
+
+
+async def test_a_29_digit_token_fails_only_its_invoice_and_nothing_is_billed_twice(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    """Issue 11 break 1: `parse_amount` raised InvalidOperation in the evidence builder.
+
+    Before the fix, three runs in a row ended `InvalidOperation`: none of the 40 good
+    invoices reached `done`, results were left without a `done` entry, and each rerun
+    took over the crashed run's claims and billed them again.
+    """
+    prefix = unique("huge-number") + "/"
+    good = upload(s3, prefix, good_invoices(40, seed=59))
+    (bad,) = upload(s3, prefix, [("tracking.pdf", tracking_number_invoice())])
+    listed = good | {bad}
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+    )
+    llm.reset()
+    outcomes = [await run_flow(params) for _ in range(3)]
+    by_key = llm.stats()["by_key"]
+    entries = manifest_entries(s3, params["manifest_key"])
+    done = {k for k in good if entries.get(k, {}).get("status") == "done"}
+    billed_twice = {k: n for k, n in by_key.items() if n > 1}
+    print(
+        f"29-digit token: runs ended {[type(o).__name__ for o in outcomes]}; "
+        f"{len(done)} of {len(good)} good done; bad {entries.get(bad)}; "
+        f"billed more than once: {billed_twice}"
+    )
+    report = assert_invariants(s3, params, listed)
+    assert report.done >= good
+    bad_entry = report.entries[bad]
+    assert bad_entry["status"] == "done" or (
+        bad_entry["error_kind"] == "internal_error" and bad_entry["transient"] is False
+    ), bad_entry
+    if bad_entry["status"] == "done":  # the token is ignored, never read as an amount
+        assert "12345678901234567890123456789" not in str(bad_entry.get("total"))
+    # Each invoice reached the LLM once over the three runs: nothing was re-billed.
+    assert by_key == {k: 1 for k in listed}, billed_twice
+    assert [getattr(o, "processed", None) for o in outcomes[1:]] == [0, 0], outcomes
