@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -25,6 +22,7 @@ from flows.llm_limits import provider_limiter
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
+from flows.runs import flow_run_liveness
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoiceOutcome,
@@ -45,7 +43,8 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
     s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
-    store = ManifestStore(s3, params.manifest_key, lock=manifest_lock(params.manifest_lock))
+    lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
+    store = ManifestStore(s3, params.manifest_key, lock=lock)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
     limiter = await provider_limiter(
         extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
@@ -57,6 +56,8 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         run_id=str(flow_run.id),
         max_pdf_bytes=params.max_pdf_bytes,
         max_pages=params.max_pages,
+        claim_timeout=params.claim_timeout,
+        max_attempts=params.max_attempts,
     )
     try:
         # One sync API client for every sync task run of this flow: otherwise each
@@ -66,35 +67,20 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
             async with (
                 tracking_progress(),
                 GroupCommitter(
-                    store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
+                    store,
+                    max_batch=params.max_commit_batch,
+                    max_wait_s=params.commit_interval_s,
+                    run_id=config.run_id,  # renews this run's claims while it lives
+                    renew_every_s=params.claim_renewal_s,
                 ) as committer,
             ):
-                yield InvoicePipeline(s3, committer, extractor, config, finished_flow_runs)
+                yield InvoicePipeline(s3, committer, extractor, config, flow_run_liveness)
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
             await aclose()
         if limiter is not None:
             await limiter.aclose()  # provider slots go back to the other runs now
-
-
-async def finished_flow_runs(run_ids: set[str]) -> set[str]:
-    """Which of these flow runs have ended (completed, failed, crashed, cancelled).
-
-    A claim held by such a run will never be finished by it, so the pipeline takes it
-    over. Unknown ids (another server, deleted runs) are not assumed dead.
-    """
-    ids = []
-    for run_id in run_ids:
-        with contextlib.suppress(ValueError):
-            ids.append(uuid.UUID(run_id))
-    if not ids:
-        return set()
-    async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
-        )
-    return {str(r.id) for r in runs if r.state is not None and r.state.is_final()}
 
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.

@@ -26,7 +26,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -34,30 +34,33 @@ from typing import Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
+from invoiceflow.duplicates import RecordDone, duplicate_reason
 from invoiceflow.extractors import DocumentExtractor, Extraction, ExtractionError, ExtractionSource
 from invoiceflow.extractors.einvoice import read_einvoice
 from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
     Claim,
     GroupCommitter,
     Outcome,
+    RunLiveness,
+    RunLookup,
     Selection,
     Snapshot,
     Status,
     Transition,
     Update,
+    claim_holders,
+    done_fields,
 )
 from invoiceflow.pdf import PdfError, parse_pdf
-from invoiceflow.reconcile import manifest_fields
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
-from invoiceflow.validate import RecordDone, duplicate_reason, validate_extraction
+from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Given run ids holding claims, which of those runs have ended (supplied by the flow).
-FinishedRuns = Callable[[set[str]], Awaitable[Iterable[str]]]
 
 # Longest error message kept in the manifest; the run log has the rest.
 MAX_MESSAGE_CHARS = 500
@@ -194,6 +197,10 @@ class PipelineConfig:
     max_pages: int = 50
     # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
     einvoice_fast_path: bool = True
+    # A claim of a run the orchestrator cannot vouch for is taken over after this long.
+    claim_timeout: dt.timedelta = DEFAULT_CLAIM_TIMEOUT
+    # Attempts across runs before an invoice that keeps failing transiently gives up.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 def chunked(items: list[T], size: int) -> list[list[T]]:
@@ -222,13 +229,13 @@ class InvoicePipeline:
         committer: GroupCommitter,
         extractor: DocumentExtractor,
         config: PipelineConfig,
-        finished_runs: FinishedRuns | None = None,
+        runs: RunLookup | None = None,
     ) -> None:
         self.s3 = s3
         self.committer = committer
         self.extractor = extractor
         self.config = config
-        self.finished_runs = finished_runs
+        self.runs = runs
         # The first manifest commit failure; from then on no invoice is started.
         self.stopped: Exception | None = None
 
@@ -261,9 +268,18 @@ class InvoicePipeline:
         listed = await asyncio.to_thread(lambda: list(self.s3.list_pdfs(prefix)))
         snapshot = await self.committer.store.read()
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
-        abandoned = await self._abandoned_runs(snapshot, [o.key for o in candidates])
+        runs = await self._claim_holders(snapshot, [o.key for o in candidates])
         outcomes = await self.committer.submit_many(
-            Claim(o.key, o.etag, self.config.run_id, selection, abandoned_runs=abandoned)
+            Claim(
+                o.key,
+                o.etag,
+                self.config.run_id,
+                selection,
+                stale_after=self.config.claim_timeout,
+                abandoned_runs=runs.ended,
+                live_runs=runs.live,
+                max_attempts=self.config.max_attempts,
+            )
             for o in candidates
         )
         items = [
@@ -276,22 +292,16 @@ class InvoicePipeline:
         self.committer.add_producers(len(items))
         return items
 
-    async def _abandoned_runs(self, snapshot: Snapshot, keys: list[str]) -> frozenset[str]:
-        """Other runs holding claims on `keys` that the orchestrator says have ended.
+    async def _claim_holders(self, snapshot: Snapshot, keys: list[str]) -> RunLiveness:
+        """What the orchestrator says about other runs holding claims on `keys`.
 
-        Their claims are dead (a crashed or killed run never finishes them), so this run
-        takes them over now instead of after the stale-claim timeout.
+        Claims of runs that have ended are taken over now, claims of live runs never;
+        only for runs it cannot tell about does the claim timeout decide.
         """
-        holders = {
-            raw["run_id"]
-            for key in keys
-            if (raw := snapshot.entries.get(key)) is not None
-            and raw["status"] in (Status.pending, Status.processing)
-            and raw.get("run_id") not in (None, self.config.run_id)
-        }
-        if not holders or self.finished_runs is None:
-            return frozenset()
-        return frozenset(await self.finished_runs(holders))
+        holders = claim_holders(snapshot.entries, keys) - {self.config.run_id}
+        if not holders or self.runs is None:
+            return RunLiveness()
+        return await self.runs(holders)
 
     # -- parse (blocking: runs on a worker thread) -------------------------------------
 
@@ -455,7 +465,7 @@ class InvoicePipeline:
         """
         key = self._result_key(item)
         update = RecordDone(
-            Transition(item.key, item.attempt, Status.done, manifest_fields(result, key))
+            Transition(item.key, item.attempt, Status.done, done_fields(result, key))
         )
         outcome = await self._commit(update)
         if (duplicate := update.duplicate_of) is not None and result.duplicate_of != duplicate:

@@ -20,6 +20,11 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+# Name endings a source listing takes (PDFs, and bare e-invoice XML).
+SOURCE_SUFFIXES = (".pdf", ".xml")
+# Every result object is `<results prefix><invoice id>.json` (see `result_key`).
+RESULT_SUFFIX = ".json"
+
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the object changed (412) or a write raced it (409)."""
@@ -161,6 +166,26 @@ class S3Store:
             raise
         return _clean_etag(resp["ETag"])
 
+    def etag(self, key: str) -> str:
+        """The object's current ETag; KeyError when it is absent."""
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise KeyError(key) from exc
+            raise
+        return _clean_etag(resp["ETag"])
+
+    def copy(self, source: str, dest: str, *, if_match: str) -> str:
+        """Server-side copy of `source` as it is at ETag `if_match` (any size)."""
+        resp = self.client.copy_object(
+            Bucket=self.bucket,
+            Key=dest,
+            CopySource={"Bucket": self.bucket, "Key": source},
+            CopySourceIfMatch=f'"{if_match}"',
+        )
+        return _clean_etag(resp["CopyObjectResult"]["ETag"])
+
     def ensure_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
@@ -202,7 +227,7 @@ def invoice_id(source_key: str, source_prefix: str = "") -> str:
 
 
 def result_key(results_prefix: str, inv_id: str) -> str:
-    key = posixpath.join(results_prefix, f"{inv_id}.json")
+    key = posixpath.join(results_prefix, f"{inv_id}{RESULT_SUFFIX}")
     if not key.startswith(results_prefix):  # defence in depth against traversal
         raise ValueError(f"unsafe result key {key!r}")
     return key
