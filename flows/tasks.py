@@ -23,6 +23,7 @@ from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
 from flows.runs import flow_run_liveness
+from flows.s3 import s3_store
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoiceOutcome,
@@ -31,7 +32,6 @@ from invoiceflow.pipeline import (
     PipelineConfig,
     WorkItem,
 )
-from invoiceflow.storage import S3Store
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     await check_manifest_lock(params.manifest_lock)
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
-    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
