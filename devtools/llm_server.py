@@ -42,7 +42,8 @@ Faults
     ``hang_s``) or ``"reset"`` (abort the TCP connection without a response);
     ``times`` is how often the rule fires, -1 meaning forever; ``headers`` adds response
     headers (e.g. ``x-ratelimit-reset-requests``), ``code``/``message`` override the
-    error body (e.g. ``context_length_exceeded``). The first live matching
+    error body (e.g. ``context_length_exceeded``), ``body`` replaces the whole JSON body
+    (status 200 is then allowed: a malformed answer). The first live matching
     rule fires; if none does, a random fault from ``rate_statuses`` fires with
     probability ``rate`` (``random.Random(seed)``, so a sequential run is reproducible;
     concurrent runs are only as reproducible as their arrival order).
@@ -94,7 +95,14 @@ from urllib.parse import unquote
 
 import httpx
 import uvicorn
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -122,8 +130,8 @@ FALLBACK_ANSWER: dict[str, Any] = Invoice().model_dump(mode="json")
 
 
 def _check_status(value: int | str) -> int | str:
-    if isinstance(value, int) and not 400 <= value <= 599:
-        raise ValueError(f"fault status must be an HTTP error code 400-599, got {value}")
+    if isinstance(value, int) and value != 200 and not 400 <= value <= 599:
+        raise ValueError(f"fault status must be 200 or an HTTP error code 400-599, got {value}")
     return value
 
 
@@ -142,6 +150,14 @@ class FaultRule(BaseModel):
     # Error body overrides, e.g. code "context_length_exceeded".
     code: str | None = None
     message: str | None = None
+    # The whole JSON body to send instead (status may then be 200: a malformed answer).
+    body: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _status_200_needs_body(self) -> FaultRule:
+        if self.status == 200 and self.body is None:
+            raise ValueError("a fault with status 200 must give the body to send")
+        return self
 
 
 class FaultPlan(BaseModel):
@@ -169,6 +185,8 @@ class _ConfigUpdate(BaseModel):
     # response_format types the "model" accepts ("json_schema", "json_object", "text");
     # an empty list restores the default of accepting every type.
     response_formats: list[str] | None = None
+    # Headers added to every 200 answer (e.g. a gateway echoing a credential).
+    response_headers: dict[str, str] | None = None
 
 
 async def rules_answer(invoice_text: str) -> dict[str, Any]:
@@ -375,6 +393,7 @@ class LLMServer:
         self.by_format: Counter[str] = Counter()
         formats = self.config.response_formats
         self.response_formats: set[str] | None = set(formats) if formats is not None else None
+        self.response_headers: dict[str, str] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         # Request-seconds spent inside the server, and the window they fell in, so a
@@ -558,6 +577,8 @@ class LLMServer:
             if status == "reset":
                 return "reset", _ResetConnection()
             assert isinstance(status, int)
+            if rule is not None and rule.body is not None:
+                return str(status), JSONResponse(rule.body, status, headers=rule.headers)
             if status >= 500:
                 await self._sleep_latency()
                 type_, code = "server_error", None
@@ -594,7 +615,8 @@ class LLMServer:
             ],
             "usage": usage,
         }
-        return "200", JSONResponse(completion, headers={"x-request-id": uuid.uuid4().hex})
+        headers = {"x-request-id": uuid.uuid4().hex, **self.response_headers}
+        return "200", JSONResponse(completion, headers=headers)
 
     async def models(self, request: Request) -> Response:
         self.models_requests += 1
@@ -634,6 +656,8 @@ class LLMServer:
             self.jitter_s = update.jitter_s
         if update.response_formats is not None:
             self.response_formats = set(update.response_formats) or None
+        if update.response_headers is not None:
+            self.response_headers = dict(update.response_headers)
         formats = sorted(self.response_formats) if self.response_formats is not None else None
         return JSONResponse(
             {"latency_s": self.latency_s, "jitter_s": self.jitter_s, "response_formats": formats}
@@ -759,12 +783,15 @@ class LLMServerHandle:
         latency_s: float | None = None,
         jitter_s: float | None = None,
         response_formats: Sequence[str] | None = None,
+        response_headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Partial update; ``response_formats=[]`` accepts every format again."""
+        """Partial update; ``response_formats=[]`` accepts every format again,
+        ``response_headers`` are added to every 200 answer (``{}`` removes them)."""
         payload = {
             "latency_s": latency_s,
             "jitter_s": jitter_s,
             "response_formats": list(response_formats) if response_formats is not None else None,
+            "response_headers": dict(response_headers) if response_headers is not None else None,
         }
         self._call("POST", "/_control/config", payload)
 

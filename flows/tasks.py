@@ -22,6 +22,7 @@ from flows.llm_limits import provider_limiter
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
+from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
 from flows.s3 import s3_store
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
@@ -42,6 +43,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     await check_manifest_lock(params.manifest_lock)
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
+    await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
     s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock)

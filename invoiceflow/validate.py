@@ -233,7 +233,7 @@ def check_invoice(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -
         reasons.append(f"amount due {invoice.amount_due} exceeds total {total}")
     if invoice.due_date and invoice.invoice_date and invoice.due_date < invoice.invoice_date:
         reasons.append(f"due date {invoice.due_date} is before invoice date {invoice.invoice_date}")
-    return reasons
+    return reasons + payment_and_tax_reasons(invoice, tolerance=tolerance)
 
 
 def validate_extraction(
@@ -259,3 +259,42 @@ def validate_extraction(
 def _show(value: object) -> str:
     text = str(value)
     return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+# --- IBAN and VAT breakdown (the fields e-invoices and the big invoice APIs share) -----------
+
+_IBAN: Final = re.compile(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}")
+
+
+def iban_is_valid(iban: str) -> bool:
+    """ISO 13616: country, check digits, account; moved to the end, as a number, mod 97 == 1."""
+    compact = re.sub(r"\s+", "", iban).upper()
+    if not _IBAN.fullmatch(compact):
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+def iban_reasons(invoice: Invoice) -> list[str]:
+    if invoice.iban is None or iban_is_valid(invoice.iban):
+        return []
+    return [f"IBAN {_show(invoice.iban)} fails the ISO 13616 mod-97 check"]
+
+
+def tax_breakdown_reasons(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -> list[str]:
+    """The VAT breakdown must add up to the tax total (EN 16931 BR-CO-14)."""
+    amounts = [line.tax_amount for line in invoice.tax_breakdown]
+    if not amounts or invoice.tax_total is None:
+        return []
+    if any(amount is None for amount in amounts):
+        return ["tax breakdown has a rate without its tax amount"]
+    breakdown = sum(amounts, Decimal(0))  # type: ignore[arg-type]
+    if abs(breakdown - invoice.tax_total) > tolerance:
+        return [f"tax breakdown sums to {breakdown}, tax total is {invoice.tax_total}"]
+    return []
+
+
+def payment_and_tax_reasons(
+    invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE
+) -> list[str]:
+    return iban_reasons(invoice) + tax_breakdown_reasons(invoice, tolerance=tolerance)

@@ -194,7 +194,7 @@ async def test_malformed_text_answer_is_invalid_json_after_one_repair(
 async def test_wrong_schema_tool_input_is_repaired_through_a_tool_result(
     server: BedrockServerHandle,
 ) -> None:
-    server.set_answers({REPAIR_PREFIX: GOOD, "*": {**GOOD, "total": "a lot", "iban": "DE00"}})
+    server.set_answers({REPAIR_PREFIX: GOOD, "*": {**GOOD, "total": "a lot", "bank": "DE00"}})
     async with extractor(server) as ex:
         extraction = await ex.extract_document(TEXT, invoice_key="r")
 

@@ -278,7 +278,7 @@ async def test_malformed_json_is_invalid_json(server: LLMServerHandle) -> None:
     [
         pytest.param({**ACME_ANSWER, "currency": "ZZZ"}, id="unknown-currency"),
         pytest.param({"invoice_number": "ACME-42", "total": "1.00"}, id="missing-keys"),
-        pytest.param({**ACME_ANSWER, "iban": "DE00"}, id="extra-key"),
+        pytest.param({**ACME_ANSWER, "bank_account": "DE00"}, id="extra-key"),
         pytest.param({**ACME_ANSWER, "total": "about 12 euros"}, id="money-not-a-number"),
         pytest.param({**ACME_ANSWER, "invoice_date": "01.03.2024"}, id="date-not-iso"),
         pytest.param({**ACME_ANSWER, "line_items": [{"description": "x"}]}, id="item-missing-keys"),

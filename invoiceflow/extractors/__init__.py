@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
+from invoiceflow.redact import redact
 from invoiceflow.schema import ExtractionSource, Invoice, Truncation, Usage
 
 __all__ = [
@@ -31,6 +32,9 @@ class ExtractionError(Exception):
     ``attempts`` counts the HTTP requests spent on the invoice (SDK retries and the
     repair attempt included), ``usage`` the tokens they were billed and ``cost`` their
     price (None without a price), so a failure still shows what it cost.
+
+    The message is redacted (`invoiceflow.redact`) as it is made: providers echo keys
+    in error bodies, and this text goes to the manifest, the results and the logs.
     """
 
     def __init__(
@@ -43,7 +47,7 @@ class ExtractionError(Exception):
         usage: Usage | None = None,
         cost: Decimal | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.kind = kind
         self.transient = transient
         self.attempts = attempts

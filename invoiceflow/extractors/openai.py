@@ -175,6 +175,22 @@ def _map_api_error(exc: openai.APIError) -> ExtractionError:
     return ExtractionError("invalid_json", f"LLM response unusable: {exc}", transient=False)
 
 
+def _reported_usage(completion: Any) -> Usage:
+    """The usage a completion reports. The SDK does not validate answers, so a broken
+    one (a gateway's echo, a string for a count) fails here as an unusable response."""
+    reported = completion.usage
+    if reported is None:
+        return Usage()
+    try:
+        return Usage(
+            prompt_tokens=reported.prompt_tokens, completion_tokens=reported.completion_tokens
+        )
+    except ValueError as exc:
+        raise ExtractionError(
+            "invalid_json", f"LLM response unusable: {exc}", transient=False
+        ) from exc
+
+
 class ResponseTooLarge(openai.OpenAIError):
     """The answer exceeded the byte limit. An `OpenAIError`, so the SDK does not retry it."""
 
@@ -408,15 +424,7 @@ class OpenAIExtractor:
                     raise _map_api_error(exc) from exc
                 except openai.APIError as exc:
                     raise _map_api_error(exc) from exc
-                reported = completion.usage
-                usage = (
-                    Usage(
-                        prompt_tokens=reported.prompt_tokens,
-                        completion_tokens=reported.completion_tokens,
-                    )
-                    if reported is not None
-                    else Usage()
-                )
+                usage = _reported_usage(completion)
                 permit.record(usage.total_tokens)
             return self._content(completion), usage
 
