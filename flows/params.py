@@ -8,12 +8,18 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.lock import LOCK_WAIT_SECONDS
-from invoiceflow.manifest import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_ATTEMPTS, key_collisions
+from invoiceflow import defaults
+from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MANIFEST_BYTES,
+    key_collisions,
+)
 
 
 class ProcessInvoicesParams(BaseModel):
     source_prefix: str = Field(
-        default="incoming/",
+        default=defaults.SOURCE_PREFIX,
         title="Source prefix",
         description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
     )
@@ -41,34 +47,34 @@ class ProcessInvoicesParams(BaseModel):
         "is not the bottleneck.",
     )
     results_prefix: str = Field(
-        default="results/",
+        default=defaults.RESULTS_PREFIX,
         title="Results prefix",
         description="Where one JSON result per invoice is written.",
     )
     manifest_key: str = Field(
-        default="manifest.json",
+        default=defaults.MANIFEST_KEY,
         title="Manifest key",
         description="The S3 object recording every invoice's status.",
     )
     bucket_block: str = Field(
-        default="invoiceflow-bucket",
+        default=defaults.BUCKET_BLOCK,
         title="S3 bucket block",
         description="Name of the saved prefect-aws S3Bucket block.",
     )
     extractor_block: str = Field(
-        default="invoiceflow-extractor",
+        default=defaults.EXTRACTOR_BLOCK,
         title="Extractor block",
         description="Name of the saved Invoice Extractor block (rules or an LLM).",
     )
     failure_notification_block: str = Field(
-        default="custom-webhook/invoiceflow-on-failure",
+        default=defaults.FAILURE_NOTIFICATION_BLOCK,
         title="Notify on failure",
         description="Notification block told when the run fails, as `type/name`, e.g. "
         "`custom-webhook/invoiceflow-on-failure` or `slack-webhook/ops`. Nobody is "
         "notified while that block is not saved; empty turns notification off.",
     )
     manifest_lock: str = Field(
-        default="invoiceflow-manifest",
+        default=defaults.MANIFEST_LOCK,
         title="Manifest lock",
         description="Global concurrency limit (size 1) serializing manifest writes.",
     )
@@ -112,6 +118,14 @@ class ProcessInvoicesParams(BaseModel):
         title="Manifest lock wait (s)",
         description="How long a manifest write keeps retrying a deleted or disabled "
         "manifest lock before the run stops with the command that restores it.",
+    )
+    max_manifest_bytes: int = Field(
+        default=DEFAULT_MAX_MANIFEST_BYTES,
+        ge=1024,
+        le=4 * 1024**3,
+        title="Max manifest size (bytes)",
+        description="A larger manifest object stops the run before any work, with the "
+        "command that rebuilds it (`invoiceflow reconcile --rebuild`).",
     )
     max_pdf_bytes: int = Field(
         default=20_000_000,

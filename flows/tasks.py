@@ -46,7 +46,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
     s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
-    store = ManifestStore(s3, params.manifest_key, lock=lock)
+    store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
     limiter = await provider_limiter(
         extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
