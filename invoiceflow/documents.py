@@ -75,12 +75,12 @@ class DocumentLimits:
 
     max_bytes: int = 20_000_000
     max_pages: int = 50
-    time_limit_s: float = 60.0
+    time_limit_s: float = 120.0
     """Wall clock per document, enforced by killing its worker process."""
     memory_limit_mb: int = 1024
     """RLIMIT_AS of each worker process (Tesseract, its child, inherits it)."""
     ocr_languages: str = DEFAULT_OCR_LANGUAGES
-    ocr_page_time_s: float = 30.0
+    ocr_page_time_s: float = 45.0
     """Tesseract's own timeout per page, inside ``time_limit_s``."""
     vision: VisionMode = "never"
     """"auto": pages without a text layer become PNGs instead of being OCR'd;
@@ -90,7 +90,7 @@ class DocumentLimits:
     max_text_operators: int = 200_000
     """Text-showing operators (Tj, TJ, ', ") in all content streams. pypdf's text
     extraction is superlinear in them, so more is refused before extracting."""
-    min_ocr_confidence: float = 60.0
+    min_ocr_confidence: float = 70.0
     """Mean word confidence (0-100) below which an OCR'd page needs review."""
 
 
@@ -116,9 +116,10 @@ class ReadDocument:
     review_reasons: tuple[str, ...] = ()
 
 
-# An OCR'd page below this confidence, or with fewer letters/digits than a text layer
-# needs, yielded nothing usable.
-_MIN_USABLE_CONFIDENCE: Final = 30.0
+# An OCR'd page below this confidence, or with fewer confidently read letters/digits
+# than a text layer needs, yielded nothing usable (a page of noise reads at ~39%).
+_MIN_USABLE_CONFIDENCE: Final = 45.0
+_MIN_CONFIDENT_CHARS: Final = 16
 _UTF8_BOM: Final = b"\xef\xbb\xbf"
 
 
@@ -300,11 +301,11 @@ def _ocr_page(
             exc.kind, f"page {number}: {exc}", transient=exc.kind == "ocr_unavailable"
         ) from None
     found.page_reads.append(PageRead(number, "ocr", len(page.text), page.confidence))
-    if not has_text_layer(page.text) or page.confidence < _MIN_USABLE_CONFIDENCE:
+    if page.confident_chars < _MIN_CONFIDENT_CHARS or page.confidence < _MIN_USABLE_CONFIDENCE:
         raise DocumentError(
             "ocr_failed",
             f"page {number}: OCR found nothing usable (confidence {page.confidence:.0f}%, "
-            f"{sum(ch.isalnum() for ch in page.text)} letters/digits)",
+            f"{page.confident_chars} letters/digits read with confidence)",
         )
     found.texts.append(page.text)
     if page.confidence < limits.min_ocr_confidence:

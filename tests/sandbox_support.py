@@ -56,19 +56,21 @@ def _stream(data: bytes, filters: list[str]) -> StreamObject:
     return stream
 
 
-def attachment_bomb(count: int = 30, inflated_mb: int = 75) -> bytes:
-    """A small PDF whose ``count`` XML attachments each inflate to ``inflated_mb`` MB.
+def attachment_bomb(count: int = 30, inflated_bytes: int = 74_000_000) -> bytes:
+    """A small PDF whose ``count`` XML attachments each inflate to ``inflated_bytes``.
 
-    One doubly Flate-compressed stream shared by every attachment keeps the file tiny.
+    Doubly Flate-compressed streams keep the file tiny (the issue's bomb: 17 KB, 30 x
+    75 MB); each attachment has its own stream, so decoded data cannot be shared.
     """
     writer = PdfWriter()
     writer.add_blank_page(595, 842)
-    once = zlib.compress(b"<" * (inflated_mb * MB), 9)
-    payload = _stream(zlib.compress(once, 9), ["/FlateDecode", "/FlateDecode"])
-    payload[NameObject("/Type")] = NameObject("/EmbeddedFile")
-    payload_ref = writer._add_object(payload)
+    once = zlib.compress(b"<" * inflated_bytes, 9)  # pypdf refuses above 75 MB
+    twice = zlib.compress(once, 9)
     names = ArrayObject()
     for index in range(count):
+        payload = _stream(twice, ["/FlateDecode", "/FlateDecode"])
+        payload[NameObject("/Type")] = NameObject("/EmbeddedFile")
+        payload_ref = writer._add_object(payload)
         name = f"factur-x-{index}.xml"
         spec = DictionaryObject(
             {
