@@ -102,7 +102,8 @@ def bad_inputs() -> list[BadInput]:
         BadInput("truncated.pdf", good[: len(good) * 3 // 5], "corrupt"),
         BadInput("password.pdf", encrypted(good, user_password="s3cret"), "encrypted",
                  ("password",)),
-        BadInput("scan.pdf", scanned_pdf(), "needs_ocr", ("text layer",)),
+        # No text layer: OCR runs now (issue 9) and finds nothing on a filled shape.
+        BadInput("scan.pdf", scanned_pdf(), "ocr_failed", ("OCR",)),
         BadInput("long.pdf", text_pdf(MAX_PAGES + 2), "too_many_pages",
                  (str(MAX_PAGES + 2), f"limit is {MAX_PAGES}")),
         # Valid PDF, padded past the byte limit with a trailing comment.
