@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from rules_handmade import CASES, HEADER_FIELDS
 
 from invoiceflow.extractors.rules import extract_invoice
-from rules_handmade import CASES, HEADER_FIELDS
 
 
 def header_scores() -> tuple[int, int, list[tuple[str, str, Any, Any]]]:
