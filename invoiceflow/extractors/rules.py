@@ -242,10 +242,16 @@ _TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
 )
 # The same labels anywhere in a line ("Thank you! TOTAL $ 2,375.50", a summary box to the
 # right of other text); there only trusted when nothing but an amount follows.
-_TOTAL_LABELS_INLINE: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
-    (field, re.compile(rf"(?<![\w-])(?:{pattern})(?![\w-])", _I))
-    for field, pattern in _TOTAL_PATTERNS
+_TOTAL_LABEL_INLINE: Final = re.compile(
+    r"(?<![\w-])(?:"
+    + "|".join(f"(?P<t{i}>{pattern})" for i, (_, pattern) in enumerate(_TOTAL_PATTERNS))
+    + r")(?![\w-])",
+    _I,
 )
+_INLINE_FIELDS: Final[dict[str, TotalField]] = {
+    f"t{i}": field for i, (field, _) in enumerate(_TOTAL_PATTERNS)
+}
+_ENDS_WITH_AMOUNT: Final = re.compile(r"\d\s?(?:[A-Z]{3}|[$€£])?\s*$")
 _ONLY_AN_AMOUNT: Final = re.compile(
     r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
     r"-?\d[\d.,'\u2019 ]{0,20}\s?(?:[A-Z]{3}|[$€£])?\s*"
@@ -362,8 +368,8 @@ _MAX_CANDIDATES_PER_LABEL: Final = 40
 # The longest real invoices run to a few thousand lines (~100 pages of ~5k characters);
 # beyond these the middle (line items) is skipped so the time stays bounded, and the
 # document is flagged for review. Header fields sit at the start, totals at the end.
-_MAX_LINES: Final = 40_000
-_MAX_CHARS: Final = 1_000_000
+_MAX_LINES: Final = 20_000
+_MAX_CHARS: Final = 600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +405,7 @@ def extract_invoice_with_notes(text: str) -> tuple[Invoice, tuple[str, ...]]:
 
 
 def _extract(text: str, notes: list[str]) -> Invoice:
-    lines = _head_and_tail(_lines(text), notes)
+    lines = _ocr_fixed(_head_and_tail(_lines(text), notes))
     if not lines:
         return Invoice()
 
@@ -448,10 +454,15 @@ def _extract(text: str, notes: list[str]) -> Invoice:
 
 
 def _lines(text: str) -> list[_Line]:
+    if len(text) > 4 * _MAX_CHARS:  # far more than is read; skip the middle before splitting
+        text = text[: 2 * _MAX_CHARS] + "\n" + text[-2 * _MAX_CHARS :]
     cleaned = text.replace("\f", "\n").replace("\u00a0", " ").replace("\u202f", " ")
     stripped = (_SPACE_RUN.sub(" ", raw).strip() for raw in cleaned.splitlines())
-    bounded = (_OCR_DIGITS.sub(_ocr_digit_fix, line) for line in _bounded(stripped))
-    return [_Line(i, line) for i, line in enumerate(bounded) if line]
+    return [_Line(i, line) for i, line in enumerate(_bounded(stripped)) if line]
+
+
+def _ocr_fixed(lines: list[_Line]) -> list[_Line]:
+    return [_Line(line.index, _OCR_DIGITS.sub(_ocr_digit_fix, line.text)) for line in lines]
 
 
 _SPACE_RUN: Final = re.compile(r"[ \t]+")
@@ -462,7 +473,7 @@ _OCR_DIGITS: Final = re.compile(r"(?<![^\W\d_])[0-9Oo.,]+(?![^\W\d_])")
 def _ocr_digit_fix(match: re.Match[str]) -> str:
     """ "1.19O,OO" -> "1.190,00", "RE-2O26" -> "RE-2026"; runs without a digit stay."""
     run = match.group(0)
-    if "O" not in run and "o" not in run or not any(ch.isdigit() for ch in run):
+    if ("O" not in run and "o" not in run) or not any(ch.isdigit() for ch in run):
         return run
     return run.replace("O", "0").replace("o", "0")
 
@@ -739,16 +750,19 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
         if match is not None:
             amounts = _AMOUNT.findall(text[match.end() :])
             return (field, amounts[-1]) if amounts else None
-    best: tuple[int, TotalField, str] | None = None
-    for field, pattern in _TOTAL_LABELS_INLINE:
-        for match, _ in zip(pattern.finditer(text), range(_MAX_MATCHES_PER_LINE), strict=False):
-            tail = text[match.end() :]
-            if len(tail) <= 40 and _ONLY_AN_AMOUNT.fullmatch(tail):
-                amounts = _AMOUNT.findall(tail)
-                if amounts and (best is None or match.start() < best[0]):
-                    best = (match.start(), field, amounts[-1])
-                break
-    return (best[1], best[2]) if best is not None else None
+    if not _ENDS_WITH_AMOUNT.search(text):
+        return None
+    # The label sits right before the amount: only the end of the line is searched.
+    offset = max(0, len(text) - 90)
+    end = text[offset:]
+    matches = _TOTAL_LABEL_INLINE.finditer(end)
+    for match, _ in zip(matches, range(_MAX_MATCHES_PER_LINE), strict=False):
+        tail = end[match.end() :]
+        if len(tail) <= 40 and _ONLY_AN_AMOUNT.fullmatch(tail):
+            amounts = _AMOUNT.findall(tail)
+            if amounts:
+                return _INLINE_FIELDS[match.lastgroup or ""], amounts[-1]
+    return None
 
 
 def _with_row_totals(
@@ -826,7 +840,138 @@ def _currency(
 def _more_fields(
     lines: Sequence[_Line], dayfirst: bool, vendor_tax_id: str | None
 ) -> dict[str, object]:
-    return {}
+    """document_type, iban, bic, payment_terms, customer_tax_id and the service period."""
+    start, end = _service_period(lines, dayfirst)
+    return {
+        "document_type": "credit_note" if _is_credit_note(lines) else None,
+        "iban": _iban(lines),
+        "bic": _labeled_value(lines, _RE_BIC_LABEL, _BIC),
+        "payment_terms": _payment_terms(lines),
+        "customer_tax_id": _customer_tax_id(lines, vendor_tax_id),
+        "service_period_start": start,
+        "service_period_end": end,
+    }
+
+
+# A credit note says so in its title, near the top; "invoice" documents stay None.
+_CREDIT_NOTE_TITLE: Final = re.compile(
+    r"^(?:credit\s*(?:note|memo)|gutschrift|rechnungskorrektur|stornorechnung|avoir"
+    r"|facture\s+d['\u2019]avoir|note\s+de\s+cr[ée]dit|creditnota|creditfactuur)(?![\w-])",
+    _I,
+)
+
+
+def _is_credit_note(lines: Sequence[_Line]) -> bool:
+    return any(_CREDIT_NOTE_TITLE.match(line.text) for line in lines[:25])
+
+
+_IBAN_START: Final = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?=\s?[A-Z0-9]{4})")
+_IBAN_GROUP: Final = re.compile(r"\s?([A-Z0-9]{1,4})(?![a-z])")
+
+
+def _iban(lines: Sequence[_Line]) -> str | None:
+    """The first IBAN-shaped run that passes the mod-97 check, without spaces.
+
+    Groups are added one at a time and the longest valid prefix wins, so text after
+    the IBAN ("· BIC ...") is never swallowed. An IBAN failing the check is left out.
+    """
+    for line in lines:
+        if "IBAN" not in line.text.upper() and not _IBAN_START.search(line.text):
+            continue
+        for match, _ in zip(_IBAN_START.finditer(line.text), range(4), strict=False):
+            compact, pos, best = match.group(0), match.end(), None
+            while len(compact) < 34 and (group := _IBAN_GROUP.match(line.text, pos)):
+                compact, pos = compact + group.group(1), group.end()
+                if len(compact) >= 15 and _mod97_ok(compact):
+                    best = compact
+            if best is not None:
+                return best
+    return None
+
+
+def _mod97_ok(iban: str) -> bool:
+    rotated = iban[4:] + iban[:4]
+    digits = "".join(str(int(ch, 36)) for ch in rotated)
+    return int(digits) % 97 == 1
+
+
+_RE_BIC_LABEL: Final = re.compile(r"(?<![\w])(?:bic|swift(?:[\s/-]*(?:bic|code))?)\s*[:.]?\s*", _I)
+_BIC: Final = re.compile(r"[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}(?:[A-Z0-9]{3})?(?![A-Za-z0-9])")
+
+
+def _labeled_value(
+    lines: Sequence[_Line], label: re.Pattern[str], value: re.Pattern[str]
+) -> str | None:
+    for _, rest in _label_values(lines, label):
+        match = value.match(rest)
+        if match is not None:
+            return match.group(0)
+    return None
+
+
+_TERMS: Final = re.compile(
+    r"^(?:payment\s+terms|terms(?:\s+of\s+payment)?|zahlungsbedingungen|zahlungsziel"
+    r"|conditions\s+de\s+(?:paiement|r[èe]glement)|betalingstermijn|betalingsvoorwaarden)"
+    r"\s*:?\s*"
+    r"|^(?=(?:payable|payment\s+due|due)\s+within|zahlbar\s+(?:innerhalb|innert|sofort|bis)"
+    r"|net\s+\d{1,3}\s+days|paiement\s+[àa]|te\s+betalen\s+binnen|bitte\s+überweisen)",
+    _I,
+)
+
+
+def _payment_terms(lines: Sequence[_Line]) -> str | None:
+    for line in lines:
+        match = _TERMS.match(line.text)
+        if match is not None:
+            terms = line.text[match.end() : match.end() + 200].strip(" .;")
+            if terms:
+                return terms
+    return None
+
+
+def _customer_tax_id(lines: Sequence[_Line], vendor_tax_id: str | None) -> str | None:
+    """The buyer's VAT number: a tax-id label qualified as the customer's."""
+    for line in lines:
+        matches = zip(_RE_TAX_ID.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False)
+        for match, _ in matches:
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW]
+            qualified = _CUSTOMER_QUALIFIER.search(line.text[: match.start()])
+            after = _CUSTOMER_QUALIFIER_AFTER.match(rest)
+            if not (qualified or after):
+                continue
+            rest = rest[after.end() :] if after else rest
+            value = re.split(r"\s{2,}", _cut_at_label(rest.lstrip(" .:")))[0]
+            if (
+                sum(ch.isdigit() for ch in value) >= 5
+                and len(value) <= 32
+                and value != vendor_tax_id
+            ):
+                return value
+    return None
+
+
+_PERIOD_LABEL: Final = re.compile(
+    r"(?<![\w])(?:service\s+period|billing\s+period|period(?:\s+of\s+service)?"
+    r"|leistungszeitraum|abrechnungszeitraum|lieferzeitraum|zeitraum|p[ée]riode(?:\s+de\s+"
+    r"(?:facturation|prestation))?|factuurperiode|periode)\s*:?",
+    _I,
+)
+
+
+def _service_period(
+    lines: Sequence[_Line], dayfirst: bool
+) -> tuple[dt.date | None, dt.date | None]:
+    """Two dates after a period label: "Leistungszeitraum: 12.01.2026 - 23.01.2026"."""
+    for _, rest in _label_values(lines, _PERIOD_LABEL):
+        dates: list[dt.date] = []
+        for match in itertools.islice(DATE_PATTERN.finditer(rest), 4):
+            try:
+                dates.append(parse_date(match.group(0), dayfirst=dayfirst))
+            except ValueError:
+                continue
+        if len(dates) >= 2 and dates[0] <= dates[1]:
+            return dates[0], dates[1]
+    return None, None
 
 
 # --- dates -------------------------------------------------------------------------------
