@@ -5,7 +5,7 @@
 
 Starts moto's S3 server on a free port, writes a manifest of `entries` realistic `done`
 entries, then times group commits through the real `ManifestStore` (asyncio.Lock,
-conditional write): 1 and 1000 new claims (what `select` commits), and 1 and 16
+conditional write): 1 and 1000 new claims (what `claim` commits), and 1 and 16
 invoices claimed and finished with the pipeline's own done update (`RecordDone`,
 which looks for a duplicate invoice at commit time). Each is timed
 
