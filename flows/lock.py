@@ -1,7 +1,10 @@
 """The manifest lock: a Prefect global concurrency limit of size one, taken strictly.
 
-Prefect runs the body with no lock at all when the limit is inactive (any `strict`),
-and raises a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`).
+Prefect runs the body with no lock at all when the limit is inactive (any `strict`: the
+server increments only active limits and still answers with the limit, see
+`prefect/server/api/concurrency_limits_v2.py`, `_acquire_concurrency_slots`), and raises
+a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`, see
+`prefect/concurrency/_asyncio.py`, `aacquire_concurrency_slots_with_lease`).
 `manifest_lock` turns both into a wait: it retries with backoff while the limit is
 missing or inactive, and after a bounded time raises `ManifestLockLost` naming the
 command that restores it, so no run ever crashes on Prefect's raw error.
