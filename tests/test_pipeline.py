@@ -310,3 +310,23 @@ async def test_a_transient_failure_gives_up_after_the_attempt_cap(
         "server_error",
         "503 from the provider",
     )
+
+
+async def test_an_unforeseen_error_quoting_a_secret_is_recorded_masked(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    from invoiceflow.redact import register_secrets
+
+    secret = "sk-pipeline-" + "f00d" * 8
+    register_secrets(secret)
+    (key,) = upload(s3_store, unique_prefix, 1)
+
+    class Leaky(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            raise RuntimeError(f"401 Incorrect API key provided: {secret}")
+
+    async with running_pipeline(s3_store, unique_prefix, Leaky()) as pipeline:
+        (outcome,) = (await run_all(pipeline)).values()
+    entry = entries(s3_store, unique_prefix)[key]
+    assert entry["error_kind"] == "internal_error" and "[REDACTED]" in entry["error_message"]
+    assert secret not in entry["error_message"] and secret not in (outcome.error_message or "")
