@@ -102,6 +102,8 @@ _DUE_DATE: Final = (
     r"uiterste\s+betaaldatum",
     r"date\s+due",
     r"vervaldag",
+    # A label alone on its line, the value on the next one.
+    r"^(?:due|f[äa]llig(?:\s+am)?|[ée]ch[ée]ance)\s*:?$",
 )
 _PO_NUMBER: Final = (
     r"p\.?\s?o\.?\s*(?:number|no\.?|nr\.?|#)",
@@ -125,7 +127,7 @@ _BILL_TO: Final = (
     r"rechnungsempf[äa]nger",
     r"rechnung\s+an\s*:",
     r"kunde\s*:",
-    r"factur[ée]\s+[àa]",
+    r"factur[ée]\s+[àa](?=\s*:|$)",
     r"destinataire\s*:",
     r"factuuradres",
     r"gefactureerd\s+aan",
@@ -253,7 +255,7 @@ _INLINE_FIELDS: Final[dict[str, TotalField]] = {
 }
 _ENDS_WITH_AMOUNT: Final = re.compile(r"\d\s?(?:[A-Z]{3}|[$€£])?\s*$")
 _ONLY_AN_AMOUNT: Final = re.compile(
-    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
+    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:\([^()]{0,40}\)\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
     r"-?\d[\d.,'\u2019 ]{0,20}\s?(?:[A-Z]{3}|[$€£])?\s*"
 )
 
@@ -304,6 +306,29 @@ _RE_CELL_LABEL: Final = re.compile(
     _I,
 )
 _CELL_FIELDS: Final = {f"c{i}": field for i, (field, _) in enumerate(_CELL_LABELS)}
+# Per field, the cell words plus the line labels ("Date of issue", "Your PO"), so the
+# longest label at a position can be found.
+_LINE_LABELS_BY_FIELD: Final[dict[str, tuple[str, ...]]] = {
+    "invoice_number": _INVOICE_NUMBER,
+    "invoice_date": _INVOICE_DATE,
+    "due_date": _DUE_DATE,
+    "po_number": _PO_NUMBER,
+    "other": _CURRENCY_LABEL,
+}
+_CELL_PATTERNS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
+    (
+        field,
+        re.compile(
+            # The line labels first: they are the longer, more specific alternatives.
+            "(?:" + "|".join((*_LINE_LABELS_BY_FIELD.get(field, ()), pattern)) + r")(?![\w-])",
+            _I,
+        ),
+    )
+    for field, pattern in _CELL_LABELS
+)
+# A label row is short: the left column's words, then a handful of labels.
+_MAX_ROW_PREFIX_WORDS: Final = 8
+_MAX_ROW_LABELS: Final = 8
 _CELL_GAP: Final = re.compile(r"[\s:|/]*")
 _HEADER_CELL_FIELDS: Final = frozenset(("invoice_number", "invoice_date", "due_date", "po_number"))
 
@@ -342,6 +367,22 @@ _KRONA_BY_COUNTRY: Final = {"SE": "SEK", "DK": "DKK", "NO": "NOK", "IS": "ISK"}
 _TITLE: Final = re.compile(
     r"^(?:(?:tax|commercial|proforma|pro-forma|vat)\s+)?(?:invoice|bill|rechnung|facture|factura"
     r"|fattura|faktura|factuur)(?:\s+\w+)?$",
+    _I,
+)
+_TRAILING_TITLE: Final = re.compile(
+    r"\s+(?:(?:tax|sales|commercial|proforma|vat)\s+)?(?:invoice|bill|rechnung|facture|factuur"
+    r"|credit\s+note|gutschrift|avoir|creditnota)$",
+    _I,
+)
+_TITLE_WITH_NUMBER: Final = re.compile(
+    r"^(?:(?:tax|sales|commercial|proforma|vat)\s+)?(?:invoice|rechnung|facture|factuur"
+    r"|gutschrift|credit\s+note|avoir|creditnota)\s+(?:no\.?|nr\.?|n[°o]\.?|number|nummer|#)",
+    _I,
+)
+# Company-register small print above a letterhead is not the vendor's name.
+_SMALL_PRINT: Final = re.compile(
+    r"^(?:registered|reg\.|company\s+(?:no|number|reg)|sitz\b|amtsgericht|handelsregister"
+    r"|gesch[äa]ftsf[üu]hr|si[èe]ge|rcs\b|capital\b|kvk\b|statutair|directors?\b)",
     _I,
 )
 _LEGAL_FORM: Final = re.compile(
@@ -535,7 +576,9 @@ def _label_values(
             if not_after is not None and not_after.search(before):
                 continue  # e.g. "zu Rechnung Nr.": another document's number
             rest = line.text[match.end() : match.end() + _VALUE_WINDOW].strip(" :#\t")
-            if not rest and pos + 1 < len(lines):
+            # The next line holds the value only under a label alone on its line; the
+            # last label of a row of labels ("Number Date Due") is read by `_label_rows`.
+            if not rest and match.start() == 0 and pos + 1 < len(lines):
                 yield pos, lines[pos + 1].text[:_VALUE_WINDOW]
             else:
                 yield pos, rest
@@ -550,20 +593,31 @@ def _row_labels(text: str) -> list[str] | None:
     Words before the first label are another column (a two-column header: the vendor's
     address on the left); after it, the row must be labels only.
     """
+    if len(text) > 300 or len(_RE_CELL_LABEL.findall(text)) < 2:
+        return None  # cheap test first: this runs on every line
     fields: list[str] = []
-    pos = 0
-    while pos < len(text):
+    pos, skipped = 0, 0
+    while pos < len(text) and skipped <= _MAX_ROW_PREFIX_WORDS:
         pos = _CELL_GAP.match(text, pos).end()  # type: ignore[union-attr]
-        match = _RE_CELL_LABEL.match(text, pos)
-        if match is not None and match.end() > pos:
-            fields.append(_CELL_FIELDS[match.lastgroup or ""])
-            pos = match.end()
+        label = _longest_cell_label(text, pos)
+        if label is not None:
+            fields.append(label[0])
+            pos = label[1]
         elif fields:
             return None
         else:
             space = text.find(" ", pos)
-            pos = len(text) if space < 0 else space
-    return fields if len(fields) >= 2 and len(fields) <= 8 else None
+            pos, skipped = (len(text) if space < 0 else space), skipped + 1
+    return fields if 2 <= len(fields) <= _MAX_ROW_LABELS and pos >= len(text) else None
+
+
+def _longest_cell_label(text: str, pos: int) -> tuple[str, int] | None:
+    best: tuple[str, int] | None = None
+    for field, pattern in _CELL_PATTERNS:
+        match = pattern.match(text, pos)
+        if match is not None and match.end() > pos and (best is None or match.end() > best[1]):
+            best = (field, match.end())
+    return best
 
 
 _VALUE_CELL: Final = re.compile(
@@ -574,11 +628,8 @@ _CURRENCY_CELL: Final = re.compile(r"[A-Z]{3}|US\$|[$€£¥]", _I)
 
 def _cells(text: str) -> list[str]:
     """Whitespace-separated cells of a value row, keeping "3 maart 2026" and "1 234,56" whole."""
-    return [
-        cell
-        for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])
-        if not _CURRENCY_CELL.fullmatch(cell := match.group(0).strip())
-    ]
+    # Currency cells ("EUR") stay: a "Currency" column lines up with them.
+    return [match.group(0).strip() for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])]
 
 
 def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
@@ -595,7 +646,7 @@ def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
         cells = _cells(lines[pos + 1].text)
         if len(cells) < len(fields):
             continue
-        amounts_only = all(_AMOUNT.fullmatch(cell) for cell in cells)
+        amounts_only = all(_AMOUNT.fullmatch(c) or _CURRENCY_CELL.fullmatch(c) for c in cells)
         for field, cell in zip(fields, cells[-len(fields) :], strict=True):
             if field in _HEADER_CELL_FIELDS or (field != "other" and amounts_only):
                 found.setdefault(field, []).append(cell)
@@ -678,14 +729,18 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
     # Otherwise the vendor is the letterhead: the first lines before any labelled field.
     candidates: list[str] = []
     for line in lines[:12]:
+        if _SMALL_PRINT.match(line.text) or _TITLE_WITH_NUMBER.match(line.text):
+            continue  # above or beside the letterhead, not the end of it
         if _RE_ANY_LABEL.search(line.text) or _table_columns(line.text) is not None:
             break
         if _TITLE.match(line.text) or not any(ch.isalpha() for ch in line.text):
             continue
         if any(pattern.match(line.text) for _, pattern in _TOTAL_LABELS):
             break
-        # Letterheads often run name and address together: "Acme Ltd · 1 Main St".
-        candidates.append(re.split(r" [·|•] ", line.text)[0].strip())
+        # Letterheads often run name and address together: "Acme Ltd · 1 Main St"; a
+        # two-column header puts the title beside the name: "Acme Ltd INVOICE".
+        name = re.split(r" [·|•] ", line.text)[0].strip()
+        candidates.append(_TRAILING_TITLE.sub("", name) or name)
     for candidate in candidates[:6]:
         if _LEGAL_FORM.search(candidate):
             return candidate
