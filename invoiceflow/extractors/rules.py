@@ -47,6 +47,13 @@ _INVOICE_NUMBER: Final = (
     # A bare "Number:" only at the start of a line.
     r"^(?:nummer|number|num[ée]ro)\s*:",
 )
+# "FACTUUR 2026-118", "Invoice INV-0042": a title at the start of a line, then the number.
+# Tried only when no labelled number exists.
+_RE_TITLE_THEN_NUMBER: Final = re.compile(
+    r"^(?:(?:tax|sales|commercial)\s+)?(?:invoice|rechnung|facture|factuur|gutschrift"
+    r"|credit\s+note|avoir|creditnota)\s+(?=[A-Z]{0,6}[-/]?\d)",
+    _I,
+)
 # "Zu Rechnung Nr. 2026-1187", "Original invoice no. ...": another document's number.
 _REFERENCE_QUALIFIER: Final = re.compile(
     r"(?:\bzu|\bzur|\bzum|original|orig\.|urspr[üu]ngliche\w*|related|bez[üu]glich|betreft"
@@ -81,8 +88,11 @@ _INVOICE_DATE: Final = (
     # "Handelsrechnung (380) 05.03.2018 Nr. 471102": the date right after the title.
     r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)(?:\s*\(\d{3}\))?"
     r"(?=\s+\d{1,2}[./-]\d{1,2}[./-]\d{2,4})",
+    # "Facture n° 2026-045 du 12/03/2026", "Rechnung Nr. 26-0107 vom 10.03.2026".
+    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)\s*(?:n[°o]\.?|nr\.?|no\.?|#)?"
+    r"\s*[\w/.-]{1,30}\s+(?:du|vom|van|d\.d\.|dated|of)(?=\s+\d)",
     # "Zürich, 31. Januar 2026": place and date alone on a line (German/French letters).
-    r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+)?"
+    r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+|am\s+)?"
     r"(?=(?:\d{1,2}\.?\s*[A-Za-zÀ-ÿ]{3,10}\.?\s+\d{4}|\d{1,2}[./]\d{1,2}[./]\d{2,4})$)",
 )
 _DUE_DATE: Final = (
@@ -189,7 +199,7 @@ _CUSTOMER_QUALIFIER: Final = re.compile(
 _CUSTOMER_QUALIFIER_AFTER: Final = re.compile(r"^[\s.]*(?:client|klant|kunde|customer)\b", _I)
 
 # Totals, tried in this order: the specific labels must win over "Total" and "VAT".
-TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total"]
+TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total", "total_weak"]
 _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     (
         "amount_due",
@@ -217,7 +227,7 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
         r"|amount\s+before\s+tax|goods\s+total|total\s+goods"
         r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
         r"|gesamtbetrag\s+der\s+positionen|summe\s+(?:der\s+)?positionen|warenwert"
-        r"|total\s+ht|sous-?\s?total|montant\s+ht"
+        r"|total\s+ht(?:va)?|sous-?\s?total|montant\s+ht(?:va)?"
         r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag|maatstaf\s+van\s+heffing",
     ),
     (
@@ -234,10 +244,13 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     ),
     (
         "total",
-        r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"
-        r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag"
-        r"|montant\s+total|totaalbedrag|totaal",
+        r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total"
+        r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag|gesamtpreis|endsumme"
+        r"|montant\s+total|total\s+tvac|montant\s+tvac|totaalbedrag|totaal\s+factuur",
     ),
+    # A bare "Total" / "Gesamt" counts only when no label above names the total: a VAT
+    # summary row ("Gesamt 42,01 € 7,98 €") also says "Gesamt".
+    ("total_weak", r"total|totaal|gesamt|totale"),
 )
 _TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
     (field, re.compile(rf"^\s*(?:{pattern})(?![\w-])", _I)) for field, pattern in _TOTAL_PATTERNS
@@ -463,25 +476,35 @@ def _extract(text: str, notes: list[str]) -> Invoice:
     totals = _with_row_totals(totals, rows)
     decimal = decimal or _decimal_separator(totals.values())
     dayfirst = _dayfirst(lines, vendor_tax_id)
-    currency = _currency(lines, totals, vendor_tax_id)
+    currency = _currency(lines, totals, vendor_tax_id) or _currency_from_locale(
+        lines, vendor_tax_id, decimal
+    )
     invoice_number = _labeled_token(
         lines,
         _RE_INVOICE_NUMBER,
         rows.get("invoice_number", ()),
         not_after=_REFERENCE_QUALIFIER,
-    )
+    ) or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
     # The first letterhead line is only a plausible vendor if this is an invoice at all.
     is_invoice = bool(invoice_number or vendor_tax_id or totals or items)
     amounts = {
         field: _amount(totals.get(field), decimal, notes)
         for field in ("subtotal", "tax_total", "total", "amount_due")
     }
+    if amounts["total"] is None:
+        amounts["total"] = _amount(totals.get("total_weak"), decimal, notes)
     if amounts["total"] is None and "paid" not in totals:
         # Many invoices print only the payable amount ("Te betalen", "Balance due").
         amounts["total"] = amounts["amount_due"]
     return Invoice(
         invoice_number=invoice_number,
-        invoice_date=_labeled_date(lines, _RE_INVOICE_DATE, dayfirst, rows.get("invoice_date", ())),
+        invoice_date=_labeled_date(
+            lines,
+            _RE_INVOICE_DATE,
+            dayfirst,
+            rows.get("invoice_date", ()),
+            not_after=_REFERENCE_QUALIFIER,
+        ),
         due_date=_labeled_date(lines, _RE_DUE_DATE, dayfirst, rows.get("due_date", ())),
         vendor_name=_vendor_name(lines, allow_unqualified=is_invoice),
         vendor_tax_id=vendor_tax_id,
@@ -695,10 +718,16 @@ def _is_identifier(token: str) -> bool:
 
 
 def _labeled_date(
-    lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool, cells: Sequence[str] = ()
+    lines: Sequence[_Line],
+    label: re.Pattern[str],
+    dayfirst: bool,
+    cells: Sequence[str] = (),
+    *,
+    not_after: re.Pattern[str] | None = None,
 ) -> dt.date | None:
     """The first date after `label` (or else in a label row's cell)."""
-    values = itertools.chain((rest for _, rest in _label_values(lines, label)), cells)
+    labelled = (rest for _, rest in _label_values(lines, label, not_after=not_after))
+    values = itertools.chain(labelled, cells)
     for value in values:
         # OCR puts stray spaces into dates: "1 9. 0 2. 2026".
         despaced = _SPACE_IN_NUMBER.sub("", value[:24])
@@ -785,13 +814,30 @@ def _totals(
 ) -> tuple[dict[TotalField, str], DecimalSeparator | None]:
     """The printed amount for each totals label (the last occurrence wins)."""
     found: dict[TotalField, str] = {}
-    for line in lines:
+    for pos, line in enumerate(lines):
         if _RE_TAX_ID.search(line.text):
             continue  # "VAT ID: DE123456789" is not a tax amount
         labelled = _total_on_line(line.text)
+        if labelled is None and pos + 1 < len(lines):
+            labelled = _total_under_label(line.text, lines[pos + 1].text)
         if labelled is not None:
             found[labelled[0]] = labelled[1]
     return found, decimal or _decimal_separator(found.values())
+
+
+def _total_under_label(text: str, below: str) -> tuple[TotalField, str] | None:
+    """A totals label alone on its line, only an amount on the next ("Rechnungsbetrag" /
+    "971,04 EUR"): how summary boxes often come out of text extraction."""
+    for field, pattern in _TOTAL_LABELS:
+        match = pattern.match(text)
+        if match is not None:
+            if len(text) - match.end() > 3 or len(below) > 40:
+                return None
+            if not _ONLY_AN_AMOUNT.fullmatch(below):
+                return None
+            amounts = _AMOUNT.findall(below)
+            return (field, amounts[-1]) if amounts else None
+    return None
 
 
 def _total_on_line(text: str) -> tuple[TotalField, str] | None:
@@ -825,7 +871,7 @@ def _with_row_totals(
 ) -> dict[TotalField, str]:
     """`totals` completed from rows of total labels over a row of amounts."""
     merged = dict(totals)
-    for field in ("subtotal", "tax_total", "total", "amount_due"):
+    for field in ("subtotal", "tax_total", "total", "total_weak", "amount_due"):
         if field not in merged and rows.get(field):
             merged[field] = rows[field][-1]  # type: ignore[index]
     return merged
@@ -1029,6 +1075,70 @@ def _service_period(
     return None, None
 
 
+# --- currency from the locale, when no amount carries a sign or code ---------------------
+
+_EURO_COUNTRIES: Final = frozenset(
+    [
+        "AT",
+        "BE",
+        "CY",
+        "DE",
+        "EE",
+        "EL",
+        "ES",
+        "FI",
+        "FR",
+        "GR",
+        "HR",
+        "IE",
+        "IT",
+        "LT",
+        "LU",
+        "LV",
+        "MT",
+        "NL",
+        "PT",
+        "SI",
+        "SK",
+    ]
+)
+_COUNTRY_CURRENCY: Final = {
+    **dict.fromkeys(_EURO_COUNTRIES, "EUR"),
+    **{"GB": "GBP", "CH": "CHF", "LI": "CHF", "SE": "SEK", "DK": "DKK", "NO": "NOK"},
+    **{"PL": "PLN", "CZ": "CZK", "HU": "HUF", "RO": "RON", "BG": "BGN"},
+}
+# A VAT number's country: "BTW-nr: NL001234567B02", "TVA BE 0412.345.678", "UID: ATU123".
+_VAT_COUNTRY: Final = re.compile(
+    r"(?<![A-Za-z])(?:vat|tva|btw|ust|mwst|uid|iva|moms|mva)\b[^A-Za-z\n]{0,15}"
+    r"([A-Z]{2})(?=\s?[0-9U])",
+    _I,
+)
+# Words only an invoice in German, French or Dutch prints; with a decimal comma they
+# mean euros when nothing else says.
+_EURO_LANGUAGE_WORDS: Final = re.compile(
+    r"\b(?:rechnung|mwst|umsatzsteuer|gesamtbetrag|facture|tva|montant|factuur|btw|totaal"
+    r"|bedrag)\b",
+    _I,
+)
+
+
+def _currency_from_locale(
+    lines: Sequence[_Line], vendor_tax_id: str | None, decimal: DecimalSeparator | None
+) -> str | None:
+    """The currency of the vendor's country (VAT number, IBAN), else of the language."""
+    countries = [vendor_tax_id[:2].upper()] if vendor_tax_id else []
+    head = [line.text for line in lines[:60]]
+    countries += [m.group(1).upper() for t in head for m in _VAT_COUNTRY.finditer(t)]
+    iban = _iban(lines)
+    countries += [iban[:2]] if iban else []
+    for country in countries:
+        if country in _COUNTRY_CURRENCY:
+            return _COUNTRY_CURRENCY[country]
+    if decimal == "," and any(_EURO_LANGUAGE_WORDS.search(text) for text in head):
+        return "EUR"
+    return None
+
+
 # --- dates -------------------------------------------------------------------------------
 
 
@@ -1115,7 +1225,7 @@ def _line_items(
             items.append((line.index, item))
             continue
         if _AMOUNT.search(line.text) and any(
-            p.match(line.text) for f, p in _TOTAL_LABELS if f in ("subtotal", "total")
+            p.match(line.text) for f, p in _TOTAL_LABELS if f in ("subtotal", "total", "total_weak")
         ):
             break  # the totals block ends the table
     return items
