@@ -1078,29 +1078,7 @@ def _service_period(
 # --- currency from the locale, when no amount carries a sign or code ---------------------
 
 _EURO_COUNTRIES: Final = frozenset(
-    [
-        "AT",
-        "BE",
-        "CY",
-        "DE",
-        "EE",
-        "EL",
-        "ES",
-        "FI",
-        "FR",
-        "GR",
-        "HR",
-        "IE",
-        "IT",
-        "LT",
-        "LU",
-        "LV",
-        "MT",
-        "NL",
-        "PT",
-        "SI",
-        "SK",
-    ]
+    "AT BE CY DE EE EL ES FI FR GR HR IE IT LT LU LV MT NL PT SI SK".split()  # noqa: SIM905
 )
 _COUNTRY_CURRENCY: Final = {
     **dict.fromkeys(_EURO_COUNTRIES, "EUR"),
