@@ -473,6 +473,8 @@ def _extract(text: str, notes: list[str]) -> Invoice:
         totals, decimal = _totals([ln for ln in lines if ln.index not in item_lines], decimal)
 
     rows = _label_rows(lines)
+    for field, values in _label_stacks(lines).items():
+        rows.setdefault(field, []).extend(values)
     totals = _with_row_totals(totals, rows)
     decimal = decimal or _decimal_separator(totals.values())
     dayfirst = _dayfirst(lines, vendor_tax_id)
@@ -655,6 +657,30 @@ def _cells(text: str) -> list[str]:
     return [match.group(0).strip() for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])]
 
 
+def _label_stacks(lines: Sequence[_Line]) -> dict[str, list[str]]:
+    """Values of label stacks: k lines that are each one label, then k lines of values.
+
+    Text extraction reads a right-aligned details box column by column: "Invoice No.:",
+    "Date:", then "INV-7", "3 March 2026". The i-th value belongs to the i-th label.
+    """
+    found: dict[str, list[str]] = {}
+    pos = 0
+    while pos < len(lines):
+        fields: list[str] = []
+        while pos + len(fields) < len(lines) and len(fields) < _MAX_ROW_LABELS:
+            label = _longest_cell_label(lines[pos + len(fields)].text, 0)
+            text = lines[pos + len(fields)].text
+            if label is None or not _LABEL_TAIL.fullmatch(text, label[1]):
+                break
+            fields.append(label[0])
+        values = [line.text for line in lines[pos + len(fields) : pos + 2 * len(fields)]]
+        if len(fields) >= 2 and len(values) == len(fields):
+            for field, value in zip(fields, values, strict=True):
+                found.setdefault(field, []).append(value)
+        pos += max(1, len(fields))
+    return found
+
+
 def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
     """Values read from rows of cell labels, by field, in document order.
 
@@ -819,10 +845,17 @@ def _totals(
             continue  # "VAT ID: DE123456789" is not a tax amount
         labelled = _total_on_line(line.text)
         if labelled is None and pos + 1 < len(lines):
-            labelled = _total_under_label(line.text, lines[pos + 1].text)
+            # Not inside a stack of values ("20.00" / "4.00" / "24.00"): those go to
+            # the stack of labels above them, in order (`_label_stacks`).
+            after = lines[pos + 2].text if pos + 2 < len(lines) else ""
+            if not _ONLY_AN_AMOUNT.fullmatch(after):
+                labelled = _total_under_label(line.text, lines[pos + 1].text)
         if labelled is not None:
             found[labelled[0]] = labelled[1]
     return found, decimal or _decimal_separator(found.values())
+
+
+_LABEL_TAIL: Final = re.compile(r"\s*(?:\(?(?:[A-Z]{3}|[$€£])\)?)?\s*:?\s*")
 
 
 def _total_under_label(text: str, below: str) -> tuple[TotalField, str] | None:
@@ -831,7 +864,7 @@ def _total_under_label(text: str, below: str) -> tuple[TotalField, str] | None:
     for field, pattern in _TOTAL_LABELS:
         match = pattern.match(text)
         if match is not None:
-            if len(text) - match.end() > 3 or len(below) > 40:
+            if not _LABEL_TAIL.fullmatch(text, match.end()) or len(below) > 40:
                 return None
             if not _ONLY_AN_AMOUNT.fullmatch(below):
                 return None
