@@ -727,71 +727,94 @@ class _InvoicePdf(FPDF):
 
 
 def _render(plan: _Plan) -> bytes:
-    inv, vendor, style, words = plan.invoice, plan.vendor, plan.style, plan.words
     pdf = _InvoicePdf(plan)
-    pdf.set_title(f"Invoice {inv.invoice_number}")
-    pdf.set_author(vendor.name)
+    pdf.set_title(f"Invoice {plan.invoice.invoice_number}")
+    pdf.set_author(plan.vendor.name)
     pdf.add_page()
-    width = pdf.epw
-    bottom = pdf.h - 24  # keep clear of the footer
+    meta = _render_header(pdf, plan)
+    _render_details(pdf, plan, meta)
+    _render_items(pdf, plan)
+    _render_totals(pdf, plan)
+    _render_closing(pdf, plan)
+    return bytes(pdf.output())
 
-    def money(value: Decimal, *, with_currency: bool = False) -> str:
-        text = format_amount(value, style)
-        if not with_currency or plan.currency_mode == "label":
-            return text
-        code = inv.currency or ""
-        if plan.currency_mode == "symbol":
-            symbol = _SYMBOLS[code]
-            if code == "USD" and vendor.country != "US":
-                symbol = "US$"  # a bare "$" outside the US could be any dollar
-            return f"{text} {symbol}" if style != "en" else f"{symbol}{text}"
-        return f"{code} {text}"
 
-    def date(value: dt.date | None) -> str:
-        return _format_date(value, plan.date_format, words.months) if value else ""
+def _bottom(pdf: FPDF) -> float:
+    return pdf.h - 24  # keep clear of the footer
 
-    def line(text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
-        pdf.set_font("helvetica", "B" if bold else "", size)
-        pdf.cell(0, h, text, new_x="LMARGIN", new_y="NEXT")
 
+def _line(pdf: FPDF, text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
+    pdf.set_font("helvetica", "B" if bold else "", size)
+    pdf.cell(0, h, text, new_x="LMARGIN", new_y="NEXT")
+
+
+def _money(plan: _Plan, value: Decimal, *, with_currency: bool = False) -> str:
+    text = format_amount(value, plan.style)
+    if not with_currency or plan.currency_mode == "label":
+        return text
+    code = plan.invoice.currency or ""
+    if plan.currency_mode == "symbol":
+        symbol = _SYMBOLS[code]
+        if code == "USD" and plan.vendor.country != "US":
+            symbol = "US$"  # a bare "$" outside the US could be any dollar
+        return f"{text} {symbol}" if plan.style != "en" else f"{symbol}{text}"
+    return f"{code} {text}"
+
+
+def _date(plan: _Plan, value: dt.date | None) -> str:
+    return _format_date(value, plan.date_format, plan.words.months) if value else ""
+
+
+def _meta(plan: _Plan) -> list[tuple[str, str]]:
+    """The invoice details as (label, value), in print order."""
+    inv = plan.invoice
     meta = [
         (plan.labels["number"], inv.invoice_number or ""),
-        (plan.labels["date"], date(inv.invoice_date)),
+        (plan.labels["date"], _date(plan, inv.invoice_date)),
     ]
     if inv.due_date:
-        meta.append((plan.labels["due"], date(inv.due_date)))
+        meta.append((plan.labels["due"], _date(plan, inv.due_date)))
     if inv.po_number:
         meta.append((plan.labels["po"], inv.po_number))
     if plan.currency_mode == "label":
-        meta.append((words.currency, inv.currency or ""))
-    customer_name, customer_address, customer_vat = plan.customer
-    bill_to = [plan.labels["bill_to"], customer_name, customer_address]
-    if plan.show_customer_vat:
-        bill_to.append(f"{words.customer_vat} {customer_vat}")
+        meta.append((plan.words.currency, inv.currency or ""))
+    return meta
 
+
+def _render_header(pdf: FPDF, plan: _Plan) -> list[tuple[str, str]]:
+    """Title and vendor block; returns the invoice details still to print."""
+    vendor, meta = plan.vendor, _meta(plan)
     if plan.layout == "small_print":
         _small_print(pdf, plan)
     if plan.layout == "two_column":
         _two_column_header(pdf, plan, meta)
-        meta = []  # printed beside the vendor block
-    else:
-        title = plan.title
-        if plan.layout == "title_number":
-            title = f"{plan.title} {_TITLE_NUMBER_WORD[plan.words.currency]} {inv.invoice_number}"
-            meta = meta[1:]
-        # Header: title, vendor block.
-        if plan.title_first:
-            line(title, size=18, bold=True, h=10)
-        line(vendor.name, size=14, bold=True, h=7)
-        for address_line in vendor.address:
-            line(address_line, size=9, h=4.5)
-        if not plan.vendor_tax_in_footer:
-            line(f"{plan.tax_id_label} {vendor.tax_id}", size=9, h=4.5)
-        if not plan.title_first:
-            pdf.ln(3)
-            line(title, size=18, bold=True, h=10)
+        pdf.ln(4)
+        return []  # printed beside the vendor block
+    title = plan.title
+    if plan.layout == "title_number":
+        number_word = _TITLE_NUMBER_WORD[plan.words.currency]
+        title = f"{plan.title} {number_word} {plan.invoice.invoice_number}"
+        meta = meta[1:]
+    if plan.title_first:
+        _line(pdf, title, size=18, bold=True, h=10)
+    _line(pdf, vendor.name, size=14, bold=True, h=7)
+    for address_line in vendor.address:
+        _line(pdf, address_line, size=9, h=4.5)
+    if not plan.vendor_tax_in_footer:
+        _line(pdf, f"{plan.tax_id_label} {vendor.tax_id}", size=9, h=4.5)
+    if not plan.title_first:
+        pdf.ln(3)
+        _line(pdf, title, size=18, bold=True, h=10)
     pdf.ln(4)
+    return meta
 
+
+def _render_details(pdf: FPDF, plan: _Plan, meta: list[tuple[str, str]]) -> None:
+    """The invoice details not printed yet, and the bill-to block."""
+    customer_name, customer_address, customer_vat = plan.customer
+    bill_to = [plan.labels["bill_to"], customer_name, customer_address]
+    if plan.show_customer_vat:
+        bill_to.append(f"{plan.words.customer_vat} {customer_vat}")
     if plan.layout in ("cells", "stacked"):
         (_meta_cells if plan.layout == "cells" else _meta_stacked)(pdf, meta)
         meta = []
@@ -806,7 +829,7 @@ def _render(plan: _Plan) -> bytes:
                 pdf.set_font("helvetica", "B" if i == 1 else "", 10 if i < 2 else 8.5)
                 pdf.cell(90, 5, bill_to[i])
             if i < len(meta):
-                pdf.set_xy(pdf.l_margin + width - 80, top + i * 5)
+                pdf.set_xy(pdf.l_margin + pdf.epw - 80, top + i * 5)
                 pdf.set_font("helvetica", "", 10)
                 pdf.cell(35, 5, meta[i][0])
                 pdf.cell(45, 5, meta[i][1], align="R")
@@ -817,13 +840,14 @@ def _render(plan: _Plan) -> bytes:
             pdf.cell(0, 5, value, new_x="LMARGIN", new_y="NEXT")
         pdf.ln(4)
         for i, text in enumerate(bill_to):
-            line(text, bold=i == 1)
+            _line(pdf, text, bold=i == 1)
     pdf.ln(6)
 
-    # Line items.
+
+def _render_items(pdf: FPDF, plan: _Plan) -> None:
     fixed = sum(_COLUMN_WIDTHS[c] for c in plan.columns if c != "desc")
-    widths = {c: (width - fixed if c == "desc" else _COLUMN_WIDTHS[c]) for c in plan.columns}
-    row_h = plan.row_height
+    widths = {c: (pdf.epw - fixed if c == "desc" else _COLUMN_WIDTHS[c]) for c in plan.columns}
+    row_h, style = plan.row_height, plan.style
 
     def table_header() -> None:
         pdf.set_font("helvetica", "B", 9.5)
@@ -839,8 +863,8 @@ def _render(plan: _Plan) -> bytes:
 
     table_header()
     pdf.set_font("helvetica", "", 9.5)
-    for pos, item in enumerate(inv.line_items, start=1):
-        if pdf.get_y() + row_h > bottom:
+    for pos, item in enumerate(plan.invoice.line_items, start=1):
+        if pdf.get_y() + row_h > _bottom(pdf):
             pdf.add_page()
             table_header()
             pdf.set_font("helvetica", "", 9.5)
@@ -855,40 +879,49 @@ def _render(plan: _Plan) -> bytes:
             pdf.cell(widths[col], row_h, cells[col], align="L" if col in ("desc", "pos") else "R")
         pdf.ln(row_h)
 
-    # Totals block, kept on one page.
-    rate = format_amount(Decimal(plan.tax_rate), style, places=_places(plan.tax_rate))
+
+def _render_totals(pdf: FPDF, plan: _Plan) -> None:
+    """The totals block, kept on one page."""
+    inv, words = plan.invoice, plan.words
+    rate = format_amount(Decimal(plan.tax_rate), plan.style, places=_places(plan.tax_rate))
     tax_label = f"{plan.tax_name} {rate}{words.percent}"
     if plan.reverse_charge:
         tax_label += words.reverse_charge
     totals = [
-        (plan.labels["subtotal"], money(inv.subtotal or Decimal(0))),
-        (tax_label, money(inv.tax_total or Decimal(0))),
-        (plan.labels["total"], money(inv.total or Decimal(0), with_currency=True)),
+        (plan.labels["subtotal"], _money(plan, inv.subtotal or Decimal(0))),
+        (tax_label, _money(plan, inv.tax_total or Decimal(0))),
+        (plan.labels["total"], _money(plan, inv.total or Decimal(0), with_currency=True)),
     ]
     if inv.amount_due is not None:
         if plan.paid:
-            totals.append((plan.labels["paid"], money(-plan.paid)))
-        totals.append((plan.labels["amount_due"], money(inv.amount_due, with_currency=True)))
-    if pdf.get_y() + 4 + len(totals) * 6 + 20 > bottom:
+            totals.append((plan.labels["paid"], _money(plan, -plan.paid)))
+        due = _money(plan, inv.amount_due, with_currency=True)
+        totals.append((plan.labels["amount_due"], due))
+    if pdf.get_y() + 4 + len(totals) * 6 + 20 > _bottom(pdf):
         pdf.add_page()
     pdf.ln(4)
     if plan.layout == "boxed":
         _boxed_totals(pdf, plan, totals)
-    for label, value in totals if plan.layout != "boxed" else ():
+        return
+    for label, value in totals:
         bold = label in (plan.labels["total"], plan.labels["amount_due"])
         pdf.set_font("helvetica", "B" if bold else "", 10)
-        pdf.set_x(pdf.l_margin + width - 95)
+        pdf.set_x(pdf.l_margin + pdf.epw - 95)
         pdf.cell(55, 6, label)
         pdf.cell(40, 6, value, align="R", new_x="LMARGIN", new_y="NEXT")
 
+
+def _render_closing(pdf: FPDF, plan: _Plan) -> None:
+    """Payment terms, bank details, thanks; the e-invoice attachment if any."""
+    inv, words = plan.invoice, plan.words
     pdf.ln(6)
     if inv.due_date is None or inv.invoice_date is None:
-        line(words.terms_on_receipt, size=9, h=4.5)
+        _line(pdf, words.terms_on_receipt, size=9, h=4.5)
     else:
         days = (inv.due_date - inv.invoice_date).days
-        line(words.terms_days.format(days=days), size=9, h=4.5)
-    line("IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
-    line(words.thanks, size=9, h=4.5)
+        _line(pdf, words.terms_days.format(days=days), size=9, h=4.5)
+    _line(pdf, "IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
+    _line(pdf, words.thanks, size=9, h=4.5)
     if plan.einvoice is not None:
         name, xml = einvoice_xml(plan)
         pdf.embed_file(
@@ -900,7 +933,6 @@ def _render(plan: _Plan) -> bytes:
             creation_date=_PDF_EPOCH,
             modification_date=_PDF_EPOCH,
         )
-    return bytes(pdf.output())
 
 
 # --- layouts beyond the classic one -----------------------------------------------------------
