@@ -47,7 +47,11 @@ class ExtractorBlock(Block):
         description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or "
         "http://localhost:11434/v1 (Ollama).",
     )
-    api_key: SecretStr | None = Field(default=None, title="API key")
+    api_key: SecretStr | None = Field(
+        default=None,
+        title="API key",
+        description="Bearer token for `base_url`; masked in every log, error and artifact.",
+    )
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = Field(
         default="auto",
         description="`auto`: JSON-schema output, stepping down to JSON mode (then a plain "
@@ -100,12 +104,37 @@ class ExtractorBlock(Block):
     )
     max_connections: int = Field(default=64, ge=1, le=1024, description="HTTP connection pool.")
 
+    # --- vision ----------------------------------------------------------------------------
+    vision: Literal["auto", "never", "always"] = Field(
+        default="auto",
+        description="Page images for a vision model: `auto` sends only pages without a "
+        "text layer, `always` every page, `never` none (scans then go through OCR).",
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=20, description="Page images sent per call (first pages + last)."
+    )
+    max_image_pixels: int = Field(
+        default=2_500_000,
+        ge=100_000,
+        description="Pixels per page image; larger pages are downscaled before sending.",
+    )
+
     # --- limits (per provider block, shared by every run that uses it) ----------------
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Provider calls in flight at once, across runs."
     )
-    requests_per_minute: int | None = Field(default=None, ge=1, title="Requests per minute")
-    tokens_per_minute: int | None = Field(default=None, ge=1, title="Tokens per minute")
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Requests per minute",
+        description="Provider request budget, across runs (a decaying Prefect limit).",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Tokens per minute",
+        description="Provider token budget (prompt + completion, images included), across runs.",
+    )
 
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
@@ -159,6 +188,9 @@ class ExtractorBlock(Block):
                 price_currency=self.price_currency,
                 limiter=limiter,
                 max_workers=self.max_connections,
+                vision=self.vision,
+                max_images=self.max_images,
+                max_image_pixels=self.max_image_pixels,
             )
         from invoiceflow.extractors.openai import OpenAIExtractor
 
@@ -182,6 +214,9 @@ class ExtractorBlock(Block):
             price=self.price(),
             price_currency=self.price_currency,
             limiter=limiter,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def _bedrock_client(self) -> Any:

@@ -164,6 +164,7 @@ def ground(invoice: Invoice, text: str) -> tuple[Invoice, list[str]]:
             drop(name, value)
     if invoice.currency is not None and invoice.currency not in evidence.currencies:
         drop("currency", invoice.currency)
+    reasons += ground_payment_and_tax(invoice, evidence, update)
 
     items: list[LineItem] = []
     for number, item in enumerate(invoice.line_items, start=1):
@@ -397,3 +398,41 @@ def payment_and_tax_reasons(
     invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE
 ) -> list[str]:
     return iban_reasons(invoice) + tax_breakdown_reasons(invoice, tolerance=tolerance)
+
+
+def ground_payment_and_tax(
+    invoice: Invoice, evidence: Evidence, update: dict[str, Any]
+) -> list[str]:
+    """`ground` for the payment, tax and address fields: drop what the text lacks.
+
+    An IBAN is where the money goes, so a prompt-injected one is the costliest wrong
+    value an LLM can produce; like every other field it must be printed on the document.
+    """
+    reasons: list[str] = []
+
+    def drop(name: str, value: object) -> None:
+        update[name] = None
+        reasons.append(f"{name} {_show(value)} is not in the document text; dropped")
+
+    for name in ("customer_tax_id", "iban", "bic"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_identifier(value):
+            drop(name, value)
+    for name in ("vendor_address", "customer_address", "payment_terms"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_name(value):
+            drop(name, value)
+    for name in ("service_period_start", "service_period_end"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_date(value):
+            drop(name, value)
+    supported = [
+        line
+        for line in invoice.tax_breakdown
+        if all(
+            amount is None or evidence.has_amount(amount)
+            for amount in (line.rate, line.taxable_amount, line.tax_amount)
+        )
+    ]
+    if len(supported) != len(invoice.tax_breakdown):
+        update["tax_breakdown"] = supported
+        dropped = len(invoice.tax_breakdown) - len(supported)
+        reasons.append(f"{dropped} tax breakdown line(s) not in the document text; dropped")
+    return reasons

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
+import json
 import pickle
+import subprocess
+import sys
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +21,9 @@ from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
+from invoiceflow.einvoice_samples import SAMPLE_KINDS, SampleKind, einvoice_sample
 from invoiceflow.evaluate import extract_file
+from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
     MAX_XML_BYTES,
     EInvoiceError,
@@ -609,3 +617,226 @@ def test_results_written_before_the_new_fields_stay_readable() -> None:
     result = ExtractionResult.model_validate(old)
     assert result.read_as is None
     assert result.invoice.document_type is None and result.invoice.tax_breakdown == []
+
+
+# --- attachments are size-checked before they are inflated (issue 11, item 3) ----------------
+
+
+def attachment_bomb(
+    count: int = 30, inflated: int = 75_000_000, declared: int | None = None
+) -> bytes:
+    """A PDF whose ``count`` XML attachments are zeros deflated twice (~500 bytes each).
+
+    pypdf's ``reader.attachments[name]`` would inflate each to ``inflated`` bytes (its
+    own cap is 75 MB per stream): 30 of them took a run to 2.4 GB RSS.
+    """
+    payload = zlib.compress(zlib.compress(b"\0" * inflated, 9), 9)
+    params = f" /Params << /Size {declared} >>" if declared is not None else ""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R /Names << /EmbeddedFiles << /Names ["
+        + b" ".join(f"(f{i}.xml) {4 + 2 * i} 0 R".encode() for i in range(count))
+        + b"] >> >> >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+    ]
+    for i in range(count):
+        objects.append(
+            f"<< /Type /Filespec /F (f{i}.xml) /UF (f{i}.xml) "
+            f"/EF << /F {5 + 2 * i} 0 R >> >>".encode()
+        )
+        objects.append(
+            f"<< /Type /EmbeddedFile /Filter [/FlateDecode /FlateDecode] "
+            f"/Length {len(payload)}{params} >>\nstream\n".encode()
+            + payload
+            + b"\nendstream"
+        )
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += (
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
+    return bytes(out)
+
+
+# Run in a fresh interpreter so nothing else the test session allocated is counted.
+MEASURE_READ = """
+import json, sys, time, tracemalloc
+from invoiceflow.extractors.einvoice import EInvoiceError, read_embedded
+pdf = sys.stdin.buffer.read()
+tracemalloc.start()
+start = time.perf_counter()
+try:
+    read_embedded(pdf)
+    outcome = {"kind": None, "message": ""}
+except EInvoiceError as exc:
+    outcome = {"kind": exc.kind, "message": str(exc)}
+outcome["seconds"] = time.perf_counter() - start
+outcome["peak_mb"] = tracemalloc.get_traced_memory()[1] / 1e6
+print(json.dumps(outcome))
+"""
+
+
+def test_attachment_bomb_is_refused_without_inflating_it() -> None:
+    pdf = attachment_bomb()
+    assert len(pdf) < 17_000  # the issue's 17 KB PDF
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_READ],
+        input=pdf,
+        capture_output=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    outcome = json.loads(done.stdout)
+    print(f"attachment bomb: {outcome}")
+    assert outcome["kind"] == "too_large"
+    assert outcome["message"] == "attachment f0.xml inflates past 10000000 bytes"
+    # Peak allocation is the 10 MB bound plus one copy, not even one whole attachment
+    # (pypdf would allocate 75 MB for each of the 30).
+    assert outcome["peak_mb"] < 30
+    assert outcome["seconds"] < 5
+
+
+def test_declared_attachment_size_is_checked_first() -> None:
+    pdf = attachment_bomb(count=2, inflated=1_000, declared=75_000_000)
+    with pytest.raises(EInvoiceError, match=r"f0\.xml declares 75000000 bytes") as caught:
+        read_embedded(pdf)
+    assert caught.value.kind == "too_large"
+    assert read_einvoice(pdf) is None  # the old entry point still never raises
+
+
+def test_small_attachments_in_the_same_encoding_are_read() -> None:
+    """The hand-built PDF itself is fine: 1 KB of zeros is just not XML."""
+    read = read_embedded(attachment_bomb(count=1, inflated=1_000))
+    assert read.extraction is None
+    assert read.notes and "not well-formed" in read.notes[0]
+
+
+def test_llm_payment_fields_must_be_printed_on_the_document() -> None:
+    """A prompt-injected IBAN (or tax line) is dropped like any unsupported value."""
+    text = (
+        "Invoice INV-1 2025-03-01 Seller GmbH EUR\nNet 100.00 VAT 19% 19.00 Total 119.00\n"
+        "Pay to IBAN DE89 3704 0044 0532 0130 00, BIC COBADEFFXXX, 30 days net"
+    )
+    answer = Invoice(
+        invoice_number="INV-1",
+        iban="GB82WEST12345698765432",  # the attacker's, not on the page
+        bic="COBADEFFXXX",
+        payment_terms="30 days net",
+        tax_breakdown=[
+            TaxBreakdown(rate=Decimal(19), taxable_amount=Decimal(100), tax_amount=Decimal(19)),
+            TaxBreakdown(rate=Decimal(7), taxable_amount=Decimal(50), tax_amount=Decimal("3.50")),
+        ],
+    )
+    extraction = Extraction(invoice=answer, source="llm", extractor="openai")
+    validated = validate_extraction(extraction, text)
+    assert validated.invoice.iban is None
+    assert (validated.invoice.bic, validated.invoice.payment_terms) == (
+        "COBADEFFXXX",
+        "30 days net",
+    )
+    assert [t.rate for t in validated.invoice.tax_breakdown] == [19]
+    assert "iban 'GB82WEST12345698765432' is not in the document text; dropped" in validated.reasons
+    printed = answer.model_copy(update={"iban": "DE89370400440532013000", "tax_breakdown": []})
+    kept = validate_extraction(Extraction(invoice=printed, source="llm", extractor="openai"), text)
+    assert kept.invoice.iban == "DE89370400440532013000"
+
+
+def test_an_unreadable_optional_date_is_left_out_with_a_note() -> None:
+    month = CII_WITH_NEW_FIELDS.replace(
+        b'format="102">20250228</udt:DateTimeString></ram:EndDateTime>',
+        b'format="610">202502</udt:DateTimeString></ram:EndDateTime>',
+    )
+    assert month != CII_WITH_NEW_FIELDS
+    extraction = read_einvoice_xml(month, "x.xml")
+    assert extraction.invoice.service_period_end is None
+    assert extraction.notes == (
+        "period end '202502' (format 610) is not a YYYYMMDD date; left out",
+    )
+    # Embedded, the rest of the XML is still used, and the note still asks for review.
+    pdf, _ = generate_invoice(8)
+    read = read_embedded(_with_attachment(pdf, "factur-x.xml", month))
+    assert read.extraction is not None and read.extraction.notes == extraction.notes
+
+
+def test_an_iso_date_where_yyyymmdd_belongs_is_unambiguous() -> None:
+    iso = CII_WITH_NEW_FIELDS.replace(b'format="102">20250301<', b'format="102">2025-03-01<')
+    assert iso != CII_WITH_NEW_FIELDS
+    assert read_einvoice_xml(iso, "x.xml").invoice.invoice_date == dt.date(2025, 3, 1)
+
+
+# --- samples for the e-invoice path (bare XML, ZUGFeRD 1.0, credit notes) ----------------------
+
+
+@pytest.mark.parametrize("kind", SAMPLE_KINDS)
+@pytest.mark.parametrize("seed", [3, 44])
+def test_einvoice_samples_are_read_exactly(kind: SampleKind, seed: int) -> None:
+    name, body, truth = einvoice_sample(seed, kind)
+    if name.endswith(".pdf"):
+        extraction = read_embedded(body).extraction
+        assert extraction is not None
+        assert extract_invoice(parse_pdf(body).text).total == truth.total  # visible twin
+    else:
+        extraction = read_einvoice_xml(body, name)
+        assert extraction.notes == ()
+    document_type = truth.document_type
+    assert as_generated(extraction.invoice) == truth.model_copy(update={"document_type": None})
+    assert extraction.invoice.document_type == document_type
+    if "zugferd-1" in kind:
+        assert extraction.einvoice_format == "zugferd-1"
+        assert b"urn:ferd:CrossIndustryDocument:invoice:1p0" in (
+            body if name.endswith(".xml") else embedded_xml_files(body)[0].data
+        )
+
+
+def test_element_flood_is_refused_quickly() -> None:
+    flood = b"<r>" + b"<a/>" * 2_000_000 + b"</r>"  # 8 MB, under the byte bound
+    assert len(flood) < MAX_XML_BYTES
+    start = time.perf_counter()
+    with pytest.raises(EInvoiceError, match="more than 200000 elements") as caught:
+        read_einvoice_xml(flood, "flood.xml")
+    assert caught.value.kind == "too_large"
+    assert time.perf_counter() - start < 5  # ~0.8 s; building the whole tree took 16 s
+
+
+def test_producer_slips_that_do_not_change_a_value_are_tolerated() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    no_code = xml.replace(b"<cbc:DocumentCurrencyCode>GBP</cbc:DocumentCurrencyCode>", b"")
+    assert no_code != xml and truth.currency == "GBP"
+    # The currency is still stated, on every amount.
+    assert read_einvoice_xml(no_code, "x.xml").invoice.currency == "GBP"
+    assert read_einvoice_xml(b"\r\n  " + xml, "x.xml").invoice.total == truth.total
+    assert read_einvoice_xml(b"\xef\xbb\xbf\n" + xml, "x.xml").invoice.total == truth.total
+
+
+def test_a_megabyte_invoice_number_is_refused() -> None:
+    xml, truth = generated_xml("xrechnung-ubl")
+    assert truth.invoice_number is not None
+    huge = xml.replace(truth.invoice_number.encode(), b"9" * 1_000_000, 1)
+    with pytest.raises(EInvoiceError, match="invoice_number is 1000000 characters") as caught:
+        read_einvoice_xml(huge, "x.xml")
+    assert caught.value.kind == "einvoice_invalid"
+
+
+@pytest.mark.parametrize(
+    ("price", "basis", "unit"),
+    [
+        (b"12.00", b"100", Decimal("0.12")),
+        (b"0.123456789012", b"1", None),  # more places than the schema keeps
+        (b"10.00", b"3", None),  # 3.333... per unit is not exact
+        (b"5.00", b"0", None),
+    ],
+)
+def test_unit_price_is_exact_or_left_out(price: bytes, basis: bytes, unit: Decimal | None) -> None:
+    xml = CII_WITH_NEW_FIELDS.replace(
+        b"<ram:ChargeAmount>1.00<", b"<ram:ChargeAmount>" + price + b"<"
+    )
+    xml = xml.replace(b"<ram:BasisQuantity>0.01<", b"<ram:BasisQuantity>" + basis + b"<")
+    (line,) = read_einvoice_xml(xml, "x.xml").invoice.line_items
+    assert (line.unit_price, line.amount) == (unit, Decimal("200.00"))

@@ -3,11 +3,14 @@
 Every extractor is async (LLM calls are I/O); the offline `RulesExtractor` simply
 never awaits anything. Extractors that know more than the fields (tokens used, cost,
 what the page/character budget cut, which model answered) also offer
-``extract_document``, returning an `Extraction`; the pipeline prefers it.
+``extract_document``, returning an `Extraction`; the pipeline prefers it. Its
+``images`` are PNG pages for a vision model (OpenAI ``image_url`` data URLs, Bedrock
+``image`` blocks); extractors that read only text ignore them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
@@ -89,5 +92,10 @@ class DocumentExtractor(Protocol):
     async def extract(self, text: str) -> Invoice: ...
 
     async def extract_document(
-        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+        self,
+        text: str,
+        *,
+        pages: int | None = None,
+        invoice_key: str | None = None,
+        images: Sequence[bytes] = (),
     ) -> Extraction: ...

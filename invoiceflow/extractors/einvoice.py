@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Final, Literal
+from xml.etree import ElementTree
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "KNOWN_FILENAMES",
     "MAX_XML_BYTES",
+    "MAX_XML_ELEMENTS",
     "EInvoiceError",
     "EmbeddedFile",
     "EmbeddedRead",
@@ -72,6 +74,8 @@ NAME = "einvoice"
 # Real e-invoices are kilobytes; XRechnung may carry base64 attachments inside, hence
 # megabytes, not more.
 MAX_XML_BYTES: Final = 10_000_000
+# A 2,000-line invoice has ~80,000 elements; the bound keeps a parse under ~1 s.
+MAX_XML_ELEMENTS: Final = 200_000
 # EN 16931 amounts have two decimals; a sum of rounded values may be a cent off.
 TOLERANCE: Final = Decimal("0.01")
 
@@ -92,6 +96,14 @@ _NOT_INVOICES: Final = {
     ),
 }
 _REQUIRED: Final = ("invoice_number", "invoice_date", "currency", "total")
+# Longest header text accepted, by field ("" for the rest): identifiers and names are
+# short; payment terms and addresses may be a paragraph.
+_MAX_TEXT: Final = {
+    "": 1_000,
+    "payment_terms": 4_000,
+    "vendor_address": 2_000,
+    "customer_address": 2_000,
+}
 
 EInvoiceErrorKind = Literal["unsupported_document", "einvoice_invalid", "too_large"]
 
@@ -117,28 +129,47 @@ def _rebuild_error(message: str, kind: EInvoiceErrorKind) -> EInvoiceError:
 
 def read_einvoice_xml(xml_bytes: bytes, name: str = "") -> Extraction:
     """The invoice a bare e-invoice XML states, exactly. Raises `EInvoiceError`."""
-    invoice, fmt, notes = _read_xml(xml_bytes, name)
-    return Extraction(
-        invoice=invoice, source="einvoice", extractor=NAME, einvoice_format=fmt, notes=notes
-    )
+    read = _read_parsed(_parse(xml_bytes), name)
+    return read.extraction(read.disagreements + read.notes)
 
 
 def parse_einvoice_xml(data: bytes, *, filename: str = "") -> tuple[Invoice, str]:
     """(invoice, format) from e-invoice XML, e.g. (…, "factur-x"). Raises `EInvoiceError`."""
-    invoice, fmt, _ = _read_xml(data, filename)
-    return invoice, fmt
+    read = _read_parsed(_parse(data), filename)
+    return read.invoice, read.fmt
 
 
-def _read_xml(data: bytes, name: str) -> tuple[Invoice, str, tuple[str, ...]]:
-    return _read_parsed(_parse(data), name)
+@dataclass(frozen=True)
+class _Read:
+    invoice: Invoice
+    fmt: str
+    # Totals that disagree with each other: an embedded XML like this is not used.
+    disagreements: tuple[str, ...]
+    # Optional values left out because they could not be read exactly.
+    notes: tuple[str, ...]
+
+    def extraction(self, notes: tuple[str, ...]) -> Extraction:
+        return Extraction(
+            invoice=self.invoice,
+            source="einvoice",
+            extractor=NAME,
+            einvoice_format=self.fmt,
+            notes=notes,
+        )
 
 
-def _read_parsed(root: Element, name: str) -> tuple[Invoice, str, tuple[str, ...]]:
+def _read_parsed(root: Element, name: str) -> _Read:
     read, fmt = _read_root(root, name)
     missing = [field for field in _REQUIRED if getattr(read.invoice, field) is None]
     if missing:
         raise EInvoiceError(f"{fmt} XML states no {', '.join(missing)}")
-    return read.invoice, fmt, tuple(inconsistencies(read.stated))
+    for field, value in read.invoice:
+        limit = _MAX_TEXT.get(field, _MAX_TEXT[""])
+        if isinstance(value, str) and len(value) > limit:
+            # Header values travel into the manifest and every table: a megabyte
+            # "invoice number" is an attack on those, not an invoice.
+            raise EInvoiceError(f"{field} is {len(value)} characters long (limit {limit})")
+    return _Read(read.invoice, fmt, tuple(inconsistencies(read.stated)), read.notes)
 
 
 def _parse(data: bytes) -> Element:
@@ -146,12 +177,48 @@ def _parse(data: bytes) -> Element:
         raise EInvoiceError(
             f"XML is {len(data)} bytes, over the {MAX_XML_BYTES} byte limit", kind="too_large"
         )
+    parser = SafeET.XMLParser(target=_BoundedTreeBuilder(MAX_XML_ELEMENTS))
     try:
-        return SafeET.fromstring(data)
+        parser.feed(_without_leading_space(data))
+        return parser.close()
+    except _TooManyElements as exc:
+        raise EInvoiceError(
+            f"XML has more than {MAX_XML_ELEMENTS} elements", kind="too_large"
+        ) from exc
     except DefusedXmlException as exc:
         raise EInvoiceError(f"XML uses forbidden constructs: {exc!r}") from exc
     except (SafeET.ParseError, ValueError) as exc:
         raise EInvoiceError(f"not well-formed XML: {exc}") from exc
+
+
+def _without_leading_space(data: bytes) -> bytes:
+    """Blank lines before ``<?xml`` (common in exported files) are not an error worth
+    refusing an invoice for; expat would reject them."""
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    stripped = body.lstrip(b" \t\r\n")
+    return stripped if stripped is not body and stripped.startswith(b"<") else data
+
+
+class _TooManyElements(Exception):
+    pass
+
+
+class _BoundedTreeBuilder(ElementTree.TreeBuilder):
+    """Stops the parse at the element bound.
+
+    defusedxml's parser runs its callbacks in Python: 10 MB of ``<a/>`` took 16 s and
+    195 MB to build; real e-invoices have a few thousand elements.
+    """
+
+    def __init__(self, max_elements: int) -> None:
+        super().__init__()
+        self.left = max_elements
+
+    def start(self, tag: str, attrs: dict[str, str]) -> Element:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyElements
+        return super().start(tag, attrs)
 
 
 def _read_root(root: Element, filename: str) -> tuple[SyntaxRead, str]:
@@ -278,20 +345,18 @@ def read_embedded(pdf: bytes) -> EmbeddedRead:
             if root.tag in _NOT_INVOICES:
                 other_documents.append(f"{file.name} is {_NOT_INVOICES[root.tag]}")
                 continue
-            invoice, fmt, disagreements = _read_parsed(root, file.name)
+            read = _read_parsed(root, file.name)
         except EInvoiceError as exc:
             if exc.kind != "unsupported_document":  # else: some other XML, not for us
                 notes.append(f"embedded {file.name} is not usable ({exc}); read from the text")
             continue
-        if disagreements:
+        if read.disagreements:
             notes.append(
-                f"embedded {file.name} disagrees with itself ({'; '.join(disagreements)}); "
+                f"embedded {file.name} disagrees with itself ({'; '.join(read.disagreements)}); "
                 "read from the text"
             )
             continue
-        return EmbeddedRead(
-            Extraction(invoice=invoice, source="einvoice", extractor=NAME, einvoice_format=fmt)
-        )
+        return EmbeddedRead(read.extraction(read.notes))
     if other_documents and not notes:
         raise EInvoiceError(
             f"not an invoice: attachment {'; '.join(other_documents)}", kind="unsupported_document"

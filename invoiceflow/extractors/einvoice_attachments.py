@@ -112,7 +112,7 @@ def _walk(tree: DictionaryObject) -> Iterator[_Candidate]:
 def _candidate(key: str, spec: Any) -> _Candidate | None:
     if not isinstance(spec, dict):
         return None
-    name = str(spec.get("/UF") or spec.get("/F") or key)
+    name = str(_resolve(spec.get("/UF")) or _resolve(spec.get("/F")) or key)
     files = _resolve(spec.get("/EF"))
     if not isinstance(files, dict):
         return None

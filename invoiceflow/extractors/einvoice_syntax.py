@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import cache
@@ -65,6 +65,8 @@ class SyntaxRead:
     invoice: Invoice
     stated: StatedFigures
     type_code: str | None
+    # Optional values that could not be read exactly and were left out (review reasons).
+    notes: tuple[str, ...] = ()
 
 
 # --- element helpers ------------------------------------------------------------------------
@@ -130,17 +132,41 @@ def iso_date(value: str | None, what: str) -> dt.date | None:
 
 
 def cii_date(element: Element | None, what: str) -> dt.date | None:
-    """udt:DateTimeString; EN 16931 allows only format 102 (YYYYMMDD) for dates."""
+    """udt:DateTimeString; EN 16931 allows only format 102 (YYYYMMDD) for dates.
+
+    An ISO date (YYYY-MM-DD) in its place is unambiguous and read too; anything else
+    (e.g. format 610, a month) is not a day and is refused.
+    """
     value = text(element)
     if element is None or value is None:
         return None
     fmt = element.get("format", "102")
-    if fmt != "102":
-        raise SyntaxReadError(f"{what} uses date format {fmt}, expected 102 (YYYYMMDD)")
-    try:
-        return dt.datetime.strptime(value, "%Y%m%d").date()
-    except ValueError as exc:
-        raise SyntaxReadError(f"{what} {value!r} is not a YYYYMMDD date") from exc
+    if fmt == "102" and re.fullmatch(r"\d{8}", value):
+        try:
+            return dt.datetime.strptime(value, "%Y%m%d").date()
+        except ValueError as exc:
+            raise SyntaxReadError(f"{what} {value!r} is not a YYYYMMDD date") from exc
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return iso_date(value, what)
+    raise SyntaxReadError(f"{what} {value!r} (format {fmt}) is not a YYYYMMDD date")
+
+
+class OptionalValues:
+    """Reads optional values; one that cannot be read is left out with a note.
+
+    A due date in a format that is not a day must not make the whole e-invoice
+    unreadable, and must not pass unnoticed either.
+    """
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def date(self, read: Callable[[], dt.date | None]) -> dt.date | None:
+        try:
+            return read()
+        except SyntaxReadError as exc:
+            self.notes.append(f"{exc}; left out")
+            return None
 
 
 def in_currency(elements: list[Element], currency: str | None, what: str) -> Decimal | None:
@@ -223,7 +249,12 @@ class CiiReader:
         self.agreement = find(self.trade, dialect.agreement)
         self.settlement = find(self.trade, dialect.settlement)
         self.summation = find(self.settlement, dialect.summation)
-        self.currency = text_at(self.settlement, "InvoiceCurrencyCode")
+        # BT-5 is mandatory; when a producer omits it, the grand total's own currencyID
+        # still states the currency exactly.
+        self.currency = text_at(self.settlement, "InvoiceCurrencyCode") or _currency_id(
+            find(self.summation, "GrandTotalAmount")
+        )
+        self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
         seller = find(self.agreement, "SellerTradeParty")
@@ -231,10 +262,11 @@ class CiiReader:
         type_code = text_at(self.doc, "TypeCode")
         stated = self.stated()
         period = find(self.settlement, "BillingSpecifiedPeriod")
+        payee_iban, payee_bic = self._payee_account()
         invoice = Invoice(
             invoice_number=text_at(self.doc, "ID"),
             invoice_date=cii_date(find(self.doc, "IssueDateTime/DateTimeString"), "issue date"),
-            due_date=self._due_date(),
+            due_date=self.optional.date(self._due_date),
             vendor_name=text_at(seller, "Name"),
             vendor_tax_id=self._tax_id(seller),
             customer_name=text_at(buyer, "Name"),
@@ -249,33 +281,30 @@ class CiiReader:
             document_type=document_type(type_code),
             customer_tax_id=self._tax_id(buyer),
             payment_terms=self._payment_terms(),
-            iban=self._payee_iban(),
-            bic=self._bic(),
+            iban=payee_iban,
+            bic=payee_bic,
             tax_breakdown=list(stated.tax_breakdown),
             vendor_address=self._address(seller),
             customer_address=self._address(buyer),
-            service_period_start=cii_date(
-                find(period, "StartDateTime/DateTimeString"), "billing period start"
+            service_period_start=self.optional.date(
+                lambda: cii_date(find(period, "StartDateTime/DateTimeString"), "period start")
             ),
-            service_period_end=cii_date(
-                find(period, "EndDateTime/DateTimeString"), "billing period end"
+            service_period_end=self.optional.date(
+                lambda: cii_date(find(period, "EndDateTime/DateTimeString"), "period end")
             ),
         )
-        return SyntaxRead(invoice, stated, type_code)
+        return SyntaxRead(invoice, stated, type_code, tuple(self.optional.notes))
 
-    def _bic(self) -> str | None:
-        for means in find_all(self.settlement, "SpecifiedTradeSettlementPaymentMeans"):
-            if value := text_at(means, "PayeeSpecifiedCreditorFinancialInstitution/BICID"):
-                return value
-        return None
+    def _payee_account(self) -> tuple[str | None, str | None]:
+        """(IBAN, BIC) of the first means naming a payee IBAN, both from that one.
 
-    def _payee_iban(self) -> str | None:
-        # The payee's account only: a direct debit's IBAN (PayerPartyDebtorFinancialAccount)
-        # is the customer's, not where to pay.
+        The payee's account only: a direct debit's IBAN (PayerPartyDebtorFinancialAccount)
+        is the customer's, not where to pay.
+        """
         for means in find_all(self.settlement, "SpecifiedTradeSettlementPaymentMeans"):
             if value := iban(text_at(means, "PayeePartyCreditorFinancialAccount/IBANID")):
-                return value
-        return None
+                return value, text_at(means, "PayeeSpecifiedCreditorFinancialInstitution/BICID")
+        return None, None
 
     def _due_date(self) -> dt.date | None:
         for terms in find_all(self.settlement, "SpecifiedTradePaymentTerms"):
@@ -294,8 +323,9 @@ class CiiReader:
     @staticmethod
     def _tax_id(party: Element | None) -> str | None:
         registrations = find_all(party, "SpecifiedTaxRegistration/ID")
-        # VAT number ("VA") first, then the fiscal number ("FC").
-        for scheme in ("VA", "FC"):
+        # VAT number ("VA") first, then the fiscal number ("FC"), then one whose
+        # producer left out the scheme.
+        for scheme in ("VA", "FC", None):
             for element in registrations:
                 if element.get("schemeID") == scheme and (value := text(element)):
                     return value
@@ -378,8 +408,11 @@ class UblReader:
     def __init__(self, root: Element) -> None:
         self.root = root
         self.credit_note = root.tag.endswith("}CreditNote") or root.tag == "CreditNote"
-        self.currency = text_at(root, "DocumentCurrencyCode")
         self.totals = find(root, "LegalMonetaryTotal")
+        self.currency = text_at(root, "DocumentCurrencyCode") or _currency_id(
+            find(self.totals, "TaxInclusiveAmount")
+        )
+        self.optional = OptionalValues()
 
     def read(self) -> SyntaxRead:
         root = self.root
@@ -387,12 +420,16 @@ class UblReader:
         buyer = find(root, "AccountingCustomerParty/Party")
         type_code = text_at(root, "CreditNoteTypeCode" if self.credit_note else "InvoiceTypeCode")
         stated = self.stated()
-        due = text_at(root, "DueDate") or text_at(root, "PaymentMeans/PaymentDueDate")
+        due = (
+            text_at(root, "DueDate")
+            or text_at(root, "PaymentMeans/PaymentDueDate")
+            or text_at(root, "PaymentTerms/PaymentDueDate")
+        )
         account = self._payee_account()
         invoice = Invoice(
             invoice_number=text_at(root, "ID"),
             invoice_date=iso_date(text_at(root, "IssueDate"), "IssueDate"),
-            due_date=iso_date(due, "DueDate"),
+            due_date=self.optional.date(lambda: iso_date(due, "DueDate")),
             vendor_name=self._name(seller),
             vendor_tax_id=self._tax_id(seller),
             customer_name=self._name(buyer),
@@ -415,10 +452,14 @@ class UblReader:
             tax_breakdown=list(stated.tax_breakdown),
             vendor_address=self._address(seller),
             customer_address=self._address(buyer),
-            service_period_start=iso_date(text_at(root, "InvoicePeriod/StartDate"), "StartDate"),
-            service_period_end=iso_date(text_at(root, "InvoicePeriod/EndDate"), "EndDate"),
+            service_period_start=self.optional.date(
+                lambda: iso_date(text_at(root, "InvoicePeriod/StartDate"), "StartDate")
+            ),
+            service_period_end=self.optional.date(
+                lambda: iso_date(text_at(root, "InvoicePeriod/EndDate"), "EndDate")
+            ),
         )
-        return SyntaxRead(invoice, stated, type_code)
+        return SyntaxRead(invoice, stated, type_code, tuple(self.optional.notes))
 
     def _payee_account(self) -> Element | None:
         for means in find_all(self.root, "PaymentMeans"):
@@ -523,17 +564,29 @@ class UblReader:
 def _unit_price(price: Decimal | None, basis: Decimal | None) -> Decimal | None:
     """The price of one unit: the stated price over its basis quantity when that is exact.
 
-    "12.00 per 100 pieces" is 0.12 per piece. A division that does not terminate within
-    the schema's 10 places is left out rather than rounded.
+    "12.00 per 100 pieces" is 0.12 per piece. A price that does not fit the schema's 10
+    places (or a basis that is not positive) is left out rather than rounded; the line
+    amount, which is what is summed, is still read.
     """
-    if price is None or basis is None or basis == 1:
-        return price
-    if basis <= 0:
-        raise SyntaxReadError(f"price basis quantity {basis} is not positive")
-    unit = price / basis
-    if unit != unit.quantize(Decimal("1E-10")) or unit * basis != price:
+    if price is None:
         return None
-    return unit
+    if basis is None or basis == 1:
+        unit = price
+    elif basis > 0:
+        unit = price / basis
+        if unit * basis != price:
+            return None
+    else:
+        return None
+    try:
+        return unit if unit == unit.quantize(Decimal("1E-10")) else None
+    except InvalidOperation:  # more digits than the context holds
+        return None
+
+
+def _currency_id(amount: Element | None) -> str | None:
+    value = None if amount is None else amount.get("currencyID")
+    return value.strip() or None if value else None
 
 
 def _first(base: Element | None, *paths: str) -> Element | None:
