@@ -183,3 +183,13 @@ def test_generated_layouts_read_right(layout: Layout, language: Language) -> Non
     pdf, truth = generate_invoice(5, language=language, layout=layout)
     got = extract_invoice(parse_pdf(pdf).text)
     assert stated_fields(got) == truth
+
+
+def test_more_label_variants() -> None:
+    invoice = extract_invoice(
+        "Beleg-Nr.: B-77\nDate de la facture : 14-Mar-26\nMWST-Nr. CHE-123.456.789\n"
+        "Total (excl. VAT) 100.00\nTotal (incl. VAT) 119.00\n"
+    )
+    assert (invoice.invoice_number, invoice.invoice_date) == ("B-77", dt.date(2026, 3, 14))
+    assert (invoice.subtotal, invoice.total) == (D("100.00"), D("119.00"))
+    assert invoice.currency == "CHF"  # from the Swiss VAT number, not ISO "CHE"

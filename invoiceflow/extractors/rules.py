@@ -38,6 +38,9 @@ _INVOICE_NUMBER: Final = (
     r"factuur\s*(?:nummer|nr\.?)",
     r"credit\s*(?:note|memo)\s*(?:no\.?|nr\.?|number|#)",
     r"gutschrifts?[\s-]*(?:nummer|nr\.?)",
+    r"beleg[\s-]*(?:nummer|nr\.?)",
+    r"receipt\s*(?:no\.?|number|#)",
+    r"facture\s+num[ée]ro",
     r"(?:avoir|creditnota|creditfactuur)\s*(?:n[°o]\.?|nr\.?|nummer)",
     # The number after the document title: "Rechnung Nr. 123", "Handelsrechnung (380)
     # 05.03.2018 Nr. 471102", "Gutschrift Nr. GS-1". Bounded, so no backtracking blow-up.
@@ -70,7 +73,7 @@ _INVOICE_DATE: Final = (
     r"(?<!due )(?<!order )(?<!delivery )(?<!shipping )(?<!service )(?<!payment )date\s*:",
     r"rechnungsdatum",
     r"ausstellungsdatum",
-    r"date\s+de\s+facture",
+    r"date\s+de\s+(?:la\s+)?facture",
     r"date\s+d['\u2019]\s*[ée]mission",
     r"factuurdatum",
     r"datum\s+factuur",
@@ -222,7 +225,7 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     (
         "subtotal",
         r"sub-?\s?total|net\s+(?:amount|total)|total\s+net"
-        r"|total\s+(?:excl\.?|excluding|before|exkl\.?|hors|ohne|zonder)\s*"
+        r"|total\s*\(?\s*(?:excl\.?|excluding|before|exkl\.?|hors|ohne|zonder)\s*"
         r"(?:tax(?:es)?|vat|gst|mwst|ust|tva|btw)?"
         r"|amount\s+before\s+tax|goods\s+total|total\s+goods"
         r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
@@ -232,7 +235,9 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     ),
     (
         "total",
-        r"total\s+(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?"
+        r"total\s*\(?\s*(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?\)?"
+        r"|invoice\s+amount|payable\s+amount|bruttosumme|rechnungssumme|total\s+g[ée]n[ée]ral"
+        r"|montant\s+de\s+la\s+facture|totaal\s+bedrag"
         r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
         r"|totaal\s+incl\.?(?:\s*btw)?|factuur\s*totaal|factuurbedrag"
         r"|total\s+credit|credit\s+total|gutschriftsbetrag|montant\s+de\s+l['\u2019]avoir",
@@ -373,6 +378,19 @@ _SYMBOLS: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
         (r"(?<![\w$])\$", "USD"),
     )
 )
+# ISO 4217 also lists fund and accounting units no invoice is priced in; "CHE" is
+# moreover the prefix of every Swiss VAT number ("CHE-123.456.789").
+_PRINTED_CURRENCIES: Final = ISO_4217 - {
+    "BOV",
+    "CHE",
+    "CHW",
+    "CLF",
+    "COU",
+    "MXV",
+    "USN",
+    "UYI",
+    "UYW",
+}
 _KRONA: Final = re.compile(r"(?<![A-Za-z])kr\.?(?![A-Za-z])", _I)
 _KRONA_BY_COUNTRY: Final = {"SE": "SEK", "DK": "DKK", "NO": "NOK", "IS": "ISK"}
 
@@ -935,7 +953,7 @@ def _currency(
 ) -> str | None:
     for _, rest in _label_values(lines, _RE_CURRENCY_LABEL):
         for code in _ISO_CODE.findall(rest[:12]):
-            if code in ISO_4217:
+            if code in _PRINTED_CURRENCIES:
                 return code
 
     total_lines = [
@@ -951,11 +969,11 @@ def _currency(
                 r"(?<![A-Za-z])([A-Z]{3})\s?[-(]?\d|\d\s?([A-Z]{3})(?![A-Za-z])", text
             ):
                 code = match.group(1) or match.group(2)
-                if code in ISO_4217:
+                if code in _PRINTED_CURRENCIES:
                     return code
             if scope is total_lines:
                 for code in _ISO_CODE.findall(text):
-                    if code in ISO_4217:
+                    if code in _PRINTED_CURRENCIES:
                         return code
         for text in scope:
             for pattern, code in _SYMBOLS:
