@@ -318,7 +318,8 @@ _CELL_LABELS: Final[tuple[tuple[str, str], ...]] = (
     ),
 )
 _RE_CELL_LABEL: Final = re.compile(
-    "(?:"
+    # Labels start a word; the lookbehind also makes the scan fail fast inside words.
+    r"(?<![\w-])(?:"
     + "|".join(f"(?P<c{i}>{pattern})" for i, (_, pattern) in enumerate(_CELL_LABELS))
     + r")(?![\w-])",
     _I,
@@ -686,8 +687,10 @@ def _label_stacks(lines: Sequence[_Line]) -> dict[str, list[str]]:
     while pos < len(lines):
         fields: list[str] = []
         while pos + len(fields) < len(lines) and len(fields) < _MAX_ROW_LABELS:
-            label = _longest_cell_label(lines[pos + len(fields)].text, 0)
             text = lines[pos + len(fields)].text
+            if len(text) > 60 or _RE_CELL_LABEL.match(text) is None:
+                break  # cheap test first: this runs on every line
+            label = _longest_cell_label(text, 0)
             if label is None or not _LABEL_TAIL.fullmatch(text, label[1]):
                 break
             fields.append(label[0])
