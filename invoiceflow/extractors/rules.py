@@ -230,7 +230,8 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
         r"|amount\s+before\s+tax|goods\s+total|total\s+goods"
         r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
         r"|gesamtbetrag\s+der\s+positionen|summe\s+(?:der\s+)?positionen|warenwert"
-        r"|total\s+ht(?:va)?|sous-?\s?total|montant\s+ht(?:va)?"
+        r"|total\s+h\.?\s?t\.?(?:v\.?a\.?)?|sous-?\s?total|montant\s+h\.?\s?t\.?(?:v\.?a\.?)?"
+        r"|gesamt(?:betrag|summe)?\s+netto|bedrag\s+excl\.?(?:\s*btw)?"
         r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag|maatstaf\s+van\s+heffing",
     ),
     (
@@ -238,7 +239,9 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
         r"total\s*\(?\s*(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?\)?"
         r"|invoice\s+amount|payable\s+amount|bruttosumme|rechnungssumme|total\s+g[ée]n[ée]ral"
         r"|montant\s+de\s+la\s+facture|totaal\s+bedrag"
-        r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
+        r"|summe\s+brutto|bruttobetrag|gesamt(?:betrag|summe)?\s+brutto"
+        r"|total\s+t\.?\s?t\.?\s?c\.?|montant\s+(?:total\s+)?t\.?\s?t\.?\s?c\.?"
+        r"|bedrag\s+incl\.?(?:\s*btw)?"
         r"|totaal\s+incl\.?(?:\s*btw)?|factuur\s*totaal|factuurbedrag"
         r"|total\s+credit|credit\s+total|gutschriftsbetrag|montant\s+de\s+l['\u2019]avoir",
     ),
