@@ -57,6 +57,17 @@ _RE_TITLE_THEN_NUMBER: Final = re.compile(
     r"|credit\s+note|avoir|creditnota)\s+(?=[A-Z]{0,6}[-/]?\d)",
     _I,
 )
+# "TAX INVOICE" / "# INV-000112": the number alone on the line under the title.
+_NUMBER_LINE: Final = re.compile(r"(?:#|no\.?|nr\.?|n[°o]\.?)\s*([\w/-]{1,30})", _I)
+
+
+def _number_under_title(lines: Sequence[_Line]) -> str | None:
+    for line, below in itertools.pairwise(lines):
+        if _TITLE.match(line.text) and (match := _NUMBER_LINE.fullmatch(below.text)):
+            return match.group(1) if _is_identifier(match.group(1)) else None
+    return None
+
+
 # "Zu Rechnung Nr. 2026-1187", "Original invoice no. ...": another document's number.
 _REFERENCE_QUALIFIER: Final = re.compile(
     r"(?:\bzu|\bzur|\bzum|original|orig\.|urspr[üu]ngliche\w*|related|bez[üu]glich|betreft"
@@ -503,12 +514,16 @@ def _extract(text: str, notes: list[str]) -> Invoice:
     currency = _currency(lines, totals, vendor_tax_id) or _currency_from_locale(
         lines, vendor_tax_id, decimal
     )
-    invoice_number = _labeled_token(
-        lines,
-        _RE_INVOICE_NUMBER,
-        rows.get("invoice_number", ()),
-        not_after=_REFERENCE_QUALIFIER,
-    ) or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
+    invoice_number = (
+        _labeled_token(
+            lines,
+            _RE_INVOICE_NUMBER,
+            rows.get("invoice_number", ()),
+            not_after=_REFERENCE_QUALIFIER,
+        )
+        or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
+        or _number_under_title(lines[:30])
+    )
     # The first letterhead line is only a plausible vendor if this is an invoice at all.
     is_invoice = bool(invoice_number or vendor_tax_id or totals or items)
     amounts = {
@@ -550,7 +565,14 @@ def _lines(text: str) -> list[_Line]:
 
 
 def _ocr_fixed(lines: list[_Line]) -> list[_Line]:
-    return [_Line(line.index, _OCR_DIGITS.sub(_ocr_digit_fix, line.text)) for line in lines]
+    return [
+        _Line(line.index, _OCR_CAPITAL_I.sub("I", _OCR_DIGITS.sub(_ocr_digit_fix, line.text)))
+        for line in lines
+    ]
+
+
+# OCR reads a capital I as a small l: "lnvoice". No word starts with "lnv".
+_OCR_CAPITAL_I: Final = re.compile(r"(?<![\w])l(?=nv(?:oice|OICE))")
 
 
 _SPACE_RUN: Final = re.compile(r"[ \t]+")
@@ -683,26 +705,47 @@ def _label_stacks(lines: Sequence[_Line]) -> dict[str, list[str]]:
     """Values of label stacks: k lines that are each one label, then k lines of values.
 
     Text extraction reads a right-aligned details box column by column: "Invoice No.:",
-    "Date:", then "INV-7", "3 March 2026". The i-th value belongs to the i-th label.
+    "Date:", then "INV-7", "3 March 2026". The i-th value belongs to the i-th label. A
+    stack may hold labels we do not know ("Verzendkosten") when every value is an amount.
     """
     found: dict[str, list[str]] = {}
     pos = 0
     while pos < len(lines):
-        fields: list[str] = []
-        while pos + len(fields) < len(lines) and len(fields) < _MAX_ROW_LABELS:
-            text = lines[pos + len(fields)].text
-            if len(text) > 60 or _RE_CELL_LABEL.match(text) is None:
-                break  # cheap test first: this runs on every line
-            label = _longest_cell_label(text, 0)
-            if label is None or not _LABEL_TAIL.fullmatch(text, label[1]):
-                break
-            fields.append(label[0])
+        fields = _stacked_labels(lines, pos)
         values = [line.text for line in lines[pos + len(fields) : pos + 2 * len(fields)]]
-        if len(fields) >= 2 and len(values) == len(fields):
+        known = [field for field in fields if field is not None]
+        trusted = len(known) == len(fields) or all(map(_ONLY_AN_AMOUNT.fullmatch, values))
+        # A stack starts with a label we know; the title above it is not part of it.
+        starts_known = bool(fields) and fields[0] is not None
+        if starts_known and len(fields) >= 2 and len(values) == len(fields) and trusted:
             for field, value in zip(fields, values, strict=True):
-                found.setdefault(field, []).append(value)
-        pos += max(1, len(fields))
+                if field is not None:
+                    found.setdefault(field, []).append(value)
+            pos += len(fields)
+        else:
+            pos += 1
     return found
+
+
+def _stacked_labels(lines: Sequence[_Line], pos: int) -> list[str | None]:
+    """The run of label-only lines from `pos`: each one's field, None for an unknown label."""
+    fields: list[str | None] = []
+    while pos + len(fields) < len(lines) and len(fields) < _MAX_ROW_LABELS:
+        text = lines[pos + len(fields)].text
+        if len(text) > 40:
+            break
+        label = _longest_cell_label(text, 0) if _RE_CELL_LABEL.match(text) else None
+        if label is not None and _LABEL_TAIL.fullmatch(text, label[1]):
+            fields.append(label[0])
+        elif _UNKNOWN_LABEL.fullmatch(text):
+            fields.append(None)
+        else:
+            break
+    return fields
+
+
+# A short line of words and no digits, such as a totals label we have no pattern for.
+_UNKNOWN_LABEL: Final = re.compile(r"[^\W\d][^\d]{1,30}")
 
 
 def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
@@ -879,7 +922,9 @@ def _totals(
     return found, decimal or _decimal_separator(found.values())
 
 
-_LABEL_TAIL: Final = re.compile(r"\s*(?:\(?(?:[A-Z]{3}|[$€£])\)?)?\s*:?\s*")
+_LABEL_TAIL: Final = re.compile(
+    r"\s*(?:\(?(?:[A-Z]{3}|[$€£])\)?)?\s*(?:\(\s*\d{1,2}(?:[.,]\d+)?\s?%\s*\))?\s*:?\s*"
+)
 
 
 def _total_under_label(text: str, below: str) -> tuple[TotalField, str] | None:
