@@ -546,3 +546,10 @@ def test_overlong_text_is_flagged_for_review() -> None:
     assert invoice.invoice_number == "5" and invoice.total == Decimal("3.00")
     assert any("60002 lines" in note for note in notes), notes
     assert _seconds(text) < 3
+
+
+def test_amount_beyond_the_schema_is_left_out_with_a_reason() -> None:
+    # 15 integer digits parse as a number, but money holds 14: still no raise, and a note.
+    invoice, notes = extract_invoice_with_notes("Invoice No.: 7\nTotal 123456789012345.00\n")
+    assert invoice.total is None
+    assert any("beyond what the schema holds" in note for note in notes), notes

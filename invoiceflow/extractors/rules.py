@@ -990,7 +990,12 @@ def _amount(text: str | None, decimal: DecimalSeparator | None, notes: list[str]
     if text is None:
         return None
     value = read_amount(text, decimal=decimal, notes=notes)
-    return value if value is not None and _fits_money(value) else None
+    if value is None:
+        return None
+    if not _fits_money(value):
+        notes.append(f"ignored {text!r} as an amount: beyond what the schema holds as money")
+        return None
+    return value
 
 
 def _fits_money(value: Decimal) -> bool:
