@@ -219,3 +219,14 @@ def test_number_on_the_line_under_the_title_and_ocr_l_for_i() -> None:
         "INV-000112"
     )
     assert extract_invoice("lnvoice No: 2O26-118\n").invoice_number == "2026-118"
+
+
+def test_ocr_of_a_bold_totals_line_puts_the_amount_above_its_label() -> None:
+    text = "Rechnung Nr. 5\nNettobetrag 394.848,47\nMwSt. 7% 27.639,39\n422.487 ,86\nSumme brutto\n"
+    invoice = extract_invoice(text)
+    assert (invoice.subtotal, invoice.total) == (D("394848.47"), D("422487.86"))
+
+
+def test_ocr_label_confusions() -> None:
+    assert extract_invoice("Factuumummer: VDB-1\n").invoice_number == "VDB-1"
+    assert extract_invoice("Facture.n° : FA-9\n").invoice_number == "FA-9"

@@ -33,9 +33,9 @@ _INVOICE_NUMBER: Final = (
     r"(?:bill|document)\s*(?:no\.?|number|#)(?![a-z])",
     r"rechnungs?[\s-]*(?:nummer|nr\.?)",
     r"n[°o]\.?\s*(?:de\s+)?facture",
-    r"facture\s+n[°o]\.?",
+    r"facture[\s.]+n[°o]\.?",  # OCR may read the space as a dot
     r"num[ée]ro\s+de\s+facture",
-    r"factuur\s*(?:nummer|nr\.?)",
+    r"factuu?r?\s*(?:nummer|nr\.?|mummer)",  # OCR reads "rn" as "m": "Factuumummer"
     r"credit\s*(?:note|memo)\s*(?:no\.?|nr\.?|number|#)",
     r"gutschrifts?[\s-]*(?:nummer|nr\.?)",
     r"beleg[\s-]*(?:nummer|nr\.?)",
@@ -565,10 +565,17 @@ def _lines(text: str) -> list[_Line]:
 
 
 def _ocr_fixed(lines: list[_Line]) -> list[_Line]:
-    return [
-        _Line(line.index, _OCR_CAPITAL_I.sub("I", _OCR_DIGITS.sub(_ocr_digit_fix, line.text)))
-        for line in lines
-    ]
+    return [_Line(line.index, _ocr_fixed_text(line.text)) for line in lines]
+
+
+def _ocr_fixed_text(text: str) -> str:
+    text = _OCR_DIGITS.sub(_ocr_digit_fix, text)
+    text = _OCR_SPACE_BEFORE_DECIMALS.sub("", text)
+    return _OCR_CAPITAL_I.sub("I", text)
+
+
+# OCR splits "422.487,86" into "422.487 ,86".
+_OCR_SPACE_BEFORE_DECIMALS: Final = re.compile(r"(?<=\d) (?=[.,]\d{2}(?!\d))")
 
 
 # OCR reads a capital I as a small l: "lnvoice". No word starts with "lnv".
@@ -917,6 +924,11 @@ def _totals(
             after = lines[pos + 2].text if pos + 2 < len(lines) else ""
             if not _ONLY_AN_AMOUNT.fullmatch(after):
                 labelled = _total_under_label(line.text, lines[pos + 1].text)
+        if labelled is None and pos > 0 and not found.get("total"):
+            # OCR of a bold totals line may put the amount above its label.
+            below = lines[pos + 1].text if pos + 1 < len(lines) else ""
+            if not _ONLY_AN_AMOUNT.fullmatch(below):
+                labelled = _total_under_label(line.text, lines[pos - 1].text)
         if labelled is not None:
             found[labelled[0]] = labelled[1]
     return found, decimal or _decimal_separator(found.values())
