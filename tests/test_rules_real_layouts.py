@@ -230,3 +230,8 @@ def test_ocr_of_a_bold_totals_line_puts_the_amount_above_its_label() -> None:
 def test_ocr_label_confusions() -> None:
     assert extract_invoice("Factuumummer: VDB-1\n").invoice_number == "VDB-1"
     assert extract_invoice("Facture.n° : FA-9\n").invoice_number == "FA-9"
+
+
+def test_ocr_dot_read_as_colon_in_a_date() -> None:
+    assert extract_invoice("Ausstellungsdatum: 30.08:2025\n").invoice_date == dt.date(2025, 8, 30)
+    assert extract_invoice("Datum: 12:30 Uhr\n").invoice_date is None

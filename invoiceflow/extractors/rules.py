@@ -803,6 +803,7 @@ def _labeled_token(
     return next((cell for cell in cells if _is_identifier(cell)), None)
 
 
+_OCR_DATE_COLON: Final = re.compile(r"(?<=\d{2}[.:]\d{2}):(?=\d{4})|(?<=\d{2}):(?=\d{2}\.\d{4})")
 _SPACE_IN_NUMBER: Final = re.compile(r"(?<=[\d.]) (?=[\d.])")
 _CONTINUATION: Final = re.compile(r"[-/][\w/-]{1,30}")
 
@@ -829,8 +830,9 @@ def _labeled_date(
     labelled = (rest for _, rest in _label_values(lines, label, not_after=not_after))
     values = itertools.chain(labelled, cells)
     for value in values:
-        # OCR puts stray spaces into dates: "1 9. 0 2. 2026".
-        despaced = _SPACE_IN_NUMBER.sub("", value[:24])
+        # OCR puts stray spaces into dates ("1 9. 0 2. 2026") and reads a dot as a
+        # colon ("30.08:2025").
+        despaced = _OCR_DATE_COLON.sub(".", _SPACE_IN_NUMBER.sub("", value[:24]))
         for match in itertools.chain(DATE_PATTERN.finditer(value), DATE_PATTERN.finditer(despaced)):
             try:
                 return parse_date(match.group(0), dayfirst=dayfirst)
