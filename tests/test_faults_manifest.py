@@ -249,7 +249,7 @@ async def test_deleting_the_lock_mid_run_fails_it_typed_and_the_retry_rebills_no
     params = flow_params(
         prefix,
         lock,
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
         max_llm_concurrency=2,
         manifest_lock_wait_s=3,
     )
