@@ -9,12 +9,15 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.lock import LOCK_WAIT_SECONDS
 from invoiceflow import defaults
+from invoiceflow.documents import DocumentLimits
 from invoiceflow.manifest import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_MANIFEST_BYTES,
     key_collisions,
 )
+
+DOCUMENT_DEFAULTS = DocumentLimits()
 
 
 class ProcessInvoicesParams(BaseModel):
@@ -141,6 +144,30 @@ class ProcessInvoicesParams(BaseModel):
         title="Max pages per PDF",
         description="PDFs with more pages fail permanently as `too_many_pages`.",
     )
+    document_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        title="Document worker processes",
+        description="Processes reading documents (pypdf, attachments, OCR, the rules "
+        "extractor) at once. Each is killed and replaced when it runs past a budget.",
+    )
+    document_time_limit_s: float = Field(
+        default=DOCUMENT_DEFAULTS.time_limit_s,
+        ge=1,
+        le=3600,
+        title="Time per document (s)",
+        description="Wall clock for reading one document; past it the worker is killed and "
+        "the invoice fails permanently as `too_slow`.",
+    )
+    document_memory_limit_mb: int = Field(
+        default=DOCUMENT_DEFAULTS.memory_limit_mb,
+        ge=128,
+        le=65_536,
+        title="Memory per document worker (MB)",
+        description="Address-space limit (RLIMIT_AS) of each document worker; a document "
+        "that needs more fails permanently as `too_large`.",
+    )
 
     @field_validator("source_prefix", "results_prefix")
     @classmethod
@@ -165,6 +192,15 @@ class ProcessInvoicesParams(BaseModel):
     def claim_renewal_s(self) -> float:
         """How often the run renews its claims: a fifth of the timeout, at most a minute."""
         return min(60.0, self.claim_timeout_s / 5)
+
+    def document_limits(self) -> DocumentLimits:
+        """The budgets for reading one document, from these parameters."""
+        return DocumentLimits(
+            max_bytes=self.max_pdf_bytes,
+            max_pages=self.max_pages,
+            time_limit_s=self.document_time_limit_s,
+            memory_limit_mb=self.document_memory_limit_mb,
+        )
 
     def chunk_size(self, n: int) -> int:
         if self.invoices_per_task:

@@ -24,6 +24,7 @@ from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
+from flows.s3 import s3_store
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoiceOutcome,
@@ -32,7 +33,7 @@ from invoiceflow.pipeline import (
     PipelineConfig,
     WorkItem,
 )
-from invoiceflow.storage import S3Store
+from invoiceflow.sandbox import DocumentWorkers
 
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
     await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
-    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
@@ -56,9 +57,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
-        max_concurrency=params.max_llm_concurrency,
-        max_pdf_bytes=params.max_pdf_bytes,
-        max_pages=params.max_pages,
+        limits=params.document_limits(),
         claim_timeout=params.claim_timeout,
         max_attempts=params.max_attempts,
     )
@@ -66,7 +65,11 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         # One sync API client for every sync task run of this flow: otherwise each
         # parse task on the thread pool builds its own client and SSL context
         # (~100 ms CPU each, upstream PR #19106). httpx.Client is thread-safe.
-        with SyncClientContext.get_or_create():
+        with (
+            SyncClientContext.get_or_create(),
+            # Untrusted document work runs in these processes, under the run's budgets.
+            DocumentWorkers(params.document_workers, config.limits) as workers,
+        ):
             async with (
                 tracking_progress(),
                 GroupCommitter(
@@ -77,7 +80,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
                     renew_every_s=params.claim_renewal_s,
                 ) as committer,
             ):
-                yield InvoicePipeline(s3, committer, extractor, config, flow_run_liveness)
+                yield InvoicePipeline(
+                    s3, committer, extractor, config, flow_run_liveness, read=workers.read
+                )
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
@@ -88,8 +93,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
 @task(cache_policy=NO_CACHE)
-async def list_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
-    items = await pipeline.select(selection)
+async def claim_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
+    """List the prefix and claim, in the manifest, the invoices this run processes."""
+    items = await pipeline.claim(selection)
     expect(len(items))  # the progress artifact's 100%
     return items
 
@@ -104,7 +110,7 @@ async def extract_invoices(
     docs: list[ParsedDoc], pipeline: InvoicePipeline
 ) -> list[InvoiceOutcome]:
     async def extract_and_count(doc: ParsedDoc) -> InvoiceOutcome:
-        return observe(await pipeline.extract(doc))
+        return observe(await pipeline.process(doc))
 
     return list(await asyncio.gather(*(extract_and_count(doc) for doc in docs)))
 

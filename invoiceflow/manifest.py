@@ -735,6 +735,8 @@ class GroupCommitter:
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._failure: BaseException | None = None
+        self._producers = 0  # see add_producers
+        self._waiting = 0  # producers blocked in submit()
         self._lock_lost: ManifestLockLost | None = None
         self._renewed_at = 0.0
         self.batches = 0
@@ -772,18 +774,40 @@ class GroupCommitter:
         return fut
 
     async def submit(self, update: Update) -> Outcome:
-        return await self.submit_nowait(update)
+        """Queue `update` and wait until its batch is durable."""
+        fut = self.submit_nowait(update)
+        self._waiting += 1
+        self._flush_if_all_wait()
+        try:
+            return await fut
+        finally:
+            self._waiting -= 1
+
+    def add_producers(self, n: int) -> None:
+        """`n` more producers (a run's claimed invoices) will `submit` until `producer_done`.
+
+        When every open producer is waiting in `submit`, nothing else can arrive, so
+        the batch is committed at once instead of after `max_wait_s`: the run's last
+        invoice, or a run whose invoices all wait for their `processing` commit.
+        """
+        self._producers += n
+
+    def producer_done(self) -> None:
+        self._producers = max(0, self._producers - 1)
+        self._flush_if_all_wait()
+
+    def _flush_if_all_wait(self) -> None:
+        if self._producers and self._waiting >= self._producers and not self._closed:
+            self.flush()
 
     def flush(self) -> None:
-        """Commit what is queued now rather than after `max_wait_s`.
-
-        For a producer that knows nothing more is coming soon (the run's last invoice),
-        so its acknowledgement does not wait out the batch window.
-        """
+        """Commit what is queued now rather than after `max_wait_s`."""
         self._queue.put_nowait(_FLUSH)
 
     async def submit_many(self, updates: Iterable[Update]) -> list[Outcome]:
+        """Queue `updates` and wait for all of them; they are complete, so commit now."""
         futures = [self.submit_nowait(u) for u in updates]
+        self.flush()
         return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:

@@ -42,31 +42,43 @@ class S3Object(tuple[bytes, str]):
         return self[1]
 
 
+# The one S3 client configuration: botocore's `standard` retry mode (5xx, SlowDown,
+# throttling, resets; exponential backoff with jitter) and a pool sized for fan-out. As
+# plain botocore `Config` keyword arguments, so blocks can store it too
+# (`flows.provision`), and `flows.s3.s3_store` lays it under a user's own block settings.
+S3_CLIENT_SETTINGS: dict[str, Any] = {
+    "retries": {"mode": "standard", "max_attempts": 8},
+    "max_pool_connections": 64,
+    "connect_timeout": 5,
+    "read_timeout": 30,
+}
+
+
+def client_config(*, endpoint_url: str | None = None, **overrides: Any) -> Config:
+    """`S3_CLIENT_SETTINGS` as a botocore `Config`, with path-style addressing for
+    S3-compatible endpoints (moto, MinIO), which keeps them working without DNS tricks."""
+    settings = {**S3_CLIENT_SETTINGS, **overrides}
+    if endpoint_url:
+        settings.setdefault("s3", {"addressing_style": "path"})
+    return Config(**settings)
+
+
 def make_s3_client(
     *,
     endpoint_url: str | None = None,
     region_name: str = "us-east-1",
     aws_access_key_id: str | None = None,
     aws_secret_access_key: str | None = None,
-    max_attempts: int = 8,
-    max_pool_connections: int = 64,
+    **config: Any,
 ) -> Any:
-    """A boto3 S3 client with botocore's standard retry mode and a pool sized for fan-out."""
-    config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=5,
-        read_timeout=30,
-        # Path-style keeps loopback endpoints (moto, MinIO) working without DNS tricks.
-        s3={"addressing_style": "path"} if endpoint_url else None,
-    )
+    """A boto3 S3 client with the shared configuration (`config` overrides parts of it)."""
     return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint_url,
         region_name=region_name,
         aws_access_key_id=aws_access_key_id,
         aws_secret_access_key=aws_secret_access_key,
-        config=config,
+        config=client_config(endpoint_url=endpoint_url, **config),
     )
 
 

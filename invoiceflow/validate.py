@@ -93,14 +93,16 @@ class Evidence:
             for decimal in (".", ",", None):
                 try:
                     self.amounts.add(abs(parse_amount(token, decimal=decimal)))  # type: ignore[arg-type]
-                except ValueError:
+                except (ValueError, ArithmeticError):
+                    # Not an amount, or too long to be money (a 29-digit tracking number
+                    # overflows Decimal's context: InvalidOperation is an ArithmeticError).
                     continue
         self.dates: set[dt.date] = set()
         for match in DATE_PATTERN.finditer(text):
             for dayfirst in (True, False):
                 try:
                     self.dates.add(parse_date(match.group(0), dayfirst=dayfirst))
-                except ValueError:
+                except (ValueError, OverflowError):
                     continue
         self.currencies = {c for c in _ISO_WORD.findall(text) if c in ISO_4217}
         for pattern, codes in _SYMBOL_FAMILIES:

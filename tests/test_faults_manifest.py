@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faults_support import (
+from support import (
     assert_invariants,
     create_lock,
     direct_s3,
@@ -65,7 +65,7 @@ async def test_a_second_run_never_takes_over_the_claims_of_a_live_run(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
         max_llm_concurrency=2,
         claim_timeout_s=2.0,  # the first run's queue lasts ~10 s
     )
@@ -117,7 +117,7 @@ async def test_malformed_entries_under_another_prefix_break_no_run(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
     )
     elsewhere = {f"elsewhere/{name}.pdf": raw for name, raw in MALFORMED_ELSEWHERE.items()}
     doc = {"format": 1, "revision": 1, "entries": elsewhere}
@@ -165,7 +165,7 @@ async def test_an_unreadable_manifest_stops_the_run_and_rebuild_rebills_nothing(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
     )
     first = await run_flow(params)
     assert first.done == len(listed), first
@@ -249,7 +249,7 @@ async def test_deleting_the_lock_mid_run_fails_it_typed_and_the_retry_rebills_no
     params = flow_params(
         prefix,
         lock,
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
         max_llm_concurrency=2,
         manifest_lock_wait_s=3,
     )

@@ -362,7 +362,7 @@ def test_cli_reconcile_after_a_lost_manifest_rebills_nothing(
     local_stack: stack.StackInfo,
 ) -> None:
     """Flow run, manifest deleted, `invoiceflow reconcile`, rerun: nothing re-processed."""
-    from faults_support import (
+    from support import (
         assert_invariants,
         create_lock,
         direct_s3,
@@ -412,7 +412,7 @@ def test_cli_reconcile_after_a_lost_manifest_rebills_nothing(
 async def test_reconcile_during_a_run_loses_none_of_its_updates(
     local_stack: stack.StackInfo,
 ) -> None:
-    from faults_support import (
+    from support import (
         assert_invariants,
         create_lock,
         direct_s3,

@@ -278,8 +278,8 @@ async def _run(
         pipeline = InvoicePipeline(s3, committer, extractor, config)
         outcomes = []
         # One after the other, so "earlier" is well defined for the duplicate check.
-        for item in sorted(await pipeline.select(), key=lambda i: i.key):
-            outcomes.append(await pipeline.extract(pipeline.parse(item)))
+        for item in sorted(await pipeline.claim(), key=lambda i: i.key):
+            outcomes.append(await pipeline.process(pipeline.parse(item)))
     return {o.key: o for o in outcomes}, store
 
 
