@@ -343,7 +343,10 @@ async def test_rebuild_refuses_when_the_broken_manifest_cannot_be_copied(
     with running_s3_fault_proxy(s3_endpoint) as proxy:
         proxy.add_rule(lambda r: r.method == "PUT" and BACKUP_MARK in r.path, "slowdown", times=-1)
         client = make_s3_client(
-            endpoint_url=proxy.url, aws_access_key_id="x", aws_secret_access_key="x", max_attempts=1
+            endpoint_url=proxy.url,
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            retries={"mode": "standard", "max_attempts": 1},
         )
         store = _store(S3Store(client, s3_store.bucket))
         with pytest.raises(ManifestBackupFailed, match="nothing was changed"):
@@ -453,7 +456,7 @@ async def test_reconcile_releasing_every_claim_spares_a_running_flow(
 ) -> None:
     """`--release-claims-after 0` during a run: Prefect says the run is live, so none of
     its claims is released (before, each became `failed`/`abandoned` under the run)."""
-    from faults_support import (
+    from support import (
         assert_invariants,
         create_lock,
         direct_s3,
