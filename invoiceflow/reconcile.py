@@ -185,27 +185,7 @@ class Reconcile:
             return
         found = self.results.get(key)
         if found is not None and found.source_etag == etag:
-            if (
-                entry is not None
-                and entry.source_etag == etag
-                and entry.status is Status.done
-                and entry.result_key == found.key
-            ):
-                r.unchanged += 1
-                return
-            entries[key] = _dump(
-                ManifestEntry(
-                    status=Status.done,
-                    source_etag=etag,
-                    attempts=max(entry.attempts, 1) if entry is not None else 1,
-                    run_id=entry.run_id if entry is not None else None,
-                    created_at=entry.created_at if entry is not None else found.extracted_at,
-                    updated_at=now,
-                    **{k: v for k, v in found.fields.items() if v is not None},
-                )
-            )
-            if key not in r.rebuilt_invalid:
-                r.marked_done.append(key)
+            self._record_done(key, entry, found, entries, now, r)
             return
         if entry is None:
             return  # never seen, or its entry was unreadable: the next run claims it
@@ -225,6 +205,38 @@ class Reconcile:
             r.released_claims.append(key)
         else:
             r.unchanged += 1
+
+    @staticmethod
+    def _record_done(
+        key: str,
+        entry: ManifestEntry | None,
+        found: FoundResult,
+        entries: dict[str, dict[str, Any]],
+        now: dt.datetime,
+        r: ReconcileReport,
+    ) -> None:
+        """`key` is done from `found`, a result for its current source (unless it is)."""
+        if (
+            entry is not None
+            and entry.source_etag == found.source_etag
+            and entry.status is Status.done
+            and entry.result_key == found.key
+        ):
+            r.unchanged += 1
+            return
+        entries[key] = _dump(
+            ManifestEntry(
+                status=Status.done,
+                source_etag=found.source_etag,
+                attempts=max(entry.attempts, 1) if entry is not None else 1,
+                run_id=entry.run_id if entry is not None else None,
+                created_at=entry.created_at if entry is not None else found.extracted_at,
+                updated_at=now,
+                **{k: v for k, v in found.fields.items() if v is not None},
+            )
+        )
+        if key not in r.rebuilt_invalid:
+            r.marked_done.append(key)
 
     def _abandoned(self, entry: ManifestEntry, now: dt.datetime) -> bool:
         """A claim nobody will finish: its run ended, or it is unknown and timed out."""
