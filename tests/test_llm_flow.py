@@ -15,7 +15,7 @@ from devtools.llm_server import LLMServerHandle, running_llm_server, utilisation
 from invoiceflow import stack
 from invoiceflow.extractors.llm import TokenPrice
 from invoiceflow.manifest import ManifestStore
-from invoiceflow.samples import generate_corpus, generate_invoice
+from invoiceflow.samples import generate_corpus, generate_invoice, stated_fields
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
@@ -110,7 +110,9 @@ async def test_priced_limited_llm_run(
     hybrid_entry = entries[f"{unique_prefix}hybrid.pdf"]
     assert hybrid_entry["source"] == "einvoice" and hybrid_entry.get("cost") is None
     result = ExtractionResult.model_validate_json(s3.get(hybrid_entry["result_key"]).body)
-    assert result.invoice == hybrid_truth
+    # The XML states more than the generator's truth (document type, VAT lines, addresses).
+    assert stated_fields(result.invoice) == hybrid_truth
+    assert result.invoice.document_type == "invoice"
 
     one = ExtractionResult.model_validate_json(s3.get(priced[0]["result_key"]).body)
     assert one.usage is not None and one.cost == PRICE.cost(one.usage)
