@@ -166,7 +166,7 @@ def _done_update(key: str, i: int) -> Update:
     }
     transition = Transition(key, 1, Status.done, fields)
     try:
-        from invoiceflow.validate import RecordDone
+        from invoiceflow.duplicates import RecordDone
     except ImportError:
         return transition
     return RecordDone(transition)

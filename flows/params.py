@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from flows.lock import LOCK_WAIT_SECONDS
+from invoiceflow.manifest import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_ATTEMPTS, key_collisions
 
 
 class ProcessInvoicesParams(BaseModel):
@@ -83,6 +87,32 @@ class ProcessInvoicesParams(BaseModel):
         title="Manifest commit batch",
         description="Most status updates written in one manifest commit.",
     )
+    max_attempts: int = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        le=100,
+        title="Max attempts per invoice",
+        description="Attempts, across runs, after which an invoice that keeps failing "
+        "transiently (or whose runs keep dying on it) stops being retried: it becomes "
+        "`gave_up`, permanent, with its last error kept.",
+    )
+    claim_timeout_s: float = Field(
+        default=DEFAULT_CLAIM_TIMEOUT.total_seconds(),
+        ge=1,
+        le=86_400,
+        title="Claim timeout (s)",
+        description="A claim whose run Prefect does not know is taken over after this "
+        "long without renewal. Live runs renew their claims well within it; claims of "
+        "runs Prefect reports ended are taken over at once, of runs it reports live never.",
+    )
+    manifest_lock_wait_s: float = Field(
+        default=LOCK_WAIT_SECONDS,
+        ge=0,
+        le=3600,
+        title="Manifest lock wait (s)",
+        description="How long a manifest write keeps retrying a deleted or disabled "
+        "manifest lock before the run stops with the command that restores it.",
+    )
     max_pdf_bytes: int = Field(
         default=20_000_000,
         ge=1,
@@ -105,6 +135,22 @@ class ProcessInvoicesParams(BaseModel):
         if ".." in value.split("/"):
             raise ValueError("prefix must not contain '..'")
         return value if not value or value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _keys_cannot_collide(self) -> ProcessInvoicesParams:
+        problems = key_collisions(self.source_prefix, self.results_prefix, self.manifest_key)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def claim_timeout(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.claim_timeout_s)
+
+    @property
+    def claim_renewal_s(self) -> float:
+        """How often the run renews its claims: a fifth of the timeout, at most a minute."""
+        return min(60.0, self.claim_timeout_s / 5)
 
     def chunk_size(self, n: int) -> int:
         if self.invoices_per_task:

@@ -1,8 +1,8 @@
 """Process the invoice PDFs under an S3 prefix into one JSON result each.
 
-invoices = list_invoices(prefix)           # claim new ones in the manifest
-parsed   = parse_invoices.map(chunks)      # pypdf, on the thread pool
-results  = extract_invoices(parsed)        # async LLM calls, bounded concurrency
+invoices = claim_invoices(prefix)          # claim new ones in the manifest
+parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
+results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
 every status change is group-committed to the manifest under a slot of size one
 """
 
@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
-from flows.tasks import extract_when_parsed, list_invoices, open_pipeline, parse_invoices
+from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
 from invoiceflow.pipeline import chunked
 
 
@@ -29,11 +29,12 @@ async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:
     async with open_pipeline(params) as pipeline:
-        invoices = await list_invoices(pipeline, params.selection)
+        invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
         parsed = parse_invoices.map(chunks, unmapped(pipeline))
         results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
-    return await summarize(params, [o for chunk in results for o in chunk])
+    outcomes = [o for chunk in results for o in chunk]
+    return await summarize(params, outcomes, lock_acquisitions=pipeline.lock_acquisitions)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class RunSummary(BaseModel):
     duplicates: int = 0
     # Sum of invoice totals per currency, as decimal strings (money is never a float).
     totals: dict[str, str] = {}
+    # Done invoices by where their fields came from: llm, rules, einvoice.
+    by_source: dict[str, int] = {}
+    # Claimed but let go unfinished: the claim passed to another run, or the manifest
+    # could not be written (the run then fails; the next run records their results).
+    skipped: int = 0
+    # The manifest store's own count of lock (slot) acquisitions in this run.
+    lock_acquisitions: int = 0
 
 
 TABLE_COLUMNS = (
@@ -48,19 +55,21 @@ TABLE_COLUMNS = (
 )
 
 
-async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome]) -> RunSummary:
+async def summarize(
+    params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome], *, lock_acquisitions: int = 0
+) -> RunSummary:
     logger = get_run_logger()
     for o in outcomes:
         logger.log(*_log_line(o))
     counts = Counter(o.status for o in outcomes)
-    llm = run_totals(outcomes)
+    run = run_totals(outcomes)
     totals: dict[str, Decimal] = {}
     for o in outcomes:
         if o.status is Status.done and o.invoice is not None and o.invoice.total is not None:
             currency = o.invoice.currency or "?"
             totals[currency] = totals.get(currency, Decimal(0)) + o.invoice.total
     summary = RunSummary(
-        processed=len(outcomes),
+        processed=run.invoices,
         done=counts[Status.done],
         failed=counts[Status.failed],
         failures={
@@ -68,13 +77,16 @@ async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome
             for o in outcomes
             if o.status is Status.failed
         },
-        needs_review=sum(1 for o in outcomes if _needs_review(o)),
-        tokens=sum(_tokens(o) or 0 for o in outcomes),
-        prompt_tokens=llm.prompt_tokens,
-        completion_tokens=llm.completion_tokens,
-        cost=str(llm.cost) if llm.cost is not None else None,
-        duplicates=llm.duplicates,
+        needs_review=run.needs_review,
+        tokens=run.prompt_tokens + run.completion_tokens,
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
+        cost=str(run.cost) if run.cost is not None else None,
+        duplicates=run.duplicates,
         totals={currency: str(total) for currency, total in sorted(totals.items())},
+        by_source=run.by_source,
+        skipped=len(outcomes) - run.invoices,
+        lock_acquisitions=lock_acquisitions,
     )
     if outcomes:
         await acreate_table_artifact(
@@ -99,50 +111,25 @@ def _log_line(o: InvoiceOutcome) -> tuple[int, str]:
     """One line per invoice outcome. Only fields and our own error text: no secrets."""
     if o.status is Status.done and o.invoice is not None:
         inv = o.invoice
-        review = " [needs review]" if _needs_review(o) else ""
+        review = " [needs review]" if o.needs_review else ""
         tokens = _tokens(o)
         used = f" ({tokens} tokens)" if tokens else ""
         return (
             logging.INFO,
             f"done {o.key}: {inv.vendor_name} {inv.total} {inv.currency}{used}{review}",
         )
+    if not o.finished:
+        return logging.WARNING, f"skipped {o.key}: {o.error_kind}: {o.error_message}"
     kind = "transient" if o.transient else "permanent"
     return logging.WARNING, f"failed {o.key} ({kind}): {o.error_kind}: {o.error_message}"
 
 
-# The LLM engineer is adding review flags, usage and cost to the outcome; read them when
-# they are there, so the columns fill in without this module changing.
-def _needs_review(o: InvoiceOutcome) -> bool | None:
-    for source in (o, o.invoice):
-        value = getattr(source, "needs_review", None)
-        if value is not None:
-            return bool(value)
-    return None
-
-
-def _tokens(o: InvoiceOutcome) -> int | None:
-    usage = getattr(o, "usage", None)
-    if not usage:
-        return None
-    if isinstance(usage, dict):
-        if "total_tokens" in usage:
-            return int(usage["total_tokens"])
-        return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    total = getattr(usage, "total_tokens", None)
-    return int(total) if total is not None else None
-
-
-def _cost(o: InvoiceOutcome) -> str:
-    cost = getattr(o, "cost", None)
-    if cost is None:
-        return ""
-    currency = getattr(o, "cost_currency", None) or ""
-    return f"{cost} {currency}".strip()
+def _tokens(o: InvoiceOutcome) -> int:
+    return o.usage.get("prompt_tokens", 0) + o.usage.get("completion_tokens", 0)
 
 
 def _row(o: InvoiceOutcome) -> dict[str, str]:
     inv = o.invoice
-    review = _needs_review(o)
     tokens = _tokens(o)
     return {
         "invoice": o.key,
@@ -150,9 +137,9 @@ def _row(o: InvoiceOutcome) -> dict[str, str]:
         "vendor": (inv.vendor_name or "") if inv else "",
         "total": str(inv.total) if inv and inv.total is not None else "",
         "currency": (inv.currency or "") if inv else "",
-        "needs_review": "" if review is None else ("yes" if review else "no"),
-        "tokens": "" if tokens is None else str(tokens),
-        "cost": _cost(o),
+        "needs_review": ("yes" if o.needs_review else "no") if o.finished else "",
+        "tokens": str(tokens) if tokens else "",
+        "cost": f"{o.cost} {o.cost_currency or ''}".strip() if o.cost is not None else "",
         "error": f"{o.error_kind}: {o.error_message}" if o.error_kind else "",
     }
 
@@ -168,6 +155,11 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, {s.completion_tokens} out)",
         f"- duplicates: **{s.duplicates}**",
     ]
+    if s.by_source:
+        by = ", ".join(f"{source} {n}" for source, n in sorted(s.by_source.items()))
+        lines.append(f"- fields from: **{by}**")
+    if s.skipped:
+        lines.append(f"- skipped (claim lost or not recorded): **{s.skipped}**")
     if s.tokens:
         lines.append(f"- LLM cost: **{s.cost if s.cost is not None else 'unknown (no price)'}**")
     if s.totals:

@@ -112,6 +112,26 @@ def bad_inputs() -> list[BadInput]:
     ]  # fmt: skip
 
 
+def tracking_number_invoice() -> bytes:
+    """A plain invoice that also prints a 29-digit parcel tracking number."""
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=11)
+    pdf.add_page()
+    for line in (
+        "Nordlicht Versand GmbH",
+        "VAT ID: DE123456789",
+        "Invoice number: NV-2026-0042",
+        "Invoice date: 2026-03-14",
+        "Sendungsnr 12345678901234567890123456789",
+        "Parcel handling   1   40.00   40.00",
+        "Subtotal: 40.00 EUR",
+        "VAT 19%: 7.60 EUR",
+        "Total: 47.60 EUR",
+    ):
+        pdf.cell(0, 7, line, new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
 def owner_only_encrypted_invoice() -> bytes:
     """Encrypted, but the user password is empty: it must open and be extracted."""
     return encrypted(good_invoices(1, seed=102)[0][1], user_password="")

@@ -221,12 +221,12 @@ async def test_pipeline_skips_the_llm_for_einvoices(
         OpenAIExtractor(base_url=llm.base_url, api_key="k") as extractor,
     ):
         pipeline = InvoicePipeline(s3_store, committer, extractor, config)
-        items = await pipeline.select()
+        items = await pipeline.claim()
         assert len(items) == 2
         outcomes = {
             o.key: o
             for o in await asyncio.gather(
-                *(pipeline.extract(pipeline.parse(item)) for item in items)
+                *(pipeline.process(pipeline.parse(item)) for item in items)
             )
         }
 
