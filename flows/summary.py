@@ -28,6 +28,8 @@ class RunSummary(BaseModel):
     tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: served from the provider's prompt cache (billed at its price).
+    cached_tokens: int = 0
     # LLM cost from the extractor block's price table (None: no price for the model).
     cost: str | None = None
     duplicates: int = 0
@@ -81,6 +83,7 @@ async def summarize(
         tokens=run.prompt_tokens + run.completion_tokens,
         prompt_tokens=run.prompt_tokens,
         completion_tokens=run.completion_tokens,
+        cached_tokens=run.cached_tokens,
         cost=str(run.cost) if run.cost is not None else None,
         duplicates=run.duplicates,
         totals={currency: str(total) for currency, total in sorted(totals.items())},
@@ -152,7 +155,8 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         f"- done: **{s.done}**",
         f"- failed: **{s.failed}**",
         f"- needs review: **{s.needs_review}**",
-        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, {s.completion_tokens} out)",
+        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, of which {s.cached_tokens} "
+        f"cached; {s.completion_tokens} out)",
         f"- duplicates: **{s.duplicates}**",
     ]
     if s.by_source:

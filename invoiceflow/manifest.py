@@ -98,6 +98,8 @@ class ManifestEntry(BaseModel):
     model: str | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    # Of tokens_in: served from the provider's prompt cache (billed at the cached price).
+    tokens_cached: int | None = None
     cost: str | None = None
     truncated: bool | None = None
     needs_review: bool | None = None
@@ -130,6 +132,7 @@ def done_fields(result: ExtractionResult, result_key: str) -> dict[str, Any]:
         "model": result.model,
         "tokens_in": usage.prompt_tokens if usage else None,
         "tokens_out": usage.completion_tokens if usage else None,
+        "tokens_cached": usage.cached_tokens if usage else None,
         "cost": str(result.cost) if result.cost is not None else None,
         "truncated": result.truncation is not None,
         "needs_review": result.needs_review,

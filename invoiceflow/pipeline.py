@@ -167,6 +167,8 @@ class RunTotals:
     invoices: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: read from the provider's prompt cache.
+    cached_tokens: int = 0
     cost: Decimal | None = None
     needs_review: int = 0
     duplicates: int = 0
@@ -181,6 +183,7 @@ def run_totals(outcomes: Iterable[InvoiceOutcome]) -> RunTotals:
         invoices=len(items),
         prompt_tokens=sum(o.usage.get("prompt_tokens", 0) for o in items),
         completion_tokens=sum(o.usage.get("completion_tokens", 0) for o in items),
+        cached_tokens=sum(o.usage.get("cached_tokens", 0) for o in items),
         cost=sum(costs, Decimal(0)) if costs else None,
         needs_review=sum(o.needs_review for o in items),
         duplicates=sum(o.duplicate_of is not None for o in items),
@@ -517,6 +520,7 @@ class InvoicePipeline:
             fields |= {
                 "tokens_in": failure.usage.prompt_tokens,
                 "tokens_out": failure.usage.completion_tokens,
+                "tokens_cached": failure.usage.cached_tokens,
                 "cost": str(failure.cost) if failure.cost is not None else None,
             }
         outcome = await self._commit(Transition(item.key, item.attempt, Status.failed, fields))

@@ -179,9 +179,16 @@ def _reported_usage(completion: Any) -> Usage:
     reported = completion.usage
     if reported is None:
         return Usage()
+    details = getattr(reported, "prompt_tokens_details", None)
+    # The SDK keeps unknown shapes as-is: a dict from a batch output line, or a model.
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if details is not None and not isinstance(details, dict):
+        cached = getattr(details, "cached_tokens", None)
     try:
         return Usage(
-            prompt_tokens=reported.prompt_tokens, completion_tokens=reported.completion_tokens
+            prompt_tokens=reported.prompt_tokens,
+            completion_tokens=reported.completion_tokens,
+            cached_tokens=cached or 0,
         )
     except ValueError as exc:
         raise ExtractionError(
