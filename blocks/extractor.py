@@ -136,11 +136,29 @@ class ExtractorBlock(Block):
         description="Provider token budget (prompt + completion, images included), across runs.",
     )
 
+    # --- provider batches (llm_mode="batch") -----------------------------------------
+    batch_max_requests: int = Field(
+        default=50_000,
+        ge=1,
+        le=50_000,
+        description="Requests per provider batch (OpenAI allows 50,000); more are split.",
+    )
+    batch_max_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        ge=1024,
+        le=200 * 1024 * 1024,
+        description="Bytes per batch input file (OpenAI allows 200 MB); more are split.",
+    )
+    batch_completion_window: Literal["24h"] = Field(
+        default="24h", description="How long the provider may take to answer a batch."
+    )
+
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
         default_factory=dict,
-        description="Model name -> price per million input/output tokens. A model without "
-        "an entry gets no cost (unknown), never zero.",
+        description="Model name -> price per million input/output tokens, and optionally "
+        "cached-input, cache-write and batch prices (each defaults to the full price). A "
+        "model without an entry gets no cost (unknown), never zero.",
     )
     price_currency: str = Field(default="USD", description="ISO 4217 code of the prices.")
 
@@ -217,6 +235,9 @@ class ExtractorBlock(Block):
             vision=self.vision,
             max_images=self.max_images,
             max_image_pixels=self.max_image_pixels,
+            batch_max_requests=self.batch_max_requests,
+            batch_max_bytes=self.batch_max_bytes,
+            batch_completion_window=self.batch_completion_window,
         )
 
     def _bedrock_client(self) -> Any:

@@ -6,6 +6,14 @@ It speaks just enough of the OpenAI HTTP API for the official SDK:
   (``prompt_tokens`` = ceil(chars of all messages / 4), ``completion_tokens`` =
   ceil(chars of the answer / 4)) and the request's ``model`` echoed back.
 * ``GET /v1/models`` lists the single pseudo model.
+* the Files and Batches APIs (``/v1/files``, ``/v1/batches``): see
+  `devtools.openai_batches`; batch lines are answered like online requests.
+
+Prompt cache
+    Like OpenAI: a prompt prefix (the text of the messages in order) of at least 1,024
+    tokens seen before is served from the cache, in 128-token steps, and reported as
+    ``usage.prompt_tokens_details.cached_tokens`` (`PromptCache`). ``_stats``
+    ``cached_tokens`` / ``cached_by_key`` count what was served from it.
 
 Both require ``Authorization: Bearer <token>``; a missing or empty token gets 401, and
 if the server was given ``api_key`` the token must equal it. Tests use this to prove
@@ -125,6 +133,7 @@ from devtools.images import (
     check_images,
     decode_data_url,
 )
+from devtools.openai_batches import BatchAPI
 from invoiceflow.schema import Invoice
 
 log = logging.getLogger(__name__)
@@ -479,6 +488,11 @@ class LLMServer:
         self.max_images: int | None = self.config.max_images
         self.images: list[ReceivedImage] = []
         self.prompt_cache = PromptCache()
+        # Reset in place: the routes are bound to this object.
+        if hasattr(self, "batch_api"):
+            self.batch_api.reset()
+        else:
+            self.batch_api = BatchAPI(self)
         # Prompt tokens served from the cache, by invoice key (None: no key header).
         self.cached_by_key: Counter[str] = Counter()
         self.cached_tokens = 0
@@ -511,6 +525,7 @@ class LLMServer:
             "images": [image.as_dict() for image in self.images],
             "cached_tokens": self.cached_tokens,
             "cached_by_key": dict(self.cached_by_key),
+            **self.batch_api.stats(),
         }
 
     def _enter(self) -> float:
@@ -803,6 +818,7 @@ class LLMServer:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            *self.batch_api.routes(),
             Route("/_stats", self.get_stats, methods=["GET"]),
             Route("/_control/faults", self.control_faults, methods=["POST"]),
             Route("/_control/answers", self.control_answers, methods=["POST"]),
@@ -926,6 +942,23 @@ class LLMServerHandle:
             "response_headers": dict(response_headers) if response_headers is not None else None,
         }
         self._call("POST", "/_control/config", payload)
+
+    def configure_batches(
+        self,
+        *,
+        delay_s: float | None = None,
+        fail: Sequence[str] | None = None,
+        expire: bool | None = None,
+        max_requests: int | None = None,
+    ) -> dict[str, Any]:
+        """Batch API behaviour (`devtools.openai_batches`): answer ``delay_s`` after
+        creation, fail lines matching a ``fail`` needle, ``expire`` batches instead of
+        answering them, refuse batches over ``max_requests``. Partial update."""
+        update = {"delay_s": delay_s, "fail": list(fail) if fail is not None else None,
+                  "expire": expire, "max_requests": max_requests}  # fmt: skip
+        return self._call(
+            "POST", "/_control/batches", {k: v for k, v in update.items() if v is not None}
+        )
 
     def images(self, key: str | None = None) -> list[dict[str, Any]]:
         """The images requests carried (of invoice ``key`` only, if given), in order."""

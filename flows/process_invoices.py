@@ -3,6 +3,7 @@
 invoices = claim_invoices(prefix)          # claim new ones in the manifest
 parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
 results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
+(llm_mode="batch": LLM requests go out as provider batches; collect-batches records them)
 every status change is group-committed to the manifest under a slot of size one
 """
 
@@ -13,6 +14,7 @@ import asyncio
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.collect_batches import batch_queue, collect_open_batches, has_open_batches
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
@@ -29,11 +31,16 @@ async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:
     async with open_pipeline(params) as pipeline:
+        queue = batch_queue(pipeline) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
         parsed = parse_invoices.map(chunks, unmapped(pipeline))
         results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
-    outcomes = [o for chunk in results for o in chunk]
+        outcomes = [o for chunk in results for o in chunk]
+        if queue is not None:  # batch mode: send the queued LLM requests as batches
+            outcomes = await queue.submit(outcomes)
+        elif await has_open_batches(pipeline):  # an online run also collects batches
+            await collect_open_batches(pipeline)
     return await summarize(params, outcomes, lock_acquisitions=pipeline.lock_acquisitions)
 
 

@@ -40,6 +40,8 @@ class RunSummary(BaseModel):
     # Claimed but let go unfinished: the claim passed to another run, or the manifest
     # could not be written (the run then fails; the next run records their results).
     skipped: int = 0
+    # Batch mode: sent in a provider batch; collect-batches records them later.
+    submitted: int = 0
     # The manifest store's own count of lock (slot) acquisitions in this run.
     lock_acquisitions: int = 0
 
@@ -88,7 +90,8 @@ async def summarize(
         duplicates=run.duplicates,
         totals={currency: str(total) for currency, total in sorted(totals.items())},
         by_source=run.by_source,
-        skipped=len(outcomes) - run.invoices,
+        skipped=len(outcomes) - run.invoices - counts[Status.submitted],
+        submitted=counts[Status.submitted],
         lock_acquisitions=lock_acquisitions,
     )
     if outcomes:
@@ -121,6 +124,8 @@ def _log_line(o: InvoiceOutcome) -> tuple[int, str]:
             logging.INFO,
             f"done {o.key}: {inv.vendor_name} {inv.total} {inv.currency}{used}{review}",
         )
+    if o.status is Status.submitted:
+        return logging.INFO, f"submitted {o.key} in a provider batch"
     if not o.finished:
         return logging.WARNING, f"skipped {o.key}: {o.error_kind}: {o.error_message}"
     kind = "transient" if o.transient else "permanent"
@@ -162,6 +167,8 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
     if s.by_source:
         by = ", ".join(f"{source} {n}" for source, n in sorted(s.by_source.items()))
         lines.append(f"- fields from: **{by}**")
+    if s.submitted:
+        lines.append(f"- submitted in provider batches: **{s.submitted}**")
     if s.skipped:
         lines.append(f"- skipped (claim lost or not recorded): **{s.skipped}**")
     if s.tokens:

@@ -10,7 +10,7 @@ Two lines of defence keep concurrent writers from losing each other's updates:
 
 Updates are small value objects applied to the freshly read manifest at commit time,
 so re-applying after a conflict is always correct. Status changes are monotonic within
-an attempt (pending < processing < done/failed/gave_up) and a newer attempt supersedes
+an attempt (pending < processing < submitted < done/failed/gave_up) and a newer attempt supersedes
 an older one, so a stale `processing` can never overwrite `done`.
 
 `GroupCommitter` batches updates from many concurrent tasks into one lock acquisition
@@ -58,6 +58,9 @@ DEFAULT_CLAIM_TIMEOUT = dt.timedelta(minutes=15)
 class Status(StrEnum):
     pending = "pending"
     processing = "processing"
+    # Sent in a provider batch (`batch_id`): claimable by nobody until `collect` records
+    # its line (done/failed) or releases it (the batch expired or failed).
+    submitted = "submitted"
     done = "done"
     failed = "failed"
     # A transient failure that outlived its attempt cap: permanent, last error kept.
@@ -67,9 +70,10 @@ class Status(StrEnum):
 _RANK = {
     Status.pending: 0,
     Status.processing: 1,
-    Status.done: 2,
-    Status.failed: 2,
-    Status.gave_up: 2,
+    Status.submitted: 2,
+    Status.done: 3,
+    Status.failed: 3,
+    Status.gave_up: 3,
 }
 LIVE = frozenset({Status.pending, Status.processing})
 
@@ -105,6 +109,8 @@ class ManifestEntry(BaseModel):
     needs_review: bool | None = None
     review_reasons: list[str] | None = None
     duplicate_of: str | None = None
+    # The provider batch holding the invoice's request (batch mode).
+    batch_id: str | None = None
 
 
 def utcnow() -> dt.datetime:
@@ -243,6 +249,8 @@ class Claim:
         return Outcome(True, attempts)
 
     def _refusal(self, prev: ManifestEntry, now: dt.datetime) -> str:
+        if prev.status is Status.submitted:  # billed once, in its batch: never again
+            return f"in provider batch {prev.batch_id}"
         if prev.status in LIVE:
             if prev.run_id == self.run_id or prev.run_id in self.abandoned_runs:
                 return ""

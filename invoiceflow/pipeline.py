@@ -26,7 +26,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -217,6 +217,8 @@ def needs_claim(snapshot: Snapshot, key: str, etag: str, selection: Selection) -
     here; every other case is decided by `Claim.apply` under the lock.
     """
     raw = snapshot.entries.get(key)
+    if raw is not None and raw["status"] == Status.submitted:
+        return False  # in a provider batch: claimable by nobody
     return not (
         raw is not None
         and raw["source_etag"] == etag
@@ -241,6 +243,9 @@ class InvoicePipeline:
         self.runs = runs
         # The first manifest commit failure; from then on no invoice is started.
         self.stopped: Exception | None = None
+        # Batch mode (invoiceflow.batch): called instead of the extractor once an invoice
+        # is `processing`; queues its request for a provider batch.
+        self.defer: Callable[[ParsedDoc], InvoiceOutcome] | None = None
 
     @property
     def lock_acquisitions(self) -> int:
@@ -379,8 +384,36 @@ class InvoicePipeline:
             extraction = doc.einvoice  # exact values from the XML; no extractor call
         elif (lost := await self._start(item)) is not None:
             return lost
+        elif self.defer is not None:
+            return self.defer(doc)  # batch mode: its request goes into a provider batch
         else:
             extraction = await self._extract(doc)
+        return await self._finish(doc, extraction)
+
+    async def finish(self, doc: ParsedDoc, extraction: Extraction | Exception) -> InvoiceOutcome:
+        """Validate, write and record an extraction obtained elsewhere (a provider batch's
+        output line), or record why there is none: the same steps and the same
+        per-invoice boundary as `process`. Never raises (cancellation aside)."""
+        try:
+            try:
+                if isinstance(extraction, Exception):
+                    raise extraction
+                return await self._finish(doc, extraction)
+            except RecordingStopped:
+                raise
+            except Exception as exc:
+                return await self._record_failure(doc.item, failure_of(exc))
+        except RecordingStopped as stopped:
+            return InvoiceOutcome(
+                doc.item.key, Status.submitted, False, error_kind="not_recorded",
+                error_message=str(stopped),
+            )  # fmt: skip
+        finally:
+            self.committer.producer_done()
+
+    async def _finish(self, doc: ParsedDoc, extraction: Extraction) -> InvoiceOutcome:
+        """validate -> write -> record, for an extraction from any source."""
+        item = doc.item
         validated = validate_extraction(extraction, doc.text)
         result = ExtractionResult(
             source_key=item.key,
