@@ -24,11 +24,12 @@ from prefect.client.schemas.actions import (
 from prefect.concurrency.asyncio import concurrency
 from prefect.exceptions import ObjectNotFound
 
+from invoiceflow import defaults
 from invoiceflow.manifest import ManifestLockLost
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK = "invoiceflow-manifest"
+DEFAULT_LOCK = defaults.MANIFEST_LOCK
 # The server rejects leases shorter than 60 s; a commit takes well under a second, and
 # the conditional write catches the rare writer that outlives its lease anyway.
 LEASE_SECONDS = 60

@@ -8,12 +8,21 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from flows.lock import LOCK_WAIT_SECONDS
-from invoiceflow.manifest import DEFAULT_CLAIM_TIMEOUT, DEFAULT_MAX_ATTEMPTS, key_collisions
+from invoiceflow import defaults
+from invoiceflow.documents import DocumentLimits
+from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MANIFEST_BYTES,
+    key_collisions,
+)
+
+DOCUMENT_DEFAULTS = DocumentLimits()
 
 
 class ProcessInvoicesParams(BaseModel):
     source_prefix: str = Field(
-        default="incoming/",
+        default=defaults.SOURCE_PREFIX,
         title="Source prefix",
         description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
     )
@@ -48,34 +57,34 @@ class ProcessInvoicesParams(BaseModel):
         "is not the bottleneck.",
     )
     results_prefix: str = Field(
-        default="results/",
+        default=defaults.RESULTS_PREFIX,
         title="Results prefix",
         description="Where one JSON result per invoice is written.",
     )
     manifest_key: str = Field(
-        default="manifest.json",
+        default=defaults.MANIFEST_KEY,
         title="Manifest key",
         description="The S3 object recording every invoice's status.",
     )
     bucket_block: str = Field(
-        default="invoiceflow-bucket",
+        default=defaults.BUCKET_BLOCK,
         title="S3 bucket block",
         description="Name of the saved prefect-aws S3Bucket block.",
     )
     extractor_block: str = Field(
-        default="invoiceflow-extractor",
+        default=defaults.EXTRACTOR_BLOCK,
         title="Extractor block",
         description="Name of the saved Invoice Extractor block (rules or an LLM).",
     )
     failure_notification_block: str = Field(
-        default="custom-webhook/invoiceflow-on-failure",
+        default=defaults.FAILURE_NOTIFICATION_BLOCK,
         title="Notify on failure",
         description="Notification block told when the run fails, as `type/name`, e.g. "
         "`custom-webhook/invoiceflow-on-failure` or `slack-webhook/ops`. Nobody is "
         "notified while that block is not saved; empty turns notification off.",
     )
     manifest_lock: str = Field(
-        default="invoiceflow-manifest",
+        default=defaults.MANIFEST_LOCK,
         title="Manifest lock",
         description="Global concurrency limit (size 1) serializing manifest writes.",
     )
@@ -120,6 +129,14 @@ class ProcessInvoicesParams(BaseModel):
         description="How long a manifest write keeps retrying a deleted or disabled "
         "manifest lock before the run stops with the command that restores it.",
     )
+    max_manifest_bytes: int = Field(
+        default=DEFAULT_MAX_MANIFEST_BYTES,
+        ge=1024,
+        le=4 * 1024**3,
+        title="Max manifest size (bytes)",
+        description="A larger manifest object stops the run before any work, with the "
+        "command that rebuilds it (`invoiceflow reconcile --rebuild`).",
+    )
     max_pdf_bytes: int = Field(
         default=20_000_000,
         ge=1,
@@ -133,6 +150,30 @@ class ProcessInvoicesParams(BaseModel):
         le=10_000,
         title="Max pages per PDF",
         description="PDFs with more pages fail permanently as `too_many_pages`.",
+    )
+    document_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        title="Document worker processes",
+        description="Processes reading documents (pypdf, attachments, OCR, the rules "
+        "extractor) at once. Each is killed and replaced when it runs past a budget.",
+    )
+    document_time_limit_s: float = Field(
+        default=DOCUMENT_DEFAULTS.time_limit_s,
+        ge=1,
+        le=3600,
+        title="Time per document (s)",
+        description="Wall clock for reading one document; past it the worker is killed and "
+        "the invoice fails permanently as `too_slow`.",
+    )
+    document_memory_limit_mb: int = Field(
+        default=DOCUMENT_DEFAULTS.memory_limit_mb,
+        ge=128,
+        le=65_536,
+        title="Memory per document worker (MB)",
+        description="Address-space limit (RLIMIT_AS) of each document worker; a document "
+        "that needs more fails permanently as `too_large`.",
     )
 
     @field_validator("source_prefix", "results_prefix")
@@ -158,6 +199,15 @@ class ProcessInvoicesParams(BaseModel):
     def claim_renewal_s(self) -> float:
         """How often the run renews its claims: a fifth of the timeout, at most a minute."""
         return min(60.0, self.claim_timeout_s / 5)
+
+    def document_limits(self) -> DocumentLimits:
+        """The budgets for reading one document, from these parameters."""
+        return DocumentLimits(
+            max_bytes=self.max_pdf_bytes,
+            max_pages=self.max_pages,
+            time_limit_s=self.document_time_limit_s,
+            memory_limit_mb=self.document_memory_limit_mb,
+        )
 
     def chunk_size(self, n: int) -> int:
         if self.invoices_per_task:

@@ -22,9 +22,11 @@ from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, pars
 from invoiceflow.pipeline import chunked
 
 
+# Parse threads only download and wait on the document worker processes (which do the
+# CPU work, off this process's GIL), so a few of them keep the pool busy.
 @flow(
     name="process-invoices",
-    task_runner=ThreadPoolTaskRunner(max_workers=1),
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
     on_failure=[notify_failure],
 )
 async def process_invoices(

@@ -33,6 +33,7 @@ from invoiceflow.pipeline import (
     PipelineConfig,
     WorkItem,
 )
+from invoiceflow.sandbox import DocumentWorkers
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
     s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
-    store = ManifestStore(s3, params.manifest_key, lock=lock)
+    store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
     limiter = await provider_limiter(
         extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
@@ -56,8 +57,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
-        max_pdf_bytes=params.max_pdf_bytes,
-        max_pages=params.max_pages,
+        limits=params.document_limits(),
         claim_timeout=params.claim_timeout,
         max_attempts=params.max_attempts,
     )
@@ -65,7 +65,11 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         # One sync API client for every sync task run of this flow: otherwise each
         # parse task on the thread pool builds its own client and SSL context
         # (~100 ms CPU each, upstream PR #19106). httpx.Client is thread-safe.
-        with SyncClientContext.get_or_create():
+        with (
+            SyncClientContext.get_or_create(),
+            # Untrusted document work runs in these processes, under the run's budgets.
+            DocumentWorkers(params.document_workers, config.limits) as workers,
+        ):
             async with (
                 tracking_progress(),
                 GroupCommitter(
@@ -76,7 +80,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
                     renew_every_s=params.claim_renewal_s,
                 ) as committer,
             ):
-                yield InvoicePipeline(s3, committer, extractor, config, flow_run_liveness)
+                yield InvoicePipeline(
+                    s3, committer, extractor, config, flow_run_liveness, read=workers.read
+                )
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:

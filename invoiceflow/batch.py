@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from invoiceflow.documents import ReadDocument
 from invoiceflow.extractors import Extraction, ExtractionError
 from invoiceflow.extractors.openai_batch import (
     BatchLimits,
@@ -62,8 +63,21 @@ class BatchInvoice(BaseModel):
     pages: int
     # The document text validation checks the answer against (fields not in it drop).
     text: str
+    read_as: str = "text"
+    review_reasons: list[str] = []
     truncation: Truncation | None = None
     notes: list[str] = []
+
+    def parsed(self) -> ParsedDoc:
+        """The invoice as the pipeline's `finish` takes it (page images are not kept)."""
+        item = WorkItem(self.key, self.etag, self.size, self.attempt, self.invoice_id)
+        document = ReadDocument(
+            text=self.text,
+            pages=self.pages,
+            read_as=self.read_as,  # type: ignore[arg-type]
+            review_reasons=tuple(self.review_reasons),
+        )
+        return ParsedDoc(item, document)
 
 
 class BatchRecord(BaseModel):
@@ -161,8 +175,9 @@ class BatchQueue:
     def defer(self, doc: ParsedDoc) -> InvoiceOutcome:
         """The pipeline's hook: queue ``doc``'s request (its `processing` is committed).
         An error here (an unsendable document) is the invoice's failure, as online."""
-        item = doc.item
-        body, truncation, notes = self.extractor.batch_body(doc.text)
+        item, document = doc.item, doc.document
+        assert document is not None  # only read documents reach the extractor step
+        body, truncation, notes = self.extractor.batch_body(document.text, images=document.images)
         invoice = BatchInvoice(
             custom_id=item.key,
             key=item.key,
@@ -170,8 +185,10 @@ class BatchQueue:
             size=item.size,
             attempt=item.attempt,
             invoice_id=item.invoice_id,
-            pages=doc.pages,
-            text=doc.text,
+            pages=document.pages,
+            text=document.text,
+            read_as=document.read_as,
+            review_reasons=list(document.review_reasons),
             truncation=truncation,
             notes=notes,
         )
@@ -292,10 +309,7 @@ async def _record_batch(
     pipeline.committer.add_producers(len(waiting))
 
     async def finish(invoice: BatchInvoice) -> InvoiceOutcome:
-        item = WorkItem(
-            invoice.key, invoice.etag, invoice.size, invoice.attempt, invoice.invoice_id
-        )
-        doc = ParsedDoc(item, text=invoice.text, pages=invoice.pages)
+        doc = invoice.parsed()
         line = lines.get(invoice.custom_id, missing)
         if isinstance(line, ExtractionError):
             return await pipeline.finish(doc, line)

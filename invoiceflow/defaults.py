@@ -1,20 +1,24 @@
-"""Default names of the things a deployment shares: one home for each.
+"""Default names shared by the flow, the CLI, provisioning and deployment: one home.
 
-The flow parameters, the CLI, provisioning, deployment and the benchmarks all start
-from these. Plain strings, so any layer may import them; this module imports nothing.
+Block names, the manifest lock, the manifest key and the S3 prefixes a fresh install
+uses. Plain constants; this module imports nothing (the domain and `flows/` both read it).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-# Prefect blocks
+# Prefect blocks `invoiceflow up` / deploy save, and the flow loads by default.
 AWS_BLOCK: Final = "invoiceflow-aws"
 BUCKET_BLOCK: Final = "invoiceflow-bucket"
 EXTRACTOR_BLOCK: Final = "invoiceflow-extractor"
-# The Prefect global concurrency limit (size one) that serializes manifest writes.
+WEBHOOK_BLOCK: Final = "invoiceflow-on-failure"
+FAILURE_NOTIFICATION_BLOCK: Final = f"custom-webhook/{WEBHOOK_BLOCK}"
+
+# The global concurrency limit (size 1) serializing manifest writes.
 MANIFEST_LOCK: Final = "invoiceflow-manifest"
-# S3 keys and prefixes
-MANIFEST_KEY: Final = "manifest.json"
+
+# Where things live in the bucket.
 SOURCE_PREFIX: Final = "incoming/"
 RESULTS_PREFIX: Final = "results/"
+MANIFEST_KEY: Final = "manifest.json"

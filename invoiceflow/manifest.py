@@ -53,6 +53,8 @@ DEFAULT_MAX_ATTEMPTS = 5
 # A claim whose run Prefect cannot vouch for counts as abandoned after this long
 # without renewal; live runs renew theirs (see `GroupCommitter`) well within it.
 DEFAULT_CLAIM_TIMEOUT = dt.timedelta(minutes=15)
+# Larger manifest objects are refused on read (`ManifestUnreadable`) and on write.
+DEFAULT_MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
 class Status(StrEnum):
@@ -543,7 +545,7 @@ class ManifestStore:
         key: str,
         *,
         lock: LockFactory,
-        max_bytes: int = 256 * 1024 * 1024,
+        max_bytes: int = DEFAULT_MAX_MANIFEST_BYTES,
     ) -> None:
         self.s3 = s3
         self.key = key

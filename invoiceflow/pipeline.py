@@ -3,7 +3,8 @@
 One invoice travels through these steps, each a small method below:
 
     claim     `claim`            list the prefix, claim what this run should process
-    parse     `parse`            download the source and read its text (or e-invoice XML)
+    parse     `parse`            download the source; a worker process reads it
+                                 (`DocumentWorkers.read`: text, OCR, e-invoice XML)
     -------   `process`, under one boundary, for each parsed invoice:
     reuse     `_written_result`  a result already written for this source and ETag? done
     start     `_start`           `processing`, committed: is the claim still this run's?
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -34,9 +36,9 @@ from typing import Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
+from invoiceflow.documents import DocumentError, DocumentLimits, ReadDocument, read_document
 from invoiceflow.duplicates import RecordDone, duplicate_reason
 from invoiceflow.extractors import DocumentExtractor, Extraction, ExtractionError, ExtractionSource
-from invoiceflow.extractors.einvoice import read_einvoice
 from invoiceflow.manifest import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -53,7 +55,6 @@ from invoiceflow.manifest import (
     claim_holders,
     done_fields,
 )
-from invoiceflow.pdf import PdfError, parse_pdf
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
 from invoiceflow.validate import validate_extraction
@@ -104,8 +105,8 @@ def failure_of(exc: Exception) -> InvoiceFailed:
         return InvoiceFailed(
             exc.kind, str(exc), transient=exc.transient, usage=exc.usage, cost=exc.cost
         )
-    if isinstance(exc, PdfError):
-        return InvoiceFailed(exc.kind, exc.message)
+    if isinstance(exc, DocumentError):  # unreadable, or over a time or memory budget
+        return InvoiceFailed(exc.kind, exc.message, transient=exc.transient)
     if isinstance(exc, BotoCoreError | ClientError):  # after botocore's own retries
         return InvoiceFailed("s3_error", f"S3 request failed: {exc}", transient=True)
     return InvoiceFailed("internal_error", f"{type(exc).__name__}: {exc}")
@@ -126,13 +127,10 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class ParsedDoc:
-    """What the parse stage hands on: the document's text, or why it has none."""
+    """What the parse stage hands on: the read document, or why there is none."""
 
     item: WorkItem
-    text: str = ""
-    pages: int = 0
-    # Read from the PDF's embedded e-invoice XML: no extractor call needed.
-    einvoice: Extraction | None = None
+    document: ReadDocument | None = None
     # Raised while downloading or reading; `process` turns it into the invoice's failure.
     error: Exception | None = None
 
@@ -196,8 +194,8 @@ class PipelineConfig:
     source_prefix: str
     results_prefix: str
     run_id: str
-    max_pdf_bytes: int = 20_000_000
-    max_pages: int = 50
+    # Budgets for reading one document (size, pages, time, memory, OCR, vision).
+    limits: DocumentLimits = field(default_factory=DocumentLimits)
     # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
     einvoice_fast_path: bool = True
     # A claim of a run the orchestrator cannot vouch for is taken over after this long.
@@ -235,12 +233,16 @@ class InvoicePipeline:
         extractor: DocumentExtractor,
         config: PipelineConfig,
         runs: RunLookup | None = None,
+        read: Callable[[bytes, str], ReadDocument] | None = None,
     ) -> None:
         self.s3 = s3
         self.committer = committer
         self.extractor = extractor
         self.config = config
         self.runs = runs
+        # The flow passes `DocumentWorkers.read` (a bounded process pool enforcing the
+        # time and memory budgets); without one, the same reader runs in this process.
+        self.read = read or functools.partial(read_document, limits=config.limits)
         # The first manifest commit failure; from then on no invoice is started.
         self.stopped: Exception | None = None
         # Batch mode (invoiceflow.batch): called instead of the extractor once an invoice
@@ -314,28 +316,19 @@ class InvoicePipeline:
     # -- parse (blocking: runs on a worker thread) -------------------------------------
 
     def parse(self, item: WorkItem) -> ParsedDoc:
-        """Download one source and read its text; any error travels on to `process`."""
+        """Download one source and read it; any error travels on to `process`."""
         try:
-            body = self._download(item)
-            einvoice = read_einvoice(body) if self.config.einvoice_fast_path else None
-            try:
-                parsed = parse_pdf(
-                    body, max_bytes=self.config.max_pdf_bytes, max_pages=self.config.max_pages
-                )
-            except PdfError:
-                if einvoice is None:  # a scanned hybrid e-invoice still has its XML
-                    raise
-                return ParsedDoc(item, einvoice=einvoice)
-            return ParsedDoc(item, text=parsed.text, pages=parsed.pages, einvoice=einvoice)
+            document = self.read(self._download(item), item.key)
         except Exception as exc:
             return ParsedDoc(item, error=exc)
+        return ParsedDoc(item, document=document)
 
     def parse_many(self, items: list[WorkItem]) -> list[ParsedDoc]:
         return [self.parse(item) for item in items]
 
     def _download(self, item: WorkItem) -> bytes:
         try:
-            body, etag = self.s3.get(item.key, max_bytes=self.config.max_pdf_bytes)
+            body, etag = self.s3.get(item.key, max_bytes=self.config.limits.max_bytes)
         except KeyError:
             raise InvoiceFailed(
                 "source_missing", f"{item.key} disappeared before it was read", transient=True
@@ -380,14 +373,17 @@ class InvoicePipeline:
             return await self._record_done(item, written, billed=False)
         if doc.error is not None:
             raise doc.error
-        if doc.einvoice is not None:
-            extraction = doc.einvoice  # exact values from the XML; no extractor call
+        document = doc.document
+        assert document is not None  # a ParsedDoc has a document or an error
+        einvoice = document.einvoice if self.config.einvoice_fast_path else None
+        if einvoice is not None:
+            extraction = einvoice  # exact values from the XML; no extractor call
         elif (lost := await self._start(item)) is not None:
             return lost
         elif self.defer is not None:
             return self.defer(doc)  # batch mode: its request goes into a provider batch
         else:
-            extraction = await self._extract(doc)
+            extraction = await self._extract(item, document)
         return await self._finish(doc, extraction)
 
     async def finish(self, doc: ParsedDoc, extraction: Extraction | Exception) -> InvoiceOutcome:
@@ -413,25 +409,9 @@ class InvoicePipeline:
 
     async def _finish(self, doc: ParsedDoc, extraction: Extraction) -> InvoiceOutcome:
         """validate -> write -> record, for an extraction from any source."""
-        item = doc.item
-        validated = validate_extraction(extraction, doc.text)
-        result = ExtractionResult(
-            source_key=item.key,
-            source_etag=item.etag,
-            extractor=extraction.extractor,
-            pages=doc.pages,
-            invoice=validated.invoice,
-            extracted_at=dt.datetime.now(dt.UTC),
-            source=extraction.source,
-            model=extraction.model,
-            einvoice_format=extraction.einvoice_format,
-            usage=extraction.usage if extraction.source == "llm" else None,
-            cost=extraction.cost,
-            cost_currency=extraction.cost_currency,
-            needs_review=validated.needs_review,
-            review_reasons=list(validated.reasons),
-            truncation=extraction.truncation,
-        )
+        item, document = doc.item, doc.document
+        assert document is not None  # a ParsedDoc has a document or an error
+        result = _result(item, document, extraction)
         await self._write_result(item, result)
         return await self._record_done(item, result, billed=True)
 
@@ -474,10 +454,13 @@ class InvoicePipeline:
             item.key, Status.pending, False, error_kind="claim_lost", error_message=outcome.reason
         )
 
-    async def _extract(self, doc: ParsedDoc) -> Extraction:
+    async def _extract(self, item: WorkItem, document: ReadDocument) -> Extraction:
         # Concurrency and rate limits are the extractor's own (its provider limiter).
+        # Page images go only to a vision model: a document has some only when the
+        # run's limits ask for them (`DocumentLimits.vision`).
+        images = {"images": document.images} if document.images else {}
         return await self.extractor.extract_document(
-            doc.text, pages=doc.pages, invoice_key=doc.item.key
+            document.text, pages=document.pages, invoice_key=item.key, **images
         )
 
     def _result_key(self, item: WorkItem) -> str:
@@ -567,6 +550,30 @@ class InvoicePipeline:
             usage=_usage_dict(failure.usage),
             cost=failure.cost,
         )
+
+
+def _result(item: WorkItem, document: ReadDocument, extraction: Extraction) -> ExtractionResult:
+    """The validated result object of one invoice, every review reason included."""
+    validated = validate_extraction(extraction, document.text)
+    reasons = [*document.review_reasons, *validated.reasons]
+    return ExtractionResult(
+        source_key=item.key,
+        source_etag=item.etag,
+        extractor=extraction.extractor,
+        pages=document.pages,
+        invoice=validated.invoice,
+        extracted_at=dt.datetime.now(dt.UTC),
+        source=extraction.source,
+        model=extraction.model,
+        einvoice_format=extraction.einvoice_format,
+        usage=extraction.usage if extraction.source == "llm" else None,
+        cost=extraction.cost,
+        cost_currency=extraction.cost_currency,
+        needs_review=bool(reasons),
+        review_reasons=reasons,
+        truncation=extraction.truncation,
+        read_as="einvoice" if extraction.source == "einvoice" else document.read_as,
+    )
 
 
 def _usage_dict(usage: Usage | None) -> dict[str, int]:

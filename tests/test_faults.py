@@ -1,6 +1,6 @@
 """Fault injection: bad input and failing infrastructure, end to end through the flow.
 
-Every case ends with `assert_invariants` (tests/faults_support.py): no lost manifest
+Every case ends with `assert_invariants` (tests/support.py): no lost manifest
 update, manifest and results agree, and nothing done was sent to the LLM again.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults_support import (
+from support import (
     MAX_PAGES,
     MAX_PDF_BYTES,
     OPERATOR_AGENT,
@@ -85,7 +85,7 @@ async def test_bad_inputs_fail_permanently_with_a_reason_and_are_not_retried(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
         max_pages=MAX_PAGES,
         max_pdf_bytes=MAX_PDF_BYTES,
     )
@@ -150,7 +150,7 @@ async def test_llm_429_500_and_timeouts_are_retried_and_a_rerun_bills_only_the_f
         prefix,
         await create_lock(unique("lock")),
         # Small timeout so a hung request costs seconds, not minutes; 4 SDK retries.
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, timeout_s=1.5, max_retries=4),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, timeout_s=1.5, max_retries=4),
     )
     llm.reset()
     plan = llm.set_faults(
@@ -219,7 +219,7 @@ async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
         params = flow_params(
             prefix,
             await create_lock(unique("lock")),
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
         )
         llm.reset()
@@ -256,7 +256,7 @@ async def test_s3_outage_beyond_the_retries_fails_the_invoice_not_the_run(
         params = flow_params(
             prefix,
             await create_lock(unique("lock")),
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             # Two attempts, so the outage outlasts the retries in a second, not ~35 s.
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket, max_attempts=2),
         )
@@ -332,7 +332,7 @@ async def test_three_concurrent_runs_on_overlapping_prefixes_and_an_out_of_band_
         common = {
             "manifest_key": f"manifests/{base.rstrip('/')}.json",
             "results_prefix": f"results/{base}",
-            "extractor_block": await save_llm_block(llm.base_url, API_KEY),
+            "extractor_block": save_llm_block(llm.base_url, API_KEY),
             "bucket_block": bucket_block,
             "max_llm_concurrency": 4,
         }
@@ -428,7 +428,7 @@ async def test_a_writer_that_lost_its_slot_is_stopped_by_if_match(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
         )
         manifest_path = f"/{local_stack.bucket}/{params['manifest_key']}"
@@ -539,7 +539,7 @@ async def test_flow_process_sigkilled_mid_run_then_retried(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             max_llm_concurrency=2,
         )
         run_id = await create_flow_run(params)
@@ -630,7 +630,7 @@ async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(own_stack.s3_endpoint, own_stack.bucket),
             max_llm_concurrency=2,
         )
@@ -697,7 +697,7 @@ async def test_a_29_digit_token_fails_only_its_invoice_and_nothing_is_billed_twi
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
     )
     llm.reset()
     outcomes = [await run_flow(params) for _ in range(3)]
@@ -752,7 +752,7 @@ async def test_lock_deleted_mid_run_stops_both_runs_cleanly_and_the_retry_bills_
             f"{base}{half}/",
             lock,
             **common,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
         )
         for half in ("a", "b")
     ]

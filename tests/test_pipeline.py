@@ -246,3 +246,38 @@ async def test_the_run_does_not_wait_out_the_commit_window(
     assert {o.status for o in outcomes} == {Status.done}
     # processing + done commits, each flushed at once (generous for a loaded machine).
     assert time.monotonic() - claimed < 10, time.monotonic() - started
+
+
+async def test_a_document_over_its_time_budget_fails_alone_in_the_worker_pool(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """The parse step reads through `DocumentWorkers`: a hostile PDF is killed at the
+    time limit and fails permanently (`too_slow`); the other invoices are done."""
+    from sandbox_support import text_operator_bomb
+
+    from invoiceflow.documents import DocumentLimits
+    from invoiceflow.sandbox import DocumentWorkers
+
+    keys = upload(s3_store, unique_prefix, 3)
+    slow = f"{unique_prefix}slow.pdf"
+    s3_store.put(slow, text_operator_bomb(600_000), content_type="application/pdf")
+    limits = DocumentLimits(time_limit_s=2, max_text_operators=10**9)  # no pre-check
+    extractor = CountingExtractor()
+    store = ManifestStore(s3_store, f"{unique_prefix}manifest.json", lock=asyncio.Lock)
+    config = PipelineConfig(unique_prefix, f"{unique_prefix}results/", "run-1", limits=limits)
+    with DocumentWorkers(2, limits) as workers:
+        async with GroupCommitter(store, max_wait_s=0.05) as committer:
+            pipeline = InvoicePipeline(s3_store, committer, extractor, config, read=workers.read)
+            items = await pipeline.claim()
+            docs = await asyncio.gather(*(asyncio.to_thread(pipeline.parse, i) for i in items))
+            outcomes = {o.key: o for o in await asyncio.gather(*map(pipeline.process, docs))}
+
+    assert {k: outcomes[k].status for k in keys} == {k: Status.done for k in keys}
+    failed = outcomes[slow]
+    assert (failed.status, failed.error_kind, failed.transient) == (
+        Status.failed,
+        "too_slow",
+        False,
+    )
+    assert "2" in (failed.error_message or "")  # names the limit
+    assert slow not in extractor.calls

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from invoiceflow.evaluate import HEADER_FIELDS
 from invoiceflow.extractors import Extractor
 from invoiceflow.extractors.rules import (
     RulesExtractor,
@@ -28,20 +29,6 @@ from invoiceflow.pdf import parse_pdf
 from invoiceflow.samples import generate_corpus, generate_invoice, write_corpus
 from invoiceflow.schema import Invoice, LineItem
 
-HEADER_FIELDS = (
-    "invoice_number",
-    "invoice_date",
-    "due_date",
-    "vendor_name",
-    "vendor_tax_id",
-    "customer_name",
-    "po_number",
-    "currency",
-    "subtotal",
-    "tax_total",
-    "total",
-    "amount_due",
-)
 NEWER_FIELDS = ("iban", "bic", "payment_terms", "customer_tax_id", "document_type")
 CORPUS_SIZE = 60
 CENT = Decimal("0.01")

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from faults_support import (
+from support import (
     create_flow_run,
     create_lock,
     direct_s3,
@@ -63,7 +63,7 @@ async def test_the_api_key_is_in_no_log_manifest_artifact_or_result(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, max_retries=1),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, max_retries=1),
     )
     llm.reset()
     # Error paths log the most: one permanent 400, one 500 outlasting the SDK's retry.
@@ -185,7 +185,7 @@ async def test_a_key_the_endpoint_echoes_is_masked_everywhere(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, max_retries=1),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, max_retries=1),
     )
     llm.reset()
     echo = {"x-request-id": API_KEY}  # the SDK logs x-request-id at debug level
@@ -268,7 +268,7 @@ async def test_unicode_spaces_and_hostile_names_get_safe_distinct_result_keys(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
     )
     llm.reset()
     summary = await run_flow(params)
