@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 
 from prefect import flow, unmapped
+from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.collect_batches import batch_queue, collect_open_batches, has_open_batches
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
+from flows.tally import RunTally
 from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
 from invoiceflow.pipeline import chunked
 
@@ -32,18 +34,22 @@ from invoiceflow.pipeline import chunked
 async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:
+    # Outcomes are tallied as invoices finish; none is kept to the end (issue 13 #4).
+    tally = RunTally(get_run_logger())
     async with open_pipeline(params) as pipeline:
         queue = batch_queue(pipeline) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
-        parsed = parse_invoices.map(chunks, unmapped(pipeline))
-        results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
-        outcomes = [o for chunk in results for o in chunk]
+        parsing = list(parse_invoices.map(chunks, unmapped(pipeline)))
+        await asyncio.gather(
+            *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
+        )
         if queue is not None:  # batch mode: send the queued LLM requests as batches
-            outcomes = await queue.submit(outcomes)
+            for outcome in await queue.submit():
+                tally.add(outcome)
         elif await has_open_batches(pipeline):  # an online run also collects batches
             await collect_open_batches(pipeline)
-    return await summarize(params, outcomes, lock_acquisitions=pipeline.lock_acquisitions)
+    return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ from invoiceflow.storage import S3Store
 
 log = logging.getLogger(__name__)
 
+# The error kind of `BatchQueue.defer`'s placeholder outcome: queued, not yet submitted.
+QUEUED_FOR_BATCH = "queued_for_batch"
+
 
 class BatchInvoice(BaseModel):
     """One line of a provider batch: whose request it is, and what `finish` needs."""
@@ -193,17 +196,17 @@ class BatchQueue:
             notes=notes,
         )
         self._queued.append(_Queued(doc, jsonl_line(invoice.custom_id, body), invoice))
-        return InvoiceOutcome(item.key, Status.submitted, False)  # until `submit`
+        return InvoiceOutcome(item.key, Status.submitted, False, error_kind=QUEUED_FOR_BATCH)
 
-    async def submit(self, outcomes: list[InvoiceOutcome]) -> list[InvoiceOutcome]:
-        """Send everything queued; ``outcomes`` with the queued invoices' placeholders
-        replaced by what happened to them (`submitted`, or `failed`)."""
+    async def submit(self) -> list[InvoiceOutcome]:
+        """Send everything queued; what happened to each queued invoice (`submitted`, or
+        `failed`), which replaces its placeholder from `defer`."""
         queued, self._queued = self._queued, []
         by_id = {q.invoice.custom_id: q for q in queued}
         settled: dict[str, InvoiceOutcome] = {}
         for lines in split(((q.invoice.custom_id, q.line) for q in queued), self.provider.limits):
             settled |= await self._submit_one([by_id[custom_id] for custom_id, _ in lines])
-        return [settled.get(o.key, o) for o in outcomes]
+        return list(settled.values())
 
     async def _submit_one(self, batch: list[_Queued]) -> dict[str, InvoiceOutcome]:
         jsonl = b"".join(q.line for q in batch)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
-from invoiceflow.batch import BatchQueue, BatchRecords, CollectReport, collect
+from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, CollectReport, collect
 from invoiceflow.extractors.llm import TokenPrice
 from invoiceflow.extractors.openai import OpenAIExtractor
 from invoiceflow.extractors.openai_batch import BatchLimits, OpenAIBatches, split
@@ -92,7 +92,9 @@ async def batch_run(
         pipeline.defer = queue.defer
         items = await pipeline.claim()
         outcomes = await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
-        return await queue.submit(list(outcomes)), queue.batch_ids
+        settled = await queue.submit()
+        now = [o for o in outcomes if o.error_kind != QUEUED_FOR_BATCH]
+        return [*now, *settled], queue.batch_ids
 
 
 async def online_run(
