@@ -52,6 +52,16 @@ async def has_open_batches(pipeline: InvoicePipeline) -> bool:
     return bool(await asyncio.to_thread(_records(pipeline).keys))
 
 
+async def collect_after_online_run(pipeline: InvoicePipeline) -> None:
+    """An online run's courtesy collect: best effort, never the run's failure (the
+    collect-batches schedule tries again in 10 minutes)."""
+    try:
+        if await has_open_batches(pipeline):
+            await collect_open_batches(pipeline)
+    except Exception as exc:
+        get_run_logger().warning("collecting provider batches failed (retried later): %s", exc)
+
+
 class CollectSummary(BaseModel):
     open_batches: int = 0
     collected_batches: int = 0

@@ -15,7 +15,7 @@ from prefect import flow, unmapped
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.collect_batches import batch_queue, collect_open_batches, has_open_batches
+from flows.collect_batches import batch_queue, collect_after_online_run
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
@@ -47,8 +47,8 @@ async def process_invoices(
         if queue is not None:  # batch mode: send the queued LLM requests as batches
             for outcome in await queue.submit():
                 tally.add(outcome)
-        elif await has_open_batches(pipeline):  # an online run also collects batches
-            await collect_open_batches(pipeline)
+        else:  # an online run also collects finished provider batches
+            await collect_after_online_run(pipeline)
     return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
 
 
