@@ -152,6 +152,24 @@ class ExtractorBlock(Block):
     batch_completion_window: Literal["24h"] = Field(
         default="24h", description="How long the provider may take to answer a batch."
     )
+    batch_role_arn: str | None = Field(
+        default=None,
+        title="Batch role ARN",
+        description="Bedrock batch inference: the IAM role Bedrock assumes to read the batch "
+        "input and write its output in `batch_s3_uri`.",
+    )
+    batch_s3_uri: str | None = Field(
+        default=None,
+        title="Batch S3 URI",
+        description="Bedrock batch inference: s3://bucket/prefix/ for the JSONL input and "
+        "the output of each job.",
+    )
+    control_endpoint_url: str | None = Field(
+        default=None,
+        title="Bedrock control endpoint URL",
+        description="Bedrock control-plane endpoint override (batch jobs), like endpoint_url "
+        "for the runtime.",
+    )
 
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
@@ -239,6 +257,41 @@ class ExtractorBlock(Block):
             batch_max_bytes=self.batch_max_bytes,
             batch_completion_window=self.batch_completion_window,
         )
+
+    def batch_mode(self, extractor: Extractor) -> tuple[Any, Any]:
+        """(batch extractor, batch provider) for `llm_mode="batch"` over ``extractor``
+        (this block's `build`); `ValueError` when this block cannot batch."""
+        if self.kind == "openai":
+            from invoiceflow.extractors.openai_batch import OpenAIBatches
+
+            return extractor, OpenAIBatches(extractor)  # type: ignore[arg-type]
+        if self.kind != "bedrock":
+            raise ValueError("the rules extractor makes no LLM calls to batch")
+        if not (self.batch_role_arn and self.batch_s3_uri):
+            raise ValueError("Bedrock batch mode needs batch_role_arn and batch_s3_uri")
+        from invoiceflow.extractors.bedrock_batch import BedrockBatches, BedrockBatchExtractor
+        from invoiceflow.extractors.openai_batch import BatchLimits
+
+        session = self._boto3_session()
+        region = self.region_name or session.region_name
+        provider = BedrockBatches(
+            extractor,  # type: ignore[arg-type]
+            control_client=session.client(
+                "bedrock", region_name=region, endpoint_url=self.control_endpoint_url
+            ),
+            s3_client=session.client("s3", region_name=region),
+            s3_uri=self.batch_s3_uri,
+            role_arn=self.batch_role_arn,
+            limits=BatchLimits(
+                max_requests=self.batch_max_requests, max_bytes=self.batch_max_bytes
+            ),
+        )
+        return BedrockBatchExtractor(extractor), provider  # type: ignore[arg-type]
+
+    def _boto3_session(self) -> Any:
+        import boto3
+
+        return self.aws_credentials.get_boto3_session() if self.aws_credentials else boto3.Session()
 
     def _bedrock_client(self) -> Any:
         import boto3

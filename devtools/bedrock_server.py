@@ -51,6 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from devtools.bedrock_batches import BedrockJobs
 from devtools.images import BEDROCK_RULES, ImageRejected, decode_bedrock_image
 from devtools.llm_server import (
     INVOICE_OPEN,
@@ -121,7 +122,19 @@ def decode_metadata(value: str) -> str:
 
 
 class BedrockServer(LLMServer):
-    """Converse endpoint on top of `LLMServer`'s state, faults and control endpoints."""
+    """Converse endpoint on top of `LLMServer`'s state, faults and control endpoints,
+    plus batch inference jobs (`devtools.bedrock_batches`)."""
+
+    def reset(self) -> None:
+        super().reset()
+        # Reset in place: the routes are bound to this object.
+        if hasattr(self, "jobs"):
+            self.jobs.reset()
+        else:
+            self.jobs = BedrockJobs(self, self.config.s3_endpoint)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.jobs.stats()}
 
     def _sigv4_error(self, request: Request) -> JSONResponse | None:
         match = _CREDENTIAL.search(request.headers.get("authorization", ""))
@@ -264,6 +277,7 @@ class BedrockServer(LLMServer):
     def asgi_app(self) -> ASGIApp:
         routes = [
             Route("/model/{model_id:path}/converse", self.converse, methods=["POST"]),
+            *self.jobs.routes(),
             Route("/_stats", self.get_stats, methods=["GET"]),
             Route("/_control/faults", self.control_faults, methods=["POST"]),
             Route("/_control/answers", self.control_answers, methods=["POST"]),

@@ -255,6 +255,8 @@ class LLMServerConfig:
     response_formats: Sequence[str] | None = None
     # Images a request may carry (None: the API's own limit, see devtools.images).
     max_images: int | None = None
+    # S3 (e.g. moto) the Bedrock server's batch jobs read their input from and write to.
+    s3_endpoint: str | None = None
 
     def fault_plan(self) -> FaultPlan:
         return FaultPlan.model_validate(

@@ -16,48 +16,62 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
+from blocks.extractor import ExtractorBlock
 from flows.params import ProcessInvoicesParams
 from flows.tasks import open_pipeline
-from invoiceflow.batch import BatchQueue, BatchRecords, CollectReport, collect
-from invoiceflow.extractors.openai import OpenAIExtractor
-from invoiceflow.extractors.openai_batch import OpenAIBatches
+from invoiceflow.batch import (
+    BatchExtractor,
+    BatchProvider,
+    BatchQueue,
+    BatchRecords,
+    CollectReport,
+    collect,
+)
 from invoiceflow.manifest import Status
 from invoiceflow.pipeline import InvoicePipeline, run_totals
 
 
 class BatchModeUnsupported(ValueError):
-    """The run's extractor has no provider batch API here."""
+    """The run's extractor block cannot send provider batches."""
 
 
 def _records(pipeline: InvoicePipeline) -> BatchRecords:
     return BatchRecords(pipeline.s3, pipeline.committer.store.key)
 
 
-def batch_queue(pipeline: InvoicePipeline) -> BatchQueue:
+async def _batch_mode(
+    pipeline: InvoicePipeline, params: ProcessInvoicesParams
+) -> tuple[BatchExtractor, BatchProvider]:
+    """The extractor block's batch API around the run's extractor."""
+    block = await ExtractorBlock.load(params.extractor_block)
+    try:
+        return block.batch_mode(pipeline.extractor)
+    except ValueError as exc:
+        message = f"llm_mode='batch' with {params.extractor_block!r}: {exc}"
+        raise BatchModeUnsupported(message) from exc
+
+
+async def batch_queue(pipeline: InvoicePipeline, params: ProcessInvoicesParams) -> BatchQueue:
     """Switch ``pipeline`` to batch mode: LLM requests are queued, not sent."""
-    extractor = pipeline.extractor
-    if not isinstance(extractor, OpenAIExtractor):
-        raise BatchModeUnsupported(
-            f"llm_mode='batch' needs an OpenAI-compatible extractor, not {extractor.name!r}"
-        )
-    queue = BatchQueue(pipeline, extractor, OpenAIBatches(extractor), _records(pipeline))
+    extractor, provider = await _batch_mode(pipeline, params)
+    queue = BatchQueue(pipeline, extractor, provider, _records(pipeline))
     pipeline.defer = queue.defer
     return queue
 
 
 async def has_open_batches(pipeline: InvoicePipeline) -> bool:
     """Whether this manifest has batch records (one LIST; online runs then collect)."""
-    if not isinstance(pipeline.extractor, OpenAIExtractor):
-        return False
     return bool(await asyncio.to_thread(_records(pipeline).keys))
 
 
-async def collect_after_online_run(pipeline: InvoicePipeline) -> None:
+async def collect_after_online_run(
+    pipeline: InvoicePipeline, params: ProcessInvoicesParams
+) -> None:
     """An online run's courtesy collect: best effort, never the run's failure (the
     collect-batches schedule tries again in 10 minutes)."""
     try:
         if await has_open_batches(pipeline):
-            await collect_open_batches(pipeline)
+            await collect_open_batches(pipeline, params)
     except Exception as exc:
         get_run_logger().warning("collecting provider batches failed (retried later): %s", exc)
 
@@ -74,16 +88,19 @@ class CollectSummary(BaseModel):
 
 
 @task(cache_policy=NO_CACHE)
-async def collect_open_batches(pipeline: InvoicePipeline) -> CollectSummary:
+async def collect_open_batches(
+    pipeline: InvoicePipeline, params: ProcessInvoicesParams
+) -> CollectSummary:
     """Record every finished batch of this manifest (a no-op without open records)."""
-    extractor = pipeline.extractor
-    if not isinstance(extractor, OpenAIExtractor):
-        return CollectSummary()
-    provider = OpenAIBatches(extractor)
+    try:
+        extractor, provider = await _batch_mode(pipeline, params)
+    except BatchModeUnsupported:
+        return CollectSummary()  # this block sends no batches, so it has none to collect
     try:
         report = await collect(pipeline, extractor, provider, _records(pipeline))
     finally:
-        await provider.aclose()
+        if (aclose := getattr(provider, "aclose", None)) is not None:
+            await aclose()
     summary = summarize_collect(report)
     get_run_logger().info(
         "batches: %d collected, %d still open; %d invoices done, %d failed",
@@ -116,7 +133,7 @@ async def collect_batches(
 ) -> CollectSummary:
     """Record the answers of finished provider batches (see the module docstring)."""
     async with open_pipeline(params) as pipeline:
-        return await collect_open_batches(pipeline)
+        return await collect_open_batches(pipeline, params)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ async def process_invoices(
     # Outcomes are tallied as invoices finish; none is kept to the end (issue 13 #4).
     tally = RunTally(get_run_logger())
     async with open_pipeline(params) as pipeline:
-        queue = batch_queue(pipeline) if params.llm_mode == "batch" else None
+        queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
         parsing = list(parse_invoices.map(chunks, unmapped(pipeline)))
@@ -48,7 +48,7 @@ async def process_invoices(
             for outcome in await queue.submit():
                 tally.add(outcome)
         else:  # an online run also collects finished provider batches
-            await collect_after_online_run(pipeline)
+            await collect_after_online_run(pipeline, params)
     return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
 
 

@@ -36,13 +36,7 @@ from pydantic import BaseModel
 
 from invoiceflow.documents import ReadDocument
 from invoiceflow.extractors import Extraction, ExtractionError
-from invoiceflow.extractors.openai_batch import (
-    BatchLimits,
-    BatchState,
-    LineResult,
-    jsonl_line,
-    split,
-)
+from invoiceflow.extractors.openai_batch import BatchLimits, BatchState, LineResult, split
 from invoiceflow.manifest import Status, Transition
 from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, ParsedDoc, WorkItem
 from invoiceflow.schema import Truncation
@@ -97,6 +91,10 @@ class BatchProvider(Protocol):
 
     provider: str
     limits: BatchLimits
+
+    def record_id(self, key: str) -> str: ...
+
+    def line(self, record_id: str, body: Mapping[str, Any]) -> bytes: ...
 
     async def submit(self, jsonl: bytes, metadata: Mapping[str, str]) -> str: ...
 
@@ -182,7 +180,7 @@ class BatchQueue:
         assert document is not None  # only read documents reach the extractor step
         body, truncation, notes = self.extractor.batch_body(document.text, images=document.images)
         invoice = BatchInvoice(
-            custom_id=item.key,
+            custom_id=self.provider.record_id(item.key),
             key=item.key,
             etag=item.etag,
             size=item.size,
@@ -195,7 +193,7 @@ class BatchQueue:
             truncation=truncation,
             notes=notes,
         )
-        self._queued.append(_Queued(doc, jsonl_line(invoice.custom_id, body), invoice))
+        self._queued.append(_Queued(doc, self.provider.line(invoice.custom_id, body), invoice))
         return InvoiceOutcome(item.key, Status.submitted, False, error_kind=QUEUED_FOR_BATCH)
 
     async def submit(self) -> list[InvoiceOutcome]:

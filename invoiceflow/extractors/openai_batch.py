@@ -95,6 +95,15 @@ class OpenAIBatches:
         )
         self._client: AsyncOpenAI | None = None
 
+    @staticmethod
+    def record_id(key: str) -> str:
+        """A line's ``custom_id``: the invoice key itself (unique within a run)."""
+        return key
+
+    @staticmethod
+    def line(custom_id: str, body: Mapping[str, Any]) -> bytes:
+        return jsonl_line(custom_id, body)
+
     def _api(self) -> AsyncOpenAI:
         # Its own client: batch files are far over the extractor's per-answer byte bound.
         if self._client is None:
