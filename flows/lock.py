@@ -1,7 +1,10 @@
 """The manifest lock: a Prefect global concurrency limit of size one, taken strictly.
 
-Prefect runs the body with no lock at all when the limit is inactive (any `strict`),
-and raises a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`).
+Prefect runs the body with no lock at all when the limit is inactive (any `strict`: the
+server increments only active limits and still answers with the limit, see
+`prefect/server/api/concurrency_limits_v2.py`, `_acquire_concurrency_slots`), and raises
+a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`, see
+`prefect/concurrency/_asyncio.py`, `aacquire_concurrency_slots_with_lease`).
 `manifest_lock` turns both into a wait: it retries with backoff while the limit is
 missing or inactive, and after a bounded time raises `ManifestLockLost` naming the
 command that restores it, so no run ever crashes on Prefect's raw error.
@@ -92,48 +95,67 @@ def manifest_lock(
     A slot that cannot be taken because the limit is missing or inactive is retried
     with backoff for up to `wait_s`, then `ManifestLockLost` is raised.
     """
-
-    def acquire() -> contextlib.AbstractAsyncContextManager[Any]:
-        return _held_slot(name, wait_s)
-
-    return acquire
+    return _ManifestLock(name, wait_s).hold
 
 
-@contextlib.asynccontextmanager
-async def _held_slot(name: str, wait_s: float) -> AsyncIterator[None]:
-    slot = await _take_slot(name, wait_s)
-    try:
-        yield
-    finally:
-        # The release must not turn a durable commit into a failure: a limit deleted
-        # while held cannot be released, and its lease expires on its own.
+# Checking that the limit is still active costs an API read (~40-100 ms here, loaded);
+# at most this often. A limit disabled in between leaves the writes of this window
+# without the slot, but never unguarded: every manifest write is also If-Match.
+VERIFY_EVERY_S = 5.0
+
+
+class _ManifestLock:
+    def __init__(self, name: str, wait_s: float) -> None:
+        self.name = name
+        self.wait_s = wait_s
+        self._verified_at: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        slot = await self._take()
         try:
-            await slot.__aexit__(None, None, None)
-        except Exception as exc:
-            log.warning("releasing the manifest slot of %r failed: %s", name, exc)
+            yield
+        finally:
+            # The release must not turn a durable commit into a failure: a limit deleted
+            # while held cannot be released, and its lease expires on its own.
+            try:
+                await slot.__aexit__(None, None, None)
+            except Exception as exc:
+                log.warning("releasing the manifest slot of %r failed: %s", self.name, exc)
 
+    async def _take(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """An entered strict slot of the active limit, waiting up to `wait_s` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        delay = 0.2
+        while True:
+            slot = concurrency(self.name, occupy=1, strict=True, lease_duration=LEASE_SECONDS)
+            try:
+                await slot.__aenter__()
+            except Exception as exc:  # ConcurrencySlotAcquisitionError: missing, or the API
+                problem = f"{type(exc).__name__}: {exc}"
+                self._verified_at = None
+            else:
+                problem = await self._problem(loop.time())
+                if problem is None:
+                    return slot
+                await slot.__aexit__(None, None, None)  # an inactive limit held nothing
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ManifestLockLost(_lost_message(self.name, self.wait_s, problem))
+            pause = min(delay * random.uniform(0.5, 1.0), remaining)  # jittered: runs differ
+            log.warning(
+                "manifest lock %r unavailable (%s); retrying in %.1fs", self.name, problem, pause
+            )
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 10.0)
 
-async def _take_slot(name: str, wait_s: float) -> contextlib.AbstractAsyncContextManager[Any]:
-    """An entered strict slot of an active limit `name`, waiting up to `wait_s` for one."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    delay = 0.2
-    while True:
-        slot = concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS)
-        try:
-            await slot.__aenter__()
-        except Exception as exc:  # ConcurrencySlotAcquisitionError: missing, or the API
-            problem = f"{type(exc).__name__}: {exc}"
-        else:
-            problem = await _lock_problem(name)
-            if problem is None:
-                return slot
-            await slot.__aexit__(None, None, None)  # an inactive limit held nothing
-        if loop.time() + delay > deadline:
-            raise ManifestLockLost(_lost_message(name, wait_s, problem))
-        log.warning("manifest lock %r unavailable (%s); retrying in %.1fs", name, problem, delay)
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        delay = min(delay * 2, 10.0)
+    async def _problem(self, now: float) -> str | None:
+        if self._verified_at is not None and now - self._verified_at < VERIFY_EVERY_S:
+            return None
+        problem = await _lock_problem(self.name)
+        self._verified_at = None if problem else now
+        return problem
 
 
 async def _lock_problem(name: str) -> str | None:

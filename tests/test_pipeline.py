@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -281,3 +282,51 @@ async def test_a_document_over_its_time_budget_fails_alone_in_the_worker_pool(
     )
     assert "2" in (failed.error_message or "")  # names the limit
     assert slow not in extractor.calls
+
+
+async def test_a_transient_failure_gives_up_after_the_attempt_cap(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    from invoiceflow.extractors import ExtractionError
+
+    (key,) = upload(s3_store, unique_prefix, 1)
+
+    class Overloaded(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            await super().extract_document(text, **kwargs)
+            raise ExtractionError("server_error", "503 from the provider", transient=True)
+
+    extractor = Overloaded()
+    store = ManifestStore(s3_store, f"{unique_prefix}manifest.json", lock=asyncio.Lock)
+    for run in range(3):
+        config = PipelineConfig(unique_prefix, f"{unique_prefix}results/", f"run-{run}")
+        config = dataclasses.replace(config, max_attempts=2)
+        async with GroupCommitter(store, max_wait_s=0.05) as committer:
+            await run_all(InvoicePipeline(s3_store, committer, extractor, config))
+    entry = entries(s3_store, unique_prefix)[key]
+    assert extractor.calls == {key: 2}
+    assert (entry["status"], entry["attempts"], entry["transient"]) == ("gave_up", 2, False)
+    assert (entry["error_kind"], entry["error_message"]) == (
+        "server_error",
+        "503 from the provider",
+    )
+
+
+async def test_an_unforeseen_error_quoting_a_secret_is_recorded_masked(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    from invoiceflow.redact import register_secrets
+
+    secret = "sk-pipeline-" + "f00d" * 8
+    register_secrets(secret)
+    (key,) = upload(s3_store, unique_prefix, 1)
+
+    class Leaky(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            raise RuntimeError(f"401 Incorrect API key provided: {secret}")
+
+    async with running_pipeline(s3_store, unique_prefix, Leaky()) as pipeline:
+        (outcome,) = (await run_all(pipeline)).values()
+    entry = entries(s3_store, unique_prefix)[key]
+    assert entry["error_kind"] == "internal_error" and "[REDACTED]" in entry["error_message"]
+    assert secret not in entry["error_message"] and secret not in (outcome.error_message or "")
