@@ -22,7 +22,11 @@ from invoiceflow.storage import S3Store
 pytestmark = [pytest.mark.e2e, pytest.mark.llm]
 
 API_KEY = "sk-llm-flow-" + uuid.uuid4().hex
-PRICE = TokenPrice(input_per_million=Decimal("0.15"), output_per_million=Decimal("0.60"))
+PRICE = TokenPrice(
+    input_per_million=Decimal("0.15"),
+    output_per_million=Decimal("0.60"),
+    cached_input_per_million=Decimal("0.075"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +102,11 @@ async def test_priced_limited_llm_run(
     assert summary.cost == str(cost) and cost > 0
     assert summary.prompt_tokens == sum(e["tokens_in"] for e in priced)
     assert summary.completion_tokens == sum(e["tokens_out"] for e in priced)
+    # Prompt caching: the static prefix is served from the cache from the second call
+    # on (the loopback stores a prefix on arrival), counted at the server.
+    assert sum(e["tokens_cached"] > 0 for e in priced) == 12
+    assert summary.cached_tokens == sum(e["tokens_cached"] for e in priced)
+    assert summary.cached_tokens == stats["cached_tokens"] > 0
     assert summary.duplicates == 1
     # Whichever of the twins committed second is the duplicate of the other.
     twins = {f"{unique_prefix}zz-copy.pdf", f"{unique_prefix}invoice-0000.pdf"}
