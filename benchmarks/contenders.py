@@ -82,6 +82,9 @@ class ContenderReport(BaseModel):
     import_wall_s: float = 0.0
     import_cpu_s: float = 0.0
     peak_rss_mb: float
+    # time.monotonic() when the run started (after imports): on Linux the same clock as
+    # the LLM server's, so the harness can tell when the first LLM call arrived.
+    started_monotonic: float = 0.0
     summary: dict[str, Any] = {}
     store_writes: int | None = None
     store_lock_acquisitions: int | None = None
@@ -298,6 +301,7 @@ def measure(spec: ContenderSpec) -> ContenderReport:
         error = f"import failed: {type(exc).__name__}: {exc}"[:2000]
     before = _Usage.now()
     start = time.perf_counter()
+    started_monotonic = time.monotonic()
     import_cpu_s = before.user + before.system - import_usage.user - import_usage.system
     try:
         if error is not None:
@@ -321,6 +325,7 @@ def measure(spec: ContenderSpec) -> ContenderReport:
         import_wall_s=start - import_start,
         import_cpu_s=import_cpu_s,
         peak_rss_mb=peak_kb / 1024,
+        started_monotonic=started_monotonic,
         error=error,
         **detail,
     )

@@ -33,6 +33,13 @@ class ProcessInvoicesParams(BaseModel):
         "`failed`: every failed invoice, permanent failures included. "
         "`all`: everything under the prefix again (re-bills the LLM).",
     )
+    llm_mode: Literal["online", "batch"] = Field(
+        default="online",
+        title="LLM mode",
+        description="`online`: call the LLM now. `batch`: send the LLM requests as a "
+        "provider batch (about half price, answered within 24 h; OpenAI-compatible "
+        "extractors); the collect-batches deployment records the answers.",
+    )
     max_llm_concurrency: int = Field(
         default=8,
         ge=1,

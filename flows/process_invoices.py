@@ -3,6 +3,7 @@
 invoices = claim_invoices(prefix)          # claim new ones in the manifest
 parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
 results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
+(llm_mode="batch": LLM requests go out as provider batches; collect-batches records them)
 every status change is group-committed to the manifest under a slot of size one
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 import asyncio
 
 from prefect import flow, unmapped
+from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.collect_batches import batch_queue, collect_after_online_run
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
+from flows.tally import RunTally
 from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
 from invoiceflow.pipeline import chunked
 
@@ -30,13 +34,22 @@ from invoiceflow.pipeline import chunked
 async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:
+    # Outcomes are tallied as invoices finish; none is kept to the end (issue 13 #4).
+    tally = RunTally(get_run_logger())
     async with open_pipeline(params) as pipeline:
+        queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
-        parsed = parse_invoices.map(chunks, unmapped(pipeline))
-        results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
-    outcomes = [o for chunk in results for o in chunk]
-    return await summarize(params, outcomes, lock_acquisitions=pipeline.lock_acquisitions)
+        parsing = list(parse_invoices.map(chunks, unmapped(pipeline)))
+        await asyncio.gather(
+            *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
+        )
+        if queue is not None:  # batch mode: send the queued LLM requests as batches
+            for outcome in await queue.submit():
+                tally.add(outcome)
+        else:  # an online run also collects finished provider batches
+            await collect_after_online_run(pipeline, params)
+    return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-from decimal import Decimal
+from collections.abc import Iterable
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from flows.params import ProcessInvoicesParams
+from flows.tally import RunTally
 from invoiceflow.manifest import Status
-from invoiceflow.pipeline import InvoiceOutcome, run_totals
+from invoiceflow.pipeline import InvoiceOutcome
 
 
 class InvoicesFailed(RuntimeError):
@@ -28,6 +27,8 @@ class RunSummary(BaseModel):
     tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: served from the provider's prompt cache (billed at its price).
+    cached_tokens: int = 0
     # LLM cost from the extractor block's price table (None: no price for the model).
     cost: str | None = None
     duplicates: int = 0
@@ -38,6 +39,8 @@ class RunSummary(BaseModel):
     # Claimed but let go unfinished: the claim passed to another run, or the manifest
     # could not be written (the run then fails; the next run records their results).
     skipped: int = 0
+    # Batch mode: sent in a provider batch; collect-batches records them later.
+    submitted: int = 0
     # The manifest store's own count of lock (slot) acquisitions in this run.
     lock_acquisitions: int = 0
 
@@ -56,42 +59,37 @@ TABLE_COLUMNS = (
 
 
 async def summarize(
-    params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome], *, lock_acquisitions: int = 0
+    params: ProcessInvoicesParams,
+    outcomes: RunTally | Iterable[InvoiceOutcome],
+    *,
+    lock_acquisitions: int = 0,
 ) -> RunSummary:
-    logger = get_run_logger()
-    for o in outcomes:
-        logger.log(*_log_line(o))
-    counts = Counter(o.status for o in outcomes)
-    run = run_totals(outcomes)
-    totals: dict[str, Decimal] = {}
-    for o in outcomes:
-        if o.status is Status.done and o.invoice is not None and o.invoice.total is not None:
-            currency = o.invoice.currency or "?"
-            totals[currency] = totals.get(currency, Decimal(0)) + o.invoice.total
+    """The run's summary and artifacts, from a `RunTally` the run fed as invoices
+    finished (or from outcomes, which are then logged here)."""
+    tally = outcomes if isinstance(outcomes, RunTally) else RunTally.of(outcomes, get_run_logger())
+    counts = tally.statuses
     summary = RunSummary(
-        processed=run.invoices,
+        processed=tally.finished,
         done=counts[Status.done],
         failed=counts[Status.failed],
-        failures={
-            o.key: f"{o.error_kind}: {o.error_message}"
-            for o in outcomes
-            if o.status is Status.failed
-        },
-        needs_review=run.needs_review,
-        tokens=run.prompt_tokens + run.completion_tokens,
-        prompt_tokens=run.prompt_tokens,
-        completion_tokens=run.completion_tokens,
-        cost=str(run.cost) if run.cost is not None else None,
-        duplicates=run.duplicates,
-        totals={currency: str(total) for currency, total in sorted(totals.items())},
-        by_source=run.by_source,
-        skipped=len(outcomes) - run.invoices,
+        failures=tally.failures,
+        needs_review=tally.needs_review,
+        tokens=tally.prompt_tokens + tally.completion_tokens,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        cached_tokens=tally.cached_tokens,
+        cost=str(tally.cost) if tally.cost is not None else None,
+        duplicates=tally.duplicates,
+        totals={currency: str(total) for currency, total in sorted(tally.totals.items())},
+        by_source=dict(tally.by_source),
+        skipped=tally.observed - tally.finished - counts[Status.submitted],
+        submitted=counts[Status.submitted],
         lock_acquisitions=lock_acquisitions,
     )
-    if outcomes:
+    if tally.rows:
         await acreate_table_artifact(
             key="invoices",
-            table=[_row(o) for o in outcomes],
+            table=tally.rows,
             description=f"Invoices processed from `{params.source_prefix}`",
         )
     await acreate_markdown_artifact(
@@ -107,43 +105,6 @@ async def summarize(
     return summary
 
 
-def _log_line(o: InvoiceOutcome) -> tuple[int, str]:
-    """One line per invoice outcome. Only fields and our own error text: no secrets."""
-    if o.status is Status.done and o.invoice is not None:
-        inv = o.invoice
-        review = " [needs review]" if o.needs_review else ""
-        tokens = _tokens(o)
-        used = f" ({tokens} tokens)" if tokens else ""
-        return (
-            logging.INFO,
-            f"done {o.key}: {inv.vendor_name} {inv.total} {inv.currency}{used}{review}",
-        )
-    if not o.finished:
-        return logging.WARNING, f"skipped {o.key}: {o.error_kind}: {o.error_message}"
-    kind = "transient" if o.transient else "permanent"
-    return logging.WARNING, f"failed {o.key} ({kind}): {o.error_kind}: {o.error_message}"
-
-
-def _tokens(o: InvoiceOutcome) -> int:
-    return o.usage.get("prompt_tokens", 0) + o.usage.get("completion_tokens", 0)
-
-
-def _row(o: InvoiceOutcome) -> dict[str, str]:
-    inv = o.invoice
-    tokens = _tokens(o)
-    return {
-        "invoice": o.key,
-        "status": o.status.value,
-        "vendor": (inv.vendor_name or "") if inv else "",
-        "total": str(inv.total) if inv and inv.total is not None else "",
-        "currency": (inv.currency or "") if inv else "",
-        "needs_review": ("yes" if o.needs_review else "no") if o.finished else "",
-        "tokens": str(tokens) if tokens else "",
-        "cost": f"{o.cost} {o.cost_currency or ''}".strip() if o.cost is not None else "",
-        "error": f"{o.error_kind}: {o.error_message}" if o.error_kind else "",
-    }
-
-
 def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
     lines = [
         f"# invoiceflow run over `{params.source_prefix}`",
@@ -152,12 +113,15 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         f"- done: **{s.done}**",
         f"- failed: **{s.failed}**",
         f"- needs review: **{s.needs_review}**",
-        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, {s.completion_tokens} out)",
+        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, of which {s.cached_tokens} "
+        f"cached; {s.completion_tokens} out)",
         f"- duplicates: **{s.duplicates}**",
     ]
     if s.by_source:
         by = ", ".join(f"{source} {n}" for source, n in sorted(s.by_source.items()))
         lines.append(f"- fields from: **{by}**")
+    if s.submitted:
+        lines.append(f"- submitted in provider batches: **{s.submitted}**")
     if s.skipped:
         lines.append(f"- skipped (claim lost or not recorded): **{s.skipped}**")
     if s.tokens:

@@ -25,9 +25,9 @@ from flows.progress import expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
 from flows.s3 import s3_store
+from flows.tally import RunTally
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
-    InvoiceOutcome,
     InvoicePipeline,
     ParsedDoc,
     PipelineConfig,
@@ -107,18 +107,32 @@ def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[Par
 
 @task(cache_policy=NO_CACHE)
 async def extract_invoices(
-    docs: list[ParsedDoc], pipeline: InvoicePipeline
-) -> list[InvoiceOutcome]:
-    async def extract_and_count(doc: ParsedDoc) -> InvoiceOutcome:
-        return observe(await pipeline.process(doc))
+    docs: list[ParsedDoc], pipeline: InvoicePipeline, tally: RunTally
+) -> int:
+    """Finish each parsed invoice; its outcome goes into the run's tally (and progress)
+    as it arrives, not into a list kept to the end of the run."""
 
-    return list(await asyncio.gather(*(extract_and_count(doc) for doc in docs)))
+    async def extract_and_count(doc: ParsedDoc) -> None:
+        tally.add(observe(await pipeline.process(doc)))
+
+    await asyncio.gather(*(extract_and_count(doc) for doc in docs))
+    return len(docs)
 
 
 async def extract_when_parsed(
-    parsed: PrefectFuture[list[ParsedDoc]], pipeline: InvoicePipeline
-) -> list[InvoiceOutcome]:
-    return await extract_invoices(await resolved(parsed), pipeline)
+    parsing: list[PrefectFuture[list[ParsedDoc]] | None],
+    index: int,
+    pipeline: InvoicePipeline,
+    tally: RunTally,
+) -> int:
+    """Extract chunk `index` once parsed. Its future leaves `parsing` first, so the
+    chunk's documents (text, page images) are freed when the chunk is done, not when
+    the run is."""
+    future, parsing[index] = parsing[index], None
+    assert future is not None
+    docs = await resolved(future)
+    del future
+    return await extract_invoices(docs, pipeline, tally)
 
 
 async def resolved(future: PrefectFuture[T]) -> T:

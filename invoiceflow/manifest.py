@@ -10,7 +10,7 @@ Two lines of defence keep concurrent writers from losing each other's updates:
 
 Updates are small value objects applied to the freshly read manifest at commit time,
 so re-applying after a conflict is always correct. Status changes are monotonic within
-an attempt (pending < processing < done/failed/gave_up) and a newer attempt supersedes
+an attempt (pending < processing < submitted < done/failed/gave_up) and a newer attempt supersedes
 an older one, so a stale `processing` can never overwrite `done`.
 
 `GroupCommitter` batches updates from many concurrent tasks into one lock acquisition
@@ -60,6 +60,9 @@ DEFAULT_MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 class Status(StrEnum):
     pending = "pending"
     processing = "processing"
+    # Sent in a provider batch (`batch_id`): claimable by nobody until `collect` records
+    # its line (done/failed) or releases it (the batch expired or failed).
+    submitted = "submitted"
     done = "done"
     failed = "failed"
     # A transient failure that outlived its attempt cap: permanent, last error kept.
@@ -69,9 +72,10 @@ class Status(StrEnum):
 _RANK = {
     Status.pending: 0,
     Status.processing: 1,
-    Status.done: 2,
-    Status.failed: 2,
-    Status.gave_up: 2,
+    Status.submitted: 2,
+    Status.done: 3,
+    Status.failed: 3,
+    Status.gave_up: 3,
 }
 LIVE = frozenset({Status.pending, Status.processing})
 
@@ -100,11 +104,15 @@ class ManifestEntry(BaseModel):
     model: str | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    # Of tokens_in: served from the provider's prompt cache (billed at the cached price).
+    tokens_cached: int | None = None
     cost: str | None = None
     truncated: bool | None = None
     needs_review: bool | None = None
     review_reasons: list[str] | None = None
     duplicate_of: str | None = None
+    # The provider batch holding the invoice's request (batch mode).
+    batch_id: str | None = None
 
 
 def utcnow() -> dt.datetime:
@@ -132,6 +140,7 @@ def done_fields(result: ExtractionResult, result_key: str) -> dict[str, Any]:
         "model": result.model,
         "tokens_in": usage.prompt_tokens if usage else None,
         "tokens_out": usage.completion_tokens if usage else None,
+        "tokens_cached": usage.cached_tokens if usage else None,
         "cost": str(result.cost) if result.cost is not None else None,
         "truncated": result.truncation is not None,
         "needs_review": result.needs_review,
@@ -242,6 +251,8 @@ class Claim:
         return Outcome(True, attempts)
 
     def _refusal(self, prev: ManifestEntry, now: dt.datetime) -> str:
+        if prev.status is Status.submitted:  # billed once, in its batch: never again
+            return f"in provider batch {prev.batch_id}"
         if prev.status in LIVE:
             if prev.run_id == self.run_id or prev.run_id in self.abandoned_runs:
                 return ""

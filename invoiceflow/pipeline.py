@@ -169,6 +169,8 @@ class RunTotals:
     invoices: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: read from the provider's prompt cache.
+    cached_tokens: int = 0
     cost: Decimal | None = None
     needs_review: int = 0
     duplicates: int = 0
@@ -183,6 +185,7 @@ def run_totals(outcomes: Iterable[InvoiceOutcome]) -> RunTotals:
         invoices=len(items),
         prompt_tokens=sum(o.usage.get("prompt_tokens", 0) for o in items),
         completion_tokens=sum(o.usage.get("completion_tokens", 0) for o in items),
+        cached_tokens=sum(o.usage.get("cached_tokens", 0) for o in items),
         cost=sum(costs, Decimal(0)) if costs else None,
         needs_review=sum(o.needs_review for o in items),
         duplicates=sum(o.duplicate_of is not None for o in items),
@@ -216,6 +219,8 @@ def needs_claim(snapshot: Snapshot, key: str, etag: str, selection: Selection) -
     here; every other case is decided by `Claim.apply` under the lock.
     """
     raw = snapshot.entries.get(key)
+    if raw is not None and raw["status"] == Status.submitted:
+        return False  # in a provider batch: claimable by nobody
     return not (
         raw is not None
         and raw["source_etag"] == etag
@@ -244,6 +249,9 @@ class InvoicePipeline:
         self.read = read or functools.partial(read_document, limits=config.limits)
         # The first manifest commit failure; from then on no invoice is started.
         self.stopped: Exception | None = None
+        # Batch mode (invoiceflow.batch): called instead of the extractor once an invoice
+        # is `processing`; queues its request for a provider batch.
+        self.defer: Callable[[ParsedDoc], InvoiceOutcome] | None = None
 
     @property
     def lock_acquisitions(self) -> int:
@@ -376,8 +384,37 @@ class InvoicePipeline:
             extraction = einvoice  # exact values from the XML; no extractor call
         elif (lost := await self._start(item)) is not None:
             return lost
+        elif self.defer is not None:
+            return self.defer(doc)  # batch mode: its request goes into a provider batch
         else:
             extraction = await self._extract(item, document)
+        return await self._finish(doc, extraction)
+
+    async def finish(self, doc: ParsedDoc, extraction: Extraction | Exception) -> InvoiceOutcome:
+        """Validate, write and record an extraction obtained elsewhere (a provider batch's
+        output line), or record why there is none: the same steps and the same
+        per-invoice boundary as `process`. Never raises (cancellation aside)."""
+        try:
+            try:
+                if isinstance(extraction, Exception):
+                    raise extraction
+                return await self._finish(doc, extraction)
+            except RecordingStopped:
+                raise
+            except Exception as exc:
+                return await self._record_failure(doc.item, failure_of(exc))
+        except RecordingStopped as stopped:
+            return InvoiceOutcome(
+                doc.item.key, Status.submitted, False, error_kind="not_recorded",
+                error_message=str(stopped),
+            )  # fmt: skip
+        finally:
+            self.committer.producer_done()
+
+    async def _finish(self, doc: ParsedDoc, extraction: Extraction) -> InvoiceOutcome:
+        """validate -> write -> record, for an extraction from any source."""
+        item, document = doc.item, doc.document
+        assert document is not None  # a ParsedDoc has a document or an error
         result = _result(item, document, extraction)
         await self._write_result(item, result)
         return await self._record_done(item, result, billed=True)
@@ -503,6 +540,7 @@ class InvoicePipeline:
             fields |= {
                 "tokens_in": failure.usage.prompt_tokens,
                 "tokens_out": failure.usage.completion_tokens,
+                "tokens_cached": failure.usage.cached_tokens,
                 "cost": str(failure.cost) if failure.cost is not None else None,
             }
         outcome = await self._commit(Transition(item.key, item.attempt, Status.failed, fields))

@@ -71,6 +71,8 @@ def deployed(local_stack: stack.StackInfo) -> dict[str, Any]:
     # As deployed, before the pause below.
     schedules = {name: [s.schedule for s in d.schedules] for name, d in deployments.items()}
     pause_schedules(deployments[PROCESS_INVOICES].id)
+    with client() as c:  # collect-batches' 10-minute schedule would also feed the worker
+        pause_schedules(c.read_deployment_by_name("collect-batches/collect-batches").id)
     return {"deployments": deployments, "schedules": schedules}
 
 

@@ -26,7 +26,13 @@ from support import (
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.extractors import ExtractionError
-from invoiceflow.manifest import ManifestStore, ManifestTooLarge, Status, Transition
+from invoiceflow.manifest import (
+    ManifestStore,
+    ManifestTooLarge,
+    ManifestUnreadable,
+    Status,
+    Transition,
+)
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
@@ -306,8 +312,10 @@ async def test_manifest_size_is_bounded_on_write_and_on_read(s3_store: S3Store) 
     assert done[0].applied
 
     small = ManifestStore(s3_store, "m.json", lock=lambda: lock, max_bytes=1_000)
-    with pytest.raises(ValueError, match="over the 1000 limit"):
-        small.read_sync()  # refused before it is downloaded
+    # Refused before it is downloaded; the run stops with the rebuild command (core's
+    # ManifestUnreadable) instead of a bare ValueError.
+    with pytest.raises(ManifestUnreadable, match="over the 1000 limit"):
+        small.read_sync()
 
 
 async def test_an_oversized_llm_answer_is_refused_unread_and_not_retried(
