@@ -214,7 +214,7 @@ async def run_seed(spec: ContenderSpec) -> dict[str, Any]:
         return "done"
 
     try:
-        listed = await asyncio.to_thread(lambda: list(s3.list_pdfs(spec.source_prefix)))
+        listed = await asyncio.to_thread(lambda: list(s3.list_sources(spec.source_prefix)))
         statuses = await asyncio.gather(*(process(obj) for obj in listed))
     finally:
         await extractor.aclose()

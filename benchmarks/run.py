@@ -363,7 +363,7 @@ def _add_manifest_figures(bench: Bench, detail: dict[str, Any], spec: ContenderS
     def read_only() -> contextlib.AbstractAsyncContextManager[Any]:
         raise RuntimeError("the benchmark only reads manifests")
 
-    listed = sum(1 for _ in bench.s3.list_pdfs(spec.source_prefix))
+    listed = sum(1 for _ in bench.s3.list_sources(spec.source_prefix))
     snapshot = ManifestStore(bench.s3, spec.manifest_key, lock=read_only).read_sync()
     counts = snapshot.counts()
     in_prefix = [k for k in snapshot.entries if k.startswith(spec.source_prefix)]

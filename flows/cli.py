@@ -143,7 +143,7 @@ def run(
 
     worker = threading.Thread(target=target, name="process-invoices")
     worker.start()
-    total = sum(1 for _ in store.s3.list_pdfs(params.source_prefix))
+    total = sum(1 for _ in store.s3.list_sources(params.source_prefix))
     with Progress(
         TextColumn("[bold]invoices"),
         BarColumn(),

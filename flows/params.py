@@ -16,6 +16,7 @@ from invoiceflow.manifest import (
     DEFAULT_MAX_MANIFEST_BYTES,
     key_collisions,
 )
+from invoiceflow.storage import RESULT_SUFFIX, SOURCE_SUFFIXES
 
 DOCUMENT_DEFAULTS = DocumentLimits()
 
@@ -25,6 +26,13 @@ class ProcessInvoicesParams(BaseModel):
         default=defaults.SOURCE_PREFIX,
         title="Source prefix",
         description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
+    )
+    source_suffixes: tuple[str, ...] = Field(
+        default=SOURCE_SUFFIXES,
+        title="Source file types",
+        description="Which keys under the prefix are invoices, by ending (any case): PDFs "
+        "(text, scanned, or with embedded Factur-X/ZUGFeRD/XRechnung XML) and bare "
+        "e-invoice XML (XRechnung, Peppol UBL, CII, ZUGFeRD 1).",
     )
     selection: Literal["new", "failed", "all"] = Field(
         default="new",
@@ -184,9 +192,21 @@ class ProcessInvoicesParams(BaseModel):
             raise ValueError("prefix must not contain '..'")
         return value if not value or value.endswith("/") else value + "/"
 
+    @field_validator("source_suffixes")
+    @classmethod
+    def _suffixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(dict.fromkeys(s.strip().lower() for s in value))
+        if not cleaned or any(not s.startswith(".") or len(s) < 2 for s in cleaned):
+            raise ValueError("source suffixes look like '.pdf' or '.xml'")
+        if RESULT_SUFFIX in cleaned:
+            raise ValueError(f"{RESULT_SUFFIX} is what results end in; it cannot be a source")
+        return cleaned
+
     @model_validator(mode="after")
     def _keys_cannot_collide(self) -> ProcessInvoicesParams:
-        problems = key_collisions(self.source_prefix, self.results_prefix, self.manifest_key)
+        problems = key_collisions(
+            self.source_prefix, self.results_prefix, self.manifest_key, self.source_suffixes
+        )
         if problems:
             raise ValueError("; ".join(problems))
         return self

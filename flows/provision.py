@@ -60,7 +60,7 @@ async def ensure_extractor_block(name: str = EXTRACTOR_BLOCK) -> ExtractorBlock:
 
 def upload_samples(s3: S3Store, prefix: str, n: int, seed: int = 0) -> int:
     """Upload `n` generated invoices under `prefix`; existing keys are left alone."""
-    existing = {o.key for o in s3.list_pdfs(prefix)}
+    existing = {o.key for o in s3.list_sources(prefix)}
     uploaded = 0
     for stem, pdf, _truth in generate_corpus(n, seed=seed):
         key = f"{prefix}{stem}.pdf"

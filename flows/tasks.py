@@ -57,6 +57,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
+        source_suffixes=params.source_suffixes,
         limits=params.document_limits(),
         claim_timeout=params.claim_timeout,
         max_attempts=params.max_attempts,

@@ -490,12 +490,17 @@ def decode_manifest(key: str, body: bytes) -> tuple[Entries, int]:
 BACKUP_INFIX = ".broken-"
 
 
-def key_collisions(source_prefix: str, results_prefix: str, manifest_key: str) -> list[str]:
+def key_collisions(
+    source_prefix: str,
+    results_prefix: str,
+    manifest_key: str,
+    source_suffixes: tuple[str, ...] = SOURCE_SUFFIXES,
+) -> list[str]:
     """Why the manifest, its `.broken-*` copies, results and sources could overwrite or be
     mistaken for one another under these names; empty when they never can.
 
     Result keys are `<results_prefix><id>.json`, and a listing takes every key under
-    `source_prefix` ending in one of `SOURCE_SUFFIXES`. So the manifest key must not end
+    `source_prefix` ending in one of `source_suffixes`. So the manifest key must not end
     like a source, and no `.json` manifest may sit under the results prefix (one could be
     overwritten by a result: `results_prefix=""` and a source `manifest.pdf` wrote
     `manifest.json`, and reconcile would read it as a result). The `.broken-<timestamp>`
@@ -507,9 +512,9 @@ def key_collisions(source_prefix: str, results_prefix: str, manifest_key: str) -
         problems.append(f"manifest key {manifest_key!r} must name an object, not a folder")
     if ".." in parts:
         problems.append(f"manifest key {manifest_key!r} must not contain '..'")
-    if manifest_key.lower().endswith(SOURCE_SUFFIXES):
+    if manifest_key.lower().endswith(source_suffixes):
         problems.append(
-            f"manifest key {manifest_key!r} ends like a source ({', '.join(SOURCE_SUFFIXES)}), "
+            f"manifest key {manifest_key!r} ends like a source ({', '.join(source_suffixes)}), "
             f"so a listing of {source_prefix or 'the whole bucket'!r} could take it as an invoice"
         )
     if manifest_key.startswith(results_prefix) and manifest_key.endswith(RESULT_SUFFIX):

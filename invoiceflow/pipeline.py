@@ -57,7 +57,7 @@ from invoiceflow.manifest import (
 )
 from invoiceflow.redact import redact
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
-from invoiceflow.storage import S3Store, invoice_id, result_key
+from invoiceflow.storage import SOURCE_SUFFIXES, S3Store, invoice_id, result_key
 from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ class PipelineConfig:
     source_prefix: str
     results_prefix: str
     run_id: str
+    # Which keys under the source prefix are invoices (endings, any case).
+    source_suffixes: tuple[str, ...] = SOURCE_SUFFIXES
     # Budgets for reading one document (size, pages, time, memory, OCR, vision).
     limits: DocumentLimits = field(default_factory=DocumentLimits)
     # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
@@ -279,7 +281,9 @@ class InvoicePipeline:
     async def claim(self, selection: Selection = "new") -> list[WorkItem]:
         """List PDFs under the prefix and claim the ones this run should process."""
         prefix = self.config.source_prefix
-        listed = await asyncio.to_thread(lambda: list(self.s3.list_pdfs(prefix)))
+        listed = await asyncio.to_thread(
+            lambda: list(self.s3.list_sources(prefix, self.config.source_suffixes))
+        )
         snapshot = await self.committer.store.read()
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
         runs = await self._claim_holders(snapshot, [o.key for o in candidates])

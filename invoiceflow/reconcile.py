@@ -311,7 +311,7 @@ def plan(
     max_workers: int = 16,
 ) -> Reconcile:
     """List the sources and read every result under `results_prefix` (I/O, no lock)."""
-    listing = {o.key: o.etag for o in s3.list_pdfs(source_prefix)}
+    listing = {o.key: o.etag for o in s3.list_sources(source_prefix)}
     result_keys = list(_list_json(s3, results_prefix))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         read = list(pool.map(lambda k: (k, _read_result(s3, k)), result_keys))

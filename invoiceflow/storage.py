@@ -100,15 +100,22 @@ class S3Store:
         self.client = client
         self.bucket = bucket
 
-    def list_pdfs(self, prefix: str, *, page_size: int = 1000) -> Iterator[ListedObject]:
-        """Every `*.pdf` under `prefix`, following pagination."""
+    def list_sources(
+        self,
+        prefix: str,
+        suffixes: tuple[str, ...] = SOURCE_SUFFIXES,
+        *,
+        page_size: int = 1000,
+    ) -> Iterator[ListedObject]:
+        """Every invoice under `prefix` (keys ending in `suffixes`, any case), paginated."""
+        wanted = tuple(s.lower() for s in suffixes)
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(
             Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
         )
         for page in pages:
             for obj in page.get("Contents", []):
-                if obj["Key"].lower().endswith(".pdf"):
+                if obj["Key"].lower().endswith(wanted):
                     yield ListedObject(obj["Key"], _clean_etag(obj["ETag"]), obj["Size"])
 
     def get(self, key: str, *, max_bytes: int | None = None) -> S3Object:

@@ -7,14 +7,25 @@ import pytest
 from invoiceflow.storage import S3Store, invoice_id, result_key
 
 
-def test_listing_follows_pagination_and_keeps_only_pdfs(s3_store: S3Store) -> None:
+def test_listing_follows_pagination_and_keeps_only_invoices(s3_store: S3Store) -> None:
     for i in range(23):
         s3_store.put(f"in/{i:03}.pdf", b"%PDF-1.4", content_type="application/pdf")
     s3_store.put("in/readme.txt", b"not an invoice")
     s3_store.put("other/x.pdf", b"%PDF-1.4")
-    listed = list(s3_store.list_pdfs("in/", page_size=5))
+    listed = list(s3_store.list_sources("in/", page_size=5))
     assert [o.key for o in listed] == [f"in/{i:03}.pdf" for i in range(23)]
     assert all(o.etag and '"' not in o.etag for o in listed)
+
+
+def test_listing_takes_pdf_and_bare_xml_in_any_case(s3_store: S3Store) -> None:
+    keys = ["in/a.pdf", "in/B.PDF", "in/c.xml", "in/D.XML", "in/e.Xml"]
+    for key in keys:
+        s3_store.put(key, b"<x/>")
+    s3_store.put("in/f.json", b"{}")
+    s3_store.put("in/g.xml.txt", b"")
+    assert sorted(o.key for o in s3_store.list_sources("in/")) == sorted(keys)
+    only_xml = s3_store.list_sources("in/", (".XML",))
+    assert sorted(o.key for o in only_xml) == ["in/D.XML", "in/c.xml", "in/e.Xml"]
 
 
 @pytest.mark.parametrize(
@@ -39,7 +50,7 @@ def test_invoice_ids_keep_unicode_and_spaces_and_stay_unique() -> None:
 def test_unicode_keys_round_trip(s3_store: S3Store) -> None:
     key = "in/Facture été n° 7.pdf"
     s3_store.put(key, b"%PDF-1.4 body", content_type="application/pdf")
-    assert [o.key for o in s3_store.list_pdfs("in/")] == [key]
+    assert [o.key for o in s3_store.list_sources("in/")] == [key]
     assert s3_store.get(key).body == b"%PDF-1.4 body"
 
 
