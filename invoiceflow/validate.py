@@ -188,8 +188,15 @@ def ground(invoice: Invoice, text: str) -> tuple[Invoice, list[str]]:
     return (invoice.model_copy(update=update) if update else invoice), reasons
 
 
-def check_invoice(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -> list[str]:
-    """Reasons a person should look at this invoice; empty when it is consistent."""
+def check_invoice(
+    invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE, lines_vs_subtotal: bool = True
+) -> list[str]:
+    """Reasons a person should look at this invoice; empty when it is consistent.
+
+    `lines_vs_subtotal=False` skips comparing line amounts with the subtotal: an
+    e-invoice reader has already checked its totals with document-level allowances and
+    charges included (EN 16931 BR-CO-10/13), which this plain sum knows nothing of.
+    """
     reasons = [
         f"{name} missing"
         for name in ("invoice_number", "invoice_date", "vendor_name", "total")
@@ -213,7 +220,12 @@ def check_invoice(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -
     # Each printed line amount may itself be rounded.
     lines_tolerance = tolerance + Decimal("0.005") * len(items)
     subtotal, tax, total = invoice.subtotal, invoice.tax_total, invoice.total
-    if lines_complete and subtotal is not None and abs(lines_sum - subtotal) > lines_tolerance:
+    if (
+        lines_vs_subtotal
+        and lines_complete
+        and subtotal is not None
+        and abs(lines_sum - subtotal) > lines_tolerance
+    ):
         reasons.append(f"line items sum to {lines_sum}, subtotal is {subtotal}")
     if subtotal is not None and tax is not None and total is not None:
         if abs(subtotal + tax - total) > tolerance:
@@ -246,7 +258,9 @@ def validate_extraction(
     if extraction.source == "llm":
         invoice, unsupported = ground(invoice, text)
         reasons += unsupported
-    reasons += check_invoice(invoice, tolerance=tolerance)
+    reasons += check_invoice(
+        invoice, tolerance=tolerance, lines_vs_subtotal=extraction.source != "einvoice"
+    )
     if (t := extraction.truncation) is not None:
         reasons.append(
             f"model saw {t.pages_sent} of {t.pages_total} pages and {t.chars_sent} of "

@@ -194,6 +194,17 @@ def test_header_fields_equal_the_xml(name: str) -> None:
     assert extraction.source == "einvoice"
 
 
+@pytest.mark.parametrize("name", [n for n in corpus_files() if "rabatte" in n])
+def test_document_level_allowances_do_not_flag_a_consistent_einvoice(name: str) -> None:
+    """Lines sum to more than the net total when the XML grants a discount on the whole
+    invoice; the reader checks that with the allowances (BR-CO-10/13), so the plain
+    lines-vs-subtotal check must not flag it."""
+    outcome, extraction, _ = read(name)
+    assert outcome == READ and extraction is not None
+    reasons = validate_extraction(extraction, "").reasons
+    assert not [r for r in reasons if r.startswith("line items")], reasons
+
+
 def test_invalid_files_never_pass_unnoticed_where_their_values_disagree() -> None:
     """Every invalid*/corrupt* file is refused, falls back, or is flagged, unless the
     table above says which schema rule it breaks without touching a value we read."""
