@@ -49,7 +49,12 @@ async def process_invoices(
                 tally.add(outcome)
         else:  # an online run also collects finished provider batches
             await collect_after_online_run(pipeline, params)
-    return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
+    return await summarize(
+        params,
+        tally,
+        lock_acquisitions=pipeline.lock_acquisitions,
+        malformed_entries=pipeline.committer.store.malformed,
+    )
 
 
 if __name__ == "__main__":

@@ -43,19 +43,9 @@ class RunSummary(BaseModel):
     submitted: int = 0
     # The manifest store's own count of lock (slot) acquisitions in this run.
     lock_acquisitions: int = 0
-
-
-TABLE_COLUMNS = (
-    "invoice",
-    "status",
-    "vendor",
-    "total",
-    "currency",
-    "needs_review",
-    "tokens",
-    "cost",
-    "error",
-)
+    # Manifest entries that are not well-formed, set aside untouched (another prefix's
+    # hand edit, say); `invoiceflow reconcile --rebuild` repairs them.
+    malformed_entries: list[str] = []
 
 
 async def summarize(
@@ -63,6 +53,7 @@ async def summarize(
     outcomes: RunTally | Iterable[InvoiceOutcome],
     *,
     lock_acquisitions: int = 0,
+    malformed_entries: list[str] | None = None,
 ) -> RunSummary:
     """The run's summary and artifacts, from a `RunTally` the run fed as invoices
     finished (or from outcomes, which are then logged here)."""
@@ -85,6 +76,7 @@ async def summarize(
         skipped=tally.observed - tally.finished - counts[Status.submitted],
         submitted=counts[Status.submitted],
         lock_acquisitions=lock_acquisitions,
+        malformed_entries=malformed_entries or [],
     )
     if tally.rows:
         await acreate_table_artifact(
@@ -122,6 +114,12 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         lines.append(f"- fields from: **{by}**")
     if s.submitted:
         lines.append(f"- submitted in provider batches: **{s.submitted}**")
+    if s.malformed_entries:
+        shown = ", ".join(f"`{k}`" for k in s.malformed_entries[:5])
+        lines.append(
+            f"- malformed manifest entries set aside: **{len(s.malformed_entries)}** ({shown}); "
+            "repair with `invoiceflow reconcile --rebuild`"
+        )
     if s.skipped:
         lines.append(f"- skipped (claim lost or not recorded): **{s.skipped}**")
     if s.tokens:

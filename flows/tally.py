@@ -104,6 +104,8 @@ def row(o: InvoiceOutcome) -> dict[str, str]:
     return {
         "invoice": o.key,
         "status": o.status.value,
+        "type": (inv.document_type or "") if inv else "",
+        "read_as": o.read_as or "",
         "vendor": (inv.vendor_name or "") if inv else "",
         "total": str(inv.total) if inv and inv.total is not None else "",
         "currency": (inv.currency or "") if inv else "",

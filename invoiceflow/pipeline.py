@@ -155,6 +155,8 @@ class InvoiceOutcome:
     source: ExtractionSource | None = None
     needs_review: bool = False
     duplicate_of: str | None = None
+    # How the fields were read: text, ocr, vision or einvoice.
+    read_as: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -510,6 +512,7 @@ class InvoicePipeline:
             source=result.source,
             needs_review=result.needs_review or duplicate is not None,
             duplicate_of=duplicate,
+            read_as=result.read_as,
         )
 
     async def _mark_duplicate(

@@ -58,7 +58,7 @@ from invoiceflow.storage import S3Store, make_s3_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = REPO_ROOT / "test-output"
-FINAL = {Status.done.value, Status.failed.value}
+FINAL = {Status.done.value, Status.failed.value, Status.gave_up.value}
 
 
 # -- documents -----------------------------------------------------------------------

@@ -126,6 +126,7 @@ async def test_malformed_entries_under_another_prefix_break_no_run(
     for _ in range(2):  # every run that does not touch them
         summary = await run_flow(params)
         assert summary.__class__.__name__ == "RunSummary", summary
+        assert summary.malformed_entries == sorted(elsewhere)  # reported by the run
     report = assert_invariants(s3, params, listed)
     assert report.done == listed
     raw = json.loads(s3.get(params["manifest_key"]).body)["entries"]
