@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Final, Literal
+from typing import Any, Final, Literal, Protocol, TypeVar
 
-from invoiceflow.extractors import Extraction
+from invoiceflow.extractors import Extraction, ExtractionError
 from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_amount, parse_date
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
@@ -254,18 +254,43 @@ class _Line:
     text: str
 
 
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs a picklable function elsewhere (`invoiceflow.sandbox.DocumentWorkers`)."""
+
+    async def acall(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
 class RulesExtractor:
-    """Regex/label based extractor; needs no network and no model."""
+    """Regex/label based extractor; needs no network and no model.
+
+    With a ``runner`` (a `DocumentWorkers`), `extract_invoice` runs in a worker process
+    under its time and memory limits instead of on the caller's event loop; a budget
+    breach becomes a permanent ExtractionError of the same kind (too_slow, too_large).
+    """
 
     name: str = "rules"
 
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner
+
     async def extract(self, text: str) -> Invoice:
-        return extract_invoice(text)
+        if self.runner is None:
+            return extract_invoice(text)
+        # Imported here: invoiceflow.documents imports this module (for the fork server).
+        from invoiceflow.documents import DocumentError
+
+        try:
+            return await self.runner.acall(extract_invoice, text)
+        except DocumentError as exc:
+            raise ExtractionError(exc.kind, str(exc), transient=exc.transient) from exc
 
     async def extract_document(
         self, text: str, *, pages: int | None = None, invoice_key: str | None = None
     ) -> Extraction:
-        return Extraction(invoice=extract_invoice(text), source="rules", extractor=self.name)
+        return Extraction(invoice=await self.extract(text), source="rules", extractor=self.name)
 
 
 def extract_invoice(text: str) -> Invoice:
