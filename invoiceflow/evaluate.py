@@ -108,11 +108,11 @@ async def _extract(extractor: Extractor, doc: ReadDocument, invoice_key: str | N
         return Extraction(
             invoice=await extractor.extract(doc.text), source="rules", extractor=extractor.name
         )
-    if doc.images:  # only with vision "auto"/"always", i.e. an extractor that takes images
-        return await extractor.extract_document(  # type: ignore[call-arg]
-            doc.text, pages=doc.pages, invoice_key=invoice_key, images=doc.images
-        )
-    return await extractor.extract_document(doc.text, pages=doc.pages, invoice_key=invoice_key)
+    if isinstance(extractor, RulesExtractor):  # reads text only
+        return await extractor.extract_document(doc.text, pages=doc.pages, invoice_key=invoice_key)
+    return await extractor.extract_document(
+        doc.text, pages=doc.pages, invoice_key=invoice_key, images=doc.images
+    )
 
 
 @dataclass
