@@ -217,6 +217,7 @@ async def test_date_label_bomb_through_the_rules_path_keeps_other_invoices_movin
 
     assert outcome in ("finished", "too_slow")
     assert elapsed < budget + 3
-    assert good_invoice == truth
+    assert good_invoice.invoice_number == truth.invoice_number  # type: ignore[attr-defined]
+    assert good_invoice.total == truth.total  # type: ignore[attr-defined]
     assert good_took < 3  # not queued behind the bomb
     assert max(gaps) < 1.0  # the loop never stalled
