@@ -9,14 +9,16 @@ from __future__ import annotations
 import io
 import random
 from functools import cache
+from pathlib import Path
 
 import pytest
 from fpdf import FPDF
 from PIL import Image
 
 from invoiceflow.documents import DocumentError, DocumentLimits, ReadDocument, read_document
-from invoiceflow.extractors.rules import extract_invoice
-from invoiceflow.samples import generate_invoice
+from invoiceflow.evaluate import evaluate_scans, scan_summary
+from invoiceflow.extractors.rules import RulesExtractor, extract_invoice
+from invoiceflow.samples import generate_invoice, write_scanned_corpus
 from invoiceflow.sandbox import DocumentWorkers
 from invoiceflow.scans import mixed_pdf, scanned_pdf
 from invoiceflow.schema import Invoice
@@ -135,3 +137,14 @@ def test_scan_is_read_inside_a_worker_under_its_memory_limit() -> None:
     assert isinstance(doc, ReadDocument)
     assert doc.read_as == "ocr"
     assert header(extract_invoice(doc.text)) == header(truth)
+
+
+async def test_eval_scanned_compares_scans_with_the_same_invoices_text(tmp_path: Path) -> None:
+    write_scanned_corpus(tmp_path, 2, seed=3, mixed_share=1.0)
+    assert len(list(tmp_path.glob("*.pdf"))) == 6  # text, scan and mixed of each
+    reports = await evaluate_scans(tmp_path, RulesExtractor())
+    assert set(reports) == {"text", "scan", "mixed"}
+    assert all(report.documents == 2 for report in reports.values())
+    assert reports["scan"].read_as["ocr"] == 2 and reports["text"].read_as["text"] == 2
+    lines = scan_summary(reports)
+    assert any(line.startswith("scan header fields:") and "of text" in line for line in lines)
