@@ -121,10 +121,12 @@ def _serve(conn: Connection, memory_limit_bytes: int) -> None:
     conn.send(("ready", None))  # start-up time does not count against a job's limit
     while True:
         try:
-            job = conn.recv()
+            fn, args = conn.recv()
         except (EOFError, OSError):
             return  # the pool closed or its process died
-        fn, args = job
+        except Exception as exc:  # unpicklable here, e.g. a function of the parent's __main__
+            conn.send(("error", DocumentError("internal_error", f"cannot load the job: {exc}")))
+            continue
         try:
             reply: tuple[str, Any] = ("ok", fn(*args))
         except MemoryError:

@@ -221,3 +221,14 @@ async def test_date_label_bomb_through_the_rules_path_keeps_other_invoices_movin
     assert good_invoice.total == truth.total  # type: ignore[attr-defined]
     assert good_took < 3  # not queued behind the bomb
     assert max(gaps) < 1.0  # the loop never stalled
+
+
+def test_a_job_the_worker_cannot_load_fails_and_the_worker_survives() -> None:
+    with DocumentWorkers(1) as workers:
+        workers.call(hostile.sleep_then, 0, "warm")
+        pids = _worker_pids(workers)
+        with pytest.raises(DocumentError) as caught:
+            workers.call(hostile.job_from_nowhere(), 1)
+        assert caught.value.kind == "internal_error"
+        assert "cannot load the job" in str(caught.value)
+        assert _worker_pids(workers) == pids
