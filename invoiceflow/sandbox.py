@@ -111,10 +111,14 @@ class _WorkerProcess(multiprocessing.context.ForkServerProcess):
 # --- the worker side (runs in the child process) ------------------------------------------
 
 
-def _serve(conn: Connection, memory_limit_bytes: int) -> None:
+def _serve(conn: Connection, memory_limit_bytes: int, nice: int) -> None:
     """Worker main loop: run (fn, args) jobs from ``conn`` until the pipe closes."""
     # Own process group, so a kill also takes a running tesseract with it.
     os.setpgid(0, 0)
+    # Below the flow's priority (Tesseract inherits it): OCR is throughput work, the
+    # flow's event loop (LLM calls, manifest commits) is latency work. Workers share
+    # the flow's session, hence its CFS autogroup, so this is what orders them.
+    os.nice(nice)
     # One OCR thread per worker: the pool size is the OCR concurrency bound.
     os.environ["OMP_THREAD_LIMIT"] = "1"
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
@@ -174,11 +178,15 @@ class _Worker:
 class DocumentWorkers:
     """A bounded pool of ``processes`` worker processes; see the module docstring."""
 
-    def __init__(self, processes: int = 1, limits: DocumentLimits | None = None) -> None:
+    def __init__(
+        self, processes: int = 1, limits: DocumentLimits | None = None, *, nice: int = 10
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         self.processes = processes
         self.limits = limits or DocumentLimits()
+        self.nice = nice
+        # Added to the workers' niceness; 0 keeps the flow's priority.
         self._ctx = _context()
         # A slot is a live worker or None (started on first use, or after a kill).
         self._idle: queue.Queue[_Worker | None] = queue.Queue()
@@ -280,7 +288,7 @@ class DocumentWorkers:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = _WorkerProcess(
             target=_serve,
-            args=(child_end, self.limits.memory_limit_mb * _MB),
+            args=(child_end, self.limits.memory_limit_mb * _MB, self.nice),
             name="invoiceflow-document-worker",
             daemon=True,
         )
