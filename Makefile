@@ -5,16 +5,20 @@ PYTEST_ARGS ?=
 N ?= 1000
 L ?= 2
 C ?= 32
+SAT_N ?= 5000
+SAT_C ?= 256
 
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export UV_LINK_MODE = copy
 
-.PHONY: help sync system-deps run up down status deploy worker test lint format bench clean
+.PHONY: help sync system-deps run up down status deploy worker test lint format bench \
+	bench-saturation clean
 
 help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
 	@echo "make test   lint, then run the whole test suite against real local servers"
 	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
+	@echo "make bench-saturation  seed vs pipeline CPU-bound (N=$(SAT_N) L=$(L) C=$(SAT_C))"
 	@echo "make down   stop the local stack"
 	@echo "make deploy create work pool, lock, blocks and the prefect.yaml deployments"
 	@echo "             (on PREFECT_API_URL, else on the local stack)"
@@ -80,6 +84,10 @@ test: lint system-deps
 
 bench: sync
 	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C)
+
+# Seed and pipeline side by side where CPU, not LLM latency, is the bound (issue 13).
+bench-saturation: sync
+	$(UV) run python -m benchmarks.saturation --n $(SAT_N) --latency $(L) --concurrency $(SAT_C)
 
 clean: down
 	rm -rf .invoiceflow .pytest_cache
