@@ -34,6 +34,7 @@ CONFIDENT_WORD: Final = 60.0
 _RULE_NOISE: Final = frozenset("|_.,;'`\"~=!\u00a6")
 _RULE_EDGES: Final = "|_\u00a6"
 _MIN_SYMBOL_CONF: Final = 30.0
+_WORD_CHARS: Final = 3
 # Share of dark pixels under which a rendered page counts as blank (a scanned empty
 # sheet carries some speckle; a page of text is several percent ink).
 _BLANK_INK_SHARE: Final = 0.002
@@ -53,7 +54,10 @@ class OcrPage:
     confidence: float
     """Mean word confidence, 0-100, weighted by word length; 0 when no words."""
     confident_chars: int
-    """Letters and digits in words read with at least `CONFIDENT_WORD` confidence."""
+    """Letters and digits in words of 3+ of them read with `CONFIDENT_WORD` confidence.
+
+    Specks and blobs come out as confident single characters ("e", "°", "5"); a page
+    of text has dozens of longer words (labels, numbers, names)."""
 
 
 def render(document: pdfium.PdfDocument, index: int, *, dpi: float, max_pixels: int) -> Image.Image:
@@ -107,7 +111,9 @@ def ocr(image: Image.Image, *, languages: str, timeout_s: float, psm: int = PSM)
     words = [word for word in _words(data) if _keeps(word)]
     weight = sum(word.size for word in words)
     weighted = sum(word.conf * word.size for word in words)
-    confident = sum(word.size for word in words if word.conf >= CONFIDENT_WORD)
+    confident = sum(
+        word.size for word in words if word.conf >= CONFIDENT_WORD and word.size >= _WORD_CHARS
+    )
     confidence = round(weighted / weight, 1) if weight else 0.0
     return OcrPage(text=_layout(words), confidence=confidence, confident_chars=confident)
 
