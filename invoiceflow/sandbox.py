@@ -263,6 +263,9 @@ class DocumentWorkers:
         if self._closed:
             raise RuntimeError("DocumentWorkers is closed")
         worker = self._idle.get()
+        if self._closed:
+            self._idle.put(worker)  # wake the next waiter, which fails the same way
+            raise RuntimeError("DocumentWorkers is closed")
         if worker is None or not worker.process.is_alive():
             if worker is not None:
                 worker.kill()
@@ -281,6 +284,7 @@ class DocumentWorkers:
             closed = self._closed
         if closed:
             worker.kill()
+            self._idle.put(None)  # a caller waiting for a worker must not wait forever
             return
         self._idle.put(None if worker.killed or not worker.process.is_alive() else worker)
 
@@ -311,7 +315,11 @@ class DocumentWorkers:
     ) -> tuple[str, Any]:
         """Send one job, wait for its reply within the time limit; kills on a breach."""
         limits = self.limits
-        worker.conn.send((fn, args))
+        try:
+            worker.conn.send((fn, args))
+        except (BrokenPipeError, ConnectionResetError):  # it died between jobs
+            worker.process.join(timeout=5)
+            raise _death_error(worker.process.exitcode, limits) from None
         if not worker.conn.poll(limits.time_limit_s):
             raise DocumentError(
                 "too_slow",

@@ -232,3 +232,30 @@ def test_a_job_the_worker_cannot_load_fails_and_the_worker_survives() -> None:
         assert caught.value.kind == "internal_error"
         assert "cannot load the job" in str(caught.value)
         assert _worker_pids(workers) == pids
+
+
+def test_close_wakes_callers_waiting_for_a_worker() -> None:
+    workers = DocumentWorkers(1, DocumentLimits(time_limit_s=20))
+    outcomes: list[str] = []
+
+    def busy() -> None:
+        outcomes.append(workers.call(hostile.sleep_then, 1.0, "busy"))
+
+    def waiting() -> None:
+        try:
+            workers.call(hostile.sleep_then, 0, "never")
+            outcomes.append("ran")
+        except RuntimeError:
+            outcomes.append("closed")
+
+    first = threading.Thread(target=busy)
+    first.start()
+    time.sleep(0.5)  # the only worker is busy now
+    second = threading.Thread(target=waiting)
+    second.start()
+    time.sleep(0.2)
+    workers.close()
+    first.join(timeout=10)
+    second.join(timeout=10)
+    assert not second.is_alive()
+    assert sorted(outcomes) == ["busy", "closed"]
