@@ -538,6 +538,7 @@ def run_bench(
     timeout_s: float | None,
     profile_dir: Path | None,
     keep_workdir: bool,
+    scan_share: float = 0.0,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="invoiceflow-bench-"))
     run_id = uuid.uuid4().hex[:8]
@@ -551,7 +552,7 @@ def run_bench(
         # Rendering PDFs is CPU-bound and independent of the servers: overlap it with
         # their start-up (the Prefect server's first start runs its migrations).
         generating = cleanup.enter_context(ThreadPoolExecutor(max_workers=1)).submit(
-            _generate, max(sizes.values()), corpus_seed
+            _generate, max(sizes.values()), corpus_seed, scan_share
         )
         api_key = "sk-bench-" + secrets.token_hex(16)
         progress(f"starting the LLM server out of process (latency {latency_s}s ± 10%)")
@@ -630,16 +631,44 @@ def run_bench(
             )
         ordered = {c: results[c] for c in ("seed", "naive", "pipeline") if c in results}
         doc = results_document(n, latency_s, concurrency, naive_n, ordered)
+        if scan_share:
+            doc["scans"] = _scan_figures(n, scan_share, corpus_seed, doc)
         write_json(doc, output)
         progress(f"wrote {output}")
     return doc
 
 
-def _generate(n: int, seed: int) -> list[tuple[str, bytes]]:
+def _generate(n: int, seed: int, scan_share: float = 0.0) -> list[tuple[str, bytes]]:
     started = time.monotonic()
     pdfs = generate_pdfs(n, seed=seed)
     progress(f"generated {len(pdfs)} invoices in {time.monotonic() - started:.1f}s")
+    if scan_share:
+        started = time.monotonic()
+        from benchmarks.ocr_rate import scan_some
+
+        pdfs = scan_some(pdfs, scan_share, seed=seed)
+        progress(f"scanned {_scanned(n, scan_share)} of them in {time.monotonic() - started:.1f}s")
     return pdfs
+
+
+def _scanned(n: int, scan_share: float) -> int:
+    return round(n * scan_share)
+
+
+def _scan_figures(n: int, scan_share: float, seed: int, doc: dict[str, Any]) -> dict[str, Any]:
+    """The scan scenario's figures: how many scans, and OCR pages/s per pool size."""
+    from benchmarks.ocr_rate import ocr_rate, scanned_invoices
+    from invoiceflow.documents import DocumentLimits
+
+    progress("measuring OCR pages/s with 1 and 2 document worker processes")
+    sample = scanned_invoices(6, seed)
+    rates = [ocr_rate(sample, processes, DocumentLimits()) for processes in (1, 2)]
+    return {
+        "share": scan_share,
+        "scanned_invoices": _scanned(n, scan_share),
+        "pipeline_wall_s": doc.get("pipeline_wall_s"),
+        "ocr": rates,
+    }
 
 
 def _default_timeout(name: ContenderName, n: int, ideal: float) -> float:
@@ -684,6 +713,15 @@ def main(
     scale_manifest: Annotated[
         int, typer.Option(help="Instead: time one manifest commit at this many entries.")
     ] = 0,
+    scan_share: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Share of invoices uploaded as image-only scans (OCR). Compare the "
+            "pipeline's wall time with a run without; OCR pages/s are measured too.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Benchmark the pipeline against the seed's asyncio design and naive Prefect."""
     if scale_manifest:
@@ -710,6 +748,7 @@ def main(
                 timeout_s=timeout,
                 profile_dir=profile,
                 keep_workdir=keep_workdir,
+                scan_share=scan_share,
             )
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: everything the harness started has been stopped")

@@ -369,39 +369,49 @@ def _local_extractor(extractor: str, base_url: str | None, model: str):
 
 @app.command()
 def extract(
-    pdf: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    pdf: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A .pdf or .xml")
+    ],
     extractor: Annotated[Literal["rules", "openai"], typer.Option()] = "rules",
     base_url: Annotated[str | None, typer.Option(envvar="OPENAI_BASE_URL")] = None,
     model: Annotated[str, typer.Option(envvar="OPENAI_MODEL")] = "gpt-4o-mini",
     einvoice: Annotated[
         bool, typer.Option(help="Read embedded Factur-X/ZUGFeRD/XRechnung XML when present.")
     ] = True,
+    time_limit_s: Annotated[float, typer.Option(help="Wall clock for reading the file.")] = 120,
+    memory_limit_mb: Annotated[int, typer.Option(help="Memory of the reading process.")] = 1024,
 ) -> None:
-    """Print the fields extracted from one local PDF. Needs no Prefect server and no S3.
+    """Print the fields extracted from one local PDF or e-invoice XML. Needs no Prefect
+    server and no S3.
 
-    A PDF with an embedded e-invoice (Factur-X, ZUGFeRD, XRechnung) is read exactly from
-    its XML, without calling any extractor. For --extractor openai the key is read from
-    OPENAI_API_KEY, never from the command line.
+    The file is read in a worker process under the same time and memory limits as in
+    the pipeline (scanned pages are OCR'd). A PDF with an embedded e-invoice (Factur-X,
+    ZUGFeRD, XRechnung) or a bare XML e-invoice is read exactly from its XML, without
+    calling any extractor. For --extractor openai the key is read from OPENAI_API_KEY,
+    never from the command line.
     """
-    from invoiceflow.evaluate import extract_file
+    from invoiceflow.documents import DocumentError, DocumentLimits
+    from invoiceflow.evaluate import extract_file, local_workers
     from invoiceflow.extractors import ExtractionError
-    from invoiceflow.pdf import PdfError
 
+    limits = DocumentLimits(time_limit_s=time_limit_s, memory_limit_mb=memory_limit_mb)
     try:
-        done = asyncio.run(
-            extract_file(
-                pdf.read_bytes(), _local_extractor(extractor, base_url, model), einvoice=einvoice
+        with local_workers(limits, processes=1) as workers:
+            done = asyncio.run(
+                extract_file(
+                    pdf.read_bytes(),
+                    _local_extractor(extractor, base_url, model),
+                    name=pdf.name,
+                    einvoice=einvoice,
+                    workers=workers,
+                )
             )
-        )
-    except PdfError as exc:
-        err.print(f"[red]{pdf}: {exc.kind}: {exc}[/]")
-        raise typer.Exit(1) from None
-    except ExtractionError as exc:
+    except (DocumentError, ExtractionError) as exc:
         err.print(f"[red]{pdf}: {exc.kind}: {exc}[/]")
         raise typer.Exit(1) from None
     found = done.extraction
     detail = f" ({found.einvoice_format})" if found.einvoice_format else ""
-    err.print(f"source: {found.source}{detail}")
+    err.print(f"source: {found.source}{detail}  read as: {done.read_as}")
     for reason in done.validated.reasons:
         err.print(f"[yellow]needs review:[/] {reason}")
     sys.stdout.write(done.validated.invoice.model_dump_json(indent=2) + "\n")
@@ -426,24 +436,55 @@ def eval_(
         float, typer.Option(help="Share of generated invoices with embedded XML.")
     ] = 0.1,
     show: Annotated[int, typer.Option(help="Mismatches to show per field.")] = 3,
+    scanned: Annotated[
+        bool,
+        typer.Option(
+            help="Compare scans with text PDFs: --generate also writes a scanned copy of "
+            "each invoice (and mixed text+scan PDFs); accuracy is reported per group."
+        ),
+    ] = False,
 ) -> None:
-    """Score extraction on a folder of PDFs with expected JSON: per-field exact match."""
-    from invoiceflow.evaluate import FIELDS, evaluate_dir
-
+    """Score extraction on a folder of PDFs/XML with expected JSON: per-field exact match."""
     if generate:
-        from invoiceflow.samples import write_corpus
+        from invoiceflow.samples import write_corpus, write_scanned_corpus
 
-        write_corpus(directory, generate, seed, varied=True, einvoice_share=einvoice_share)
+        if scanned:
+            write_scanned_corpus(directory, generate, seed)
+        else:
+            write_corpus(directory, generate, seed, varied=True, einvoice_share=einvoice_share)
     if not directory.is_dir():
         err.print(f"[red]{directory} is not a directory[/]")
         raise typer.Exit(2)
-    report = asyncio.run(
-        evaluate_dir(directory, _local_extractor(extractor, base_url, model), einvoice=einvoice)
-    )
-    if not report.documents:
-        err.print(f"[red]no PDF with a same-stem .json in {directory}[/]")
+    chosen = _local_extractor(extractor, base_url, model)
+    if scanned:
+        _eval_scans(directory, chosen, extractor, show)
+        return
+    from invoiceflow.evaluate import evaluate_dir
+
+    report = asyncio.run(evaluate_dir(directory, chosen, einvoice=einvoice))
+    _print_eval(report, f"{extractor} on {directory}", show)
+
+
+def _eval_scans(directory: Path, chosen: Any, extractor: str, show: int) -> None:
+    from invoiceflow.evaluate import evaluate_scans, scan_summary
+
+    reports = asyncio.run(evaluate_scans(directory, chosen))
+    if "scan" not in reports:
+        err.print(f"[red]no <stem>-scan.pdf with a same-stem .json in {directory}[/]")
         raise typer.Exit(2)
-    table = Table(title=f"{extractor} on {directory} ({report.documents} documents)")
+    for group, report in reports.items():
+        _print_eval(report, f"{extractor} on {directory}: {group}", show)
+    for line in scan_summary(reports):
+        console.print(line)
+
+
+def _print_eval(report: Any, title: str, show: int) -> None:
+    from invoiceflow.evaluate import FIELDS
+
+    if not report.documents:
+        err.print(f"[red]no PDF or XML with a same-stem .json in {title}[/]")
+        raise typer.Exit(2)
+    table = Table(title=f"{title} ({report.documents} documents)")
     for col in ("field", "correct", "total", "accuracy"):
         table.add_column(col, justify="left" if col == "field" else "right")
     for name in FIELDS:
@@ -451,10 +492,12 @@ def eval_(
         table.add_row(name, str(score.correct), str(score.total), f"{score.accuracy:.1%}")
     console.print(table)
     sources = ", ".join(f"{k} {v}" for k, v in sorted(report.sources.items()))
+    read_as = ", ".join(f"{k} {v}" for k, v in sorted(report.read_as.items()))
     console.print(
         f"header fields: {report.header_accuracy:.1%}  line items: "
         f"{report.line_items_correct}/{report.line_items_total}  documents fully right: "
         f"{report.exact_documents}/{report.documents}  sources: {sources or '-'}  "
+        f"read as: {read_as or '-'}  "
         f"needs review: {report.needs_review}  failed: {len(report.failures)}"
     )
     for stem, error in list(report.failures.items())[:show]:

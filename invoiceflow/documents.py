@@ -8,16 +8,22 @@ clock, RLIMIT_AS) covers pypdf, the attachment and XML readers, pdfium and Tesse
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import pypdfium2 as pdfium
 from pypdf import PdfReader
 
+# Loaded here, at import, so the fork server preloads it: pdfium's first use costs ~100 ms.
+import invoiceflow.extractors.rules  # noqa: F401  (run via DocumentWorkers.call)
 from invoiceflow import ocr
 from invoiceflow.extractors import Extraction
-from invoiceflow.extractors.einvoice import EInvoiceError, read_einvoice
+from invoiceflow.extractors.einvoice import (
+    EInvoiceError,
+    EmbeddedRead,
+    read_einvoice_xml,
+    read_embedded,
+)
 from invoiceflow.pdf import (
     PAGE_SEPARATOR,
     PdfError,
@@ -28,23 +34,15 @@ from invoiceflow.pdf import (
     text_operator_count,
 )
 
-# The e-invoice helper adds the bare-XML reader; until it lands, bare XML is refused.
-read_einvoice_xml: Callable[[bytes, str], Extraction] | None
-try:
-    from invoiceflow.extractors.einvoice import read_einvoice_xml
-except ImportError:
-    read_einvoice_xml = None
-
-# Loaded here, at import, so the fork server preloads it: pdfium's first use costs ~100 ms.
-import invoiceflow.extractors.rules  # noqa: E402, F401  (run via DocumentWorkers.call)
-
 log = logging.getLogger(__name__)
 
 VisionMode = Literal["auto", "never", "always"]
 PageMethod = Literal["text", "ocr", "image"]
 ReadAs = Literal["text", "ocr", "vision", "einvoice"]
 
-DEFAULT_OCR_LANGUAGES: Final = "eng+deu+fra+nld"
+# The first language leads: with "eng" first, Tesseract dropped accents ("Präzision"
+# read as "Prazision", "Lumière" as "Lumiére"); English reads as well in this order.
+DEFAULT_OCR_LANGUAGES: Final = "deu+fra+nld+eng"
 
 
 class DocumentError(Exception):
@@ -147,15 +145,19 @@ def _looks_like_xml(body: bytes, name: str) -> bool:
 
 
 def _read_xml(body: bytes, name: str) -> ReadDocument:
-    if read_einvoice_xml is None:
-        raise DocumentError(
-            "unsupported_document", f"{name}: bare XML e-invoices are not supported here"
-        )
     try:
         extraction = read_einvoice_xml(body, name)
     except EInvoiceError as exc:
-        raise DocumentError(getattr(exc, "kind", "einvoice_invalid"), str(exc)) from None
+        raise DocumentError(exc.kind, str(exc)) from None
     return ReadDocument(text="", pages=0, einvoice=extraction, read_as="einvoice")
+
+
+def _read_embedded(body: bytes) -> EmbeddedRead:
+    """The PDF's e-invoice attachment; its size is checked before it is decoded."""
+    try:
+        return read_embedded(body)
+    except EInvoiceError as exc:  # too_large, or a business document that is no invoice
+        raise DocumentError(exc.kind, str(exc)) from None
 
 
 @dataclass
@@ -170,7 +172,8 @@ class _PdfRead:
 
 
 def _read_pdf(body: bytes, limits: DocumentLimits) -> ReadDocument:
-    einvoice = read_einvoice(body)
+    embedded = _read_embedded(body)
+    einvoice = embedded.extraction
     try:
         reader, page_count = open_pdf(body, max_bytes=limits.max_bytes, max_pages=limits.max_pages)
         _check_text_operators(reader, page_count, limits)
@@ -189,7 +192,7 @@ def _read_pdf(body: bytes, limits: DocumentLimits) -> ReadDocument:
         einvoice=einvoice,
         images=tuple(found.images),
         read_as=_read_as(found, einvoice),
-        review_reasons=tuple(found.review_reasons),
+        review_reasons=(*embedded.notes, *found.review_reasons),
     )
 
 

@@ -1347,3 +1347,34 @@ __all__ = [
     "generate_invoice",
     "write_corpus",
 ]
+
+
+# --- scanned copies (docread) ---------------------------------------------------------------
+
+
+def write_scanned_corpus(
+    directory: Path, n: int, seed: int = 0, *, varied: bool = True, mixed_share: float = 0.3
+) -> list[Path]:
+    """`write_corpus` (without e-invoices) plus a scanned copy of every invoice.
+
+    Each ``<stem>.pdf`` gets ``<stem>-scan.pdf`` (image-only, see `invoiceflow.scans`),
+    and ``mixed_share`` of them also ``<stem>-mixed.pdf`` (a text cover letter, then the
+    scan), each with the same expected JSON, so `evaluate.evaluate_scans` can compare
+    OCR with the text layer on the same invoices.
+    """
+    from invoiceflow.scans import mixed_pdf, scanned_pdf
+
+    written = write_corpus(directory, n, seed, varied=varied)
+    for pdf_path in list(written):
+        truth_json = pdf_path.with_suffix(".json").read_text(encoding="utf-8")
+        doc_seed = corpus_seed(seed, int(pdf_path.stem.split("-")[1]))
+        copies = {"scan": scanned_pdf(pdf_path.read_bytes(), doc_seed)}
+        if random.Random(doc_seed ^ 0x5CA9).random() < mixed_share:
+            vendor = Invoice.model_validate_json(truth_json).vendor_name or ""
+            copies["mixed"] = mixed_pdf(pdf_path.read_bytes(), doc_seed, sender=vendor)
+        for group, data in copies.items():
+            copy = directory / f"{pdf_path.stem}-{group}.pdf"
+            copy.write_bytes(data)
+            copy.with_suffix(".json").write_text(truth_json, encoding="utf-8")
+            written.append(copy)
+    return written

@@ -111,20 +111,26 @@ class _WorkerProcess(multiprocessing.context.ForkServerProcess):
 # --- the worker side (runs in the child process) ------------------------------------------
 
 
-def _serve(conn: Connection, memory_limit_bytes: int) -> None:
+def _serve(conn: Connection, memory_limit_bytes: int, nice: int) -> None:
     """Worker main loop: run (fn, args) jobs from ``conn`` until the pipe closes."""
     # Own process group, so a kill also takes a running tesseract with it.
     os.setpgid(0, 0)
+    # Below the flow's priority (Tesseract inherits it): OCR is throughput work, the
+    # flow's event loop (LLM calls, manifest commits) is latency work. Workers share
+    # the flow's session, hence its CFS autogroup, so this is what orders them.
+    os.nice(nice)
     # One OCR thread per worker: the pool size is the OCR concurrency bound.
     os.environ["OMP_THREAD_LIMIT"] = "1"
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     conn.send(("ready", None))  # start-up time does not count against a job's limit
     while True:
         try:
-            job = conn.recv()
+            fn, args = conn.recv()
         except (EOFError, OSError):
             return  # the pool closed or its process died
-        fn, args = job
+        except Exception as exc:  # unpicklable here, e.g. a function of the parent's __main__
+            conn.send(("error", DocumentError("internal_error", f"cannot load the job: {exc}")))
+            continue
         try:
             reply: tuple[str, Any] = ("ok", fn(*args))
         except MemoryError:
@@ -172,11 +178,15 @@ class _Worker:
 class DocumentWorkers:
     """A bounded pool of ``processes`` worker processes; see the module docstring."""
 
-    def __init__(self, processes: int = 1, limits: DocumentLimits | None = None) -> None:
+    def __init__(
+        self, processes: int = 1, limits: DocumentLimits | None = None, *, nice: int = 10
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         self.processes = processes
         self.limits = limits or DocumentLimits()
+        self.nice = nice
+        # Added to the workers' niceness; 0 keeps the flow's priority.
         self._ctx = _context()
         # A slot is a live worker or None (started on first use, or after a kill).
         self._idle: queue.Queue[_Worker | None] = queue.Queue()
@@ -253,6 +263,9 @@ class DocumentWorkers:
         if self._closed:
             raise RuntimeError("DocumentWorkers is closed")
         worker = self._idle.get()
+        if self._closed:
+            self._idle.put(worker)  # wake the next waiter, which fails the same way
+            raise RuntimeError("DocumentWorkers is closed")
         if worker is None or not worker.process.is_alive():
             if worker is not None:
                 worker.kill()
@@ -271,6 +284,7 @@ class DocumentWorkers:
             closed = self._closed
         if closed:
             worker.kill()
+            self._idle.put(None)  # a caller waiting for a worker must not wait forever
             return
         self._idle.put(None if worker.killed or not worker.process.is_alive() else worker)
 
@@ -278,7 +292,7 @@ class DocumentWorkers:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         process = _WorkerProcess(
             target=_serve,
-            args=(child_end, self.limits.memory_limit_mb * _MB),
+            args=(child_end, self.limits.memory_limit_mb * _MB, self.nice),
             name="invoiceflow-document-worker",
             daemon=True,
         )
@@ -301,7 +315,11 @@ class DocumentWorkers:
     ) -> tuple[str, Any]:
         """Send one job, wait for its reply within the time limit; kills on a breach."""
         limits = self.limits
-        worker.conn.send((fn, args))
+        try:
+            worker.conn.send((fn, args))
+        except (BrokenPipeError, ConnectionResetError):  # it died between jobs
+            worker.process.join(timeout=5)
+            raise _death_error(worker.process.exitcode, limits) from None
         if not worker.conn.poll(limits.time_limit_s):
             raise DocumentError(
                 "too_slow",

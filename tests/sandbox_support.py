@@ -7,7 +7,9 @@ worker, which is why they live here and not in the test module.
 from __future__ import annotations
 
 import io
+import sys
 import time
+import types
 import zlib
 
 from pypdf import PdfReader, PdfWriter
@@ -109,3 +111,17 @@ def text_operator_bomb(operators: int) -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+def job_from_nowhere() -> object:
+    """A function of a module that exists only in this process (like a script's __main__)."""
+    module = types.ModuleType("invoiceflow_test_only_here")
+
+    def gone(value: int) -> int:
+        return value
+
+    gone.__module__ = module.__name__
+    gone.__qualname__ = "gone"
+    module.gone = gone  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    return gone

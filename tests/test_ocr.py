@@ -9,14 +9,16 @@ from __future__ import annotations
 import io
 import random
 from functools import cache
+from pathlib import Path
 
 import pytest
 from fpdf import FPDF
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from invoiceflow.documents import DocumentError, DocumentLimits, ReadDocument, read_document
-from invoiceflow.extractors.rules import extract_invoice
-from invoiceflow.samples import generate_invoice
+from invoiceflow.evaluate import evaluate_scans, scan_summary
+from invoiceflow.extractors.rules import RulesExtractor, extract_invoice
+from invoiceflow.samples import generate_invoice, write_scanned_corpus
 from invoiceflow.sandbox import DocumentWorkers
 from invoiceflow.scans import mixed_pdf, scanned_pdf
 from invoiceflow.schema import Invoice
@@ -59,7 +61,7 @@ def test_scanned_invoice_is_read_by_ocr_with_the_right_header_fields() -> None:
 
 def test_mixed_pdf_reads_page_one_as_text_and_page_two_by_ocr() -> None:
     pdf, truth = sample(12, "de")
-    mixed = mixed_pdf(pdf, seed=2, sender=truth.vendor_name or "")
+    mixed = mixed_pdf(pdf, seed=3, sender=truth.vendor_name or "")
     doc = read_document(mixed, "mixed.pdf", LIMITS)
     assert doc.pages == 3  # a cover letter, then the two-page invoice scanned
     assert [p.method for p in doc.page_reads] == ["text", "ocr", "ocr"]
@@ -86,11 +88,16 @@ def test_blank_page_fails_ocr_failed_with_the_confidence() -> None:
     assert "confidence 0%" in str(caught.value)
 
 
-def test_page_of_noise_fails_ocr_failed_with_the_confidence() -> None:
+def test_page_of_blots_fails_ocr_failed_with_the_confidence() -> None:
+    """Ink, but no text: Tesseract reads the blots as stray characters."""
     rng = random.Random(7)
-    noise = Image.frombytes("L", (620, 877), bytes(rng.choice((0, 255)) for _ in range(620 * 877)))
+    page = Image.new("L", (620, 877), 255)
+    draw = ImageDraw.Draw(page)
+    for _ in range(200):
+        x, y = rng.randrange(600), rng.randrange(850)
+        draw.ellipse((x, y, x + rng.randrange(2, 15), y + rng.randrange(2, 15)), fill=0)
     with pytest.raises(DocumentError) as caught:
-        read_document(image_pdf(noise.resize((1240, 1754))), "noise.pdf", LIMITS)
+        read_document(image_pdf(page), "blots.pdf", LIMITS)
     assert caught.value.kind == "ocr_failed"
     assert "confidence" in str(caught.value)
 
@@ -135,3 +142,14 @@ def test_scan_is_read_inside_a_worker_under_its_memory_limit() -> None:
     assert isinstance(doc, ReadDocument)
     assert doc.read_as == "ocr"
     assert header(extract_invoice(doc.text)) == header(truth)
+
+
+async def test_eval_scanned_compares_scans_with_the_same_invoices_text(tmp_path: Path) -> None:
+    write_scanned_corpus(tmp_path, 2, seed=3, mixed_share=1.0)
+    assert len(list(tmp_path.glob("*.pdf"))) == 6  # text, scan and mixed of each
+    reports = await evaluate_scans(tmp_path, RulesExtractor())
+    assert set(reports) == {"text", "scan", "mixed"}
+    assert all(report.documents == 2 for report in reports.values())
+    assert reports["scan"].read_as["ocr"] == 2 and reports["text"].read_as["text"] == 2
+    lines = scan_summary(reports)
+    assert any(line.startswith("scan header fields:") and "of text" in line for line in lines)

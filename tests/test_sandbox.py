@@ -168,3 +168,94 @@ async def test_async_calls_do_not_block_the_event_loop() -> None:
         assert results == ["0", "1", "2", "3"]
         # ~2 s of jobs; a blocked loop would tick once or not at all.
         assert ticks >= elapsed / 0.05 * 0.5
+
+
+async def test_date_label_bomb_through_the_rules_path_keeps_other_invoices_moving() -> None:
+    """Issue 11: `"Date: " * 8000` took 31 s on the event loop and stalled every LLM call."""
+    from invoiceflow.extractors import ExtractionError
+    from invoiceflow.extractors.rules import RulesExtractor
+    from invoiceflow.pdf import parse_pdf
+    from invoiceflow.samples import generate_invoice
+
+    budget = 5.0
+    with DocumentWorkers(2, DocumentLimits(time_limit_s=budget)) as workers:
+        extractor = RulesExtractor(runner=workers)
+        await extractor.extract("warm up")
+        pdf, truth = generate_invoice(3)
+        good_text = parse_pdf(pdf).text
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def tick() -> None:  # stands in for the run's LLM calls
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async def bomb() -> str:
+            try:
+                await extractor.extract_document("Date: " * 8000)
+                return "finished"
+            except ExtractionError as exc:
+                assert exc.transient is False
+                return exc.kind
+
+        async def good() -> tuple[float, object]:
+            await asyncio.sleep(0.2)  # the bomb holds its worker by now
+            started = time.monotonic()
+            extraction = await extractor.extract_document(good_text)
+            return time.monotonic() - started, extraction.invoice
+
+        ticker = asyncio.create_task(tick())
+        started = time.monotonic()
+        outcome, (good_took, good_invoice) = await asyncio.gather(bomb(), good())
+        elapsed = time.monotonic() - started
+        stop.set()
+        await ticker
+
+    assert outcome in ("finished", "too_slow")
+    assert elapsed < budget + 3
+    assert good_invoice.invoice_number == truth.invoice_number  # type: ignore[attr-defined]
+    assert good_invoice.total == truth.total  # type: ignore[attr-defined]
+    assert good_took < 3  # not queued behind the bomb
+    assert max(gaps) < 1.0  # the loop never stalled
+
+
+def test_a_job_the_worker_cannot_load_fails_and_the_worker_survives() -> None:
+    with DocumentWorkers(1) as workers:
+        workers.call(hostile.sleep_then, 0, "warm")
+        pids = _worker_pids(workers)
+        with pytest.raises(DocumentError) as caught:
+            workers.call(hostile.job_from_nowhere(), 1)
+        assert caught.value.kind == "internal_error"
+        assert "cannot load the job" in str(caught.value)
+        assert _worker_pids(workers) == pids
+
+
+def test_close_wakes_callers_waiting_for_a_worker() -> None:
+    workers = DocumentWorkers(1, DocumentLimits(time_limit_s=20))
+    outcomes: list[str] = []
+
+    def busy() -> None:
+        outcomes.append(workers.call(hostile.sleep_then, 1.0, "busy"))
+
+    def waiting() -> None:
+        try:
+            workers.call(hostile.sleep_then, 0, "never")
+            outcomes.append("ran")
+        except RuntimeError:
+            outcomes.append("closed")
+
+    first = threading.Thread(target=busy)
+    first.start()
+    time.sleep(0.5)  # the only worker is busy now
+    second = threading.Thread(target=waiting)
+    second.start()
+    time.sleep(0.2)
+    workers.close()
+    first.join(timeout=10)
+    second.join(timeout=10)
+    assert not second.is_alive()
+    assert sorted(outcomes) == ["busy", "closed"]

@@ -12,12 +12,12 @@ import datetime as dt
 import itertools
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Final, Literal
+from typing import Any, Final, Literal, Protocol, TypeVar
 
-from invoiceflow.extractors import Extraction
+from invoiceflow.extractors import Extraction, ExtractionError
 from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_date, read_amount
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
@@ -465,19 +465,48 @@ class _Line:
     text: str
 
 
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs a picklable function elsewhere (`invoiceflow.sandbox.DocumentWorkers`)."""
+
+    async def acall(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+
 class RulesExtractor:
-    """Regex/label based extractor; needs no network and no model."""
+    """Regex/label based extractor; needs no network and no model.
+
+    With a ``runner`` (a `DocumentWorkers`), `extract_invoice` runs in a worker process
+    under its time and memory limits instead of on the caller's event loop; a budget
+    breach becomes a permanent ExtractionError of the same kind (too_slow, too_large).
+    """
 
     name: str = "rules"
 
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner
+
     async def extract(self, text: str) -> Invoice:
-        return extract_invoice(text)
+        invoice, _ = await self._extract_with_notes(text)
+        return invoice
 
     async def extract_document(
         self, text: str, *, pages: int | None = None, invoice_key: str | None = None
     ) -> Extraction:
-        invoice, notes = extract_invoice_with_notes(text)
+        invoice, notes = await self._extract_with_notes(text)
         return Extraction(invoice=invoice, source="rules", extractor=self.name, notes=notes)
+
+    async def _extract_with_notes(self, text: str) -> tuple[Invoice, tuple[str, ...]]:
+        if self.runner is None:
+            return extract_invoice_with_notes(text)
+        # Imported here: invoiceflow.documents imports this module (for the fork server).
+        from invoiceflow.documents import DocumentError
+
+        try:
+            return await self.runner.acall(extract_invoice_with_notes, text)
+        except DocumentError as exc:
+            raise ExtractionError(exc.kind, str(exc), transient=exc.transient) from exc
 
 
 def extract_invoice(text: str) -> Invoice:
