@@ -147,7 +147,15 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str], *, die_with_parent: bool) -> int:
+def _spawn(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str],
+    *,
+    die_with_parent: bool,
+    **popen_options: object,
+) -> int:
+    """Start `cmd` detached in its own session; `popen_options` (user=, group=, cwd=)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -158,6 +166,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], *, die_with_parent: b
             env=env,
             start_new_session=True,  # own process group: `down` stops its children too
             preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+            **popen_options,  # type: ignore[arg-type]
         )
     return proc.pid
 
