@@ -24,7 +24,9 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -63,6 +65,9 @@ class ProductionStack:
     postgres_data: str
     pids: dict[str, int] = field(default_factory=dict)
     bucket: str = "invoiceflow"
+    # Prefect's default is per-process memory; only the tests of the start-up check
+    # run the replicas that way, to show what it catches.
+    lease_storage: str = LEASE_STORAGE
 
     @property
     def api_url(self) -> str:
@@ -121,7 +126,7 @@ class ProductionStack:
             "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
             "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
             "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
-            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": self.lease_storage,
             "PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1",
             "PREFECT_REDIS_MESSAGING_PORT": str(self.redis_port),
             "PREFECT_REDIS_MESSAGING_DB": "0",
@@ -309,6 +314,10 @@ def start_replica(info: ProductionStack, index: int, *, die_with_caller: bool) -
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     env = {**os.environ, **info.server_env(), "PREFECT_HOME": str(_home(info, f"api-{index}"))}
+    if index:
+        # One replica registers the block types; replicas starting together on a fresh
+        # database otherwise race on the same rows (unique violations in the logs).
+        env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
     log = Path(info.state_dir) / "logs" / f"api-{index}.log"
     pid = stack._spawn(command, log, env, die_with_parent=die_with_caller)
     info.pids[f"api-{index}"] = pid
@@ -406,7 +415,8 @@ def is_running(info: ProductionStack) -> bool:
 
 def _lb_healthy(info: ProductionStack) -> bool:
     try:
-        response = httpx.get(f"{info.api_url}/health", verify=str(info.ca_file), timeout=3)
+        context = ssl.create_default_context(cafile=str(info.ca_file))
+        response = httpx.get(f"{info.api_url}/health", verify=context, timeout=3)
     except httpx.HTTPError:
         return False
     return response.status_code == 200
@@ -419,6 +429,7 @@ def up_production(
     bucket: str = "invoiceflow",
     timeout_s: float = 240,
     die_with_caller: bool = False,
+    lease_storage: str = LEASE_STORAGE,
 ) -> tuple[ProductionStack, bool]:
     """Start (or reuse) the production stack. Returns (info, reused).
 
@@ -435,6 +446,7 @@ def up_production(
     logs = state / "logs"
     logs.mkdir(exist_ok=True)
     info = _new_stack(state, replicas, bucket)
+    info.lease_storage = lease_storage
     ensure_certificates(state / "tls")
     try:
         _start_backing_services(info, logs, die_with_caller, timeout_s)
@@ -483,10 +495,11 @@ def start_worker(
     *,
     die_with_caller: bool,
     cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> int:
     """A worker process (its command line comes from the caller: this package knows no
     Prefect), pointed at the stack, logging to `logs/<name>.log`, recorded for `down`."""
-    env = {**os.environ, **info.env(), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {**os.environ, **info.env(), **(extra_env or {})}
     log = Path(info.state_dir) / "logs" / f"{name}.log"
     pid = stack._spawn(command, log, env, die_with_parent=die_with_caller, cwd=cwd)
     info.pids[name] = pid
@@ -495,13 +508,19 @@ def start_worker(
 
 
 def stop_process(info: ProductionStack, name: str, *, sig_kill: bool = False) -> None:
-    """Stop one named process of the stack (a replica, a worker) and forget it."""
+    """Stop one named process of the stack (a replica, a worker) and forget it;
+    `sig_kill` kills it without a chance to clean up (a crashed machine)."""
     pid = info.pids.pop(name)
     if sig_kill:
         with contextlib.suppress(OSError):
-            os.killpg(pid, 9)
-    stack._stop(pid)
+            os.killpg(pid, signal.SIGKILL)
+    stack._stop(pid, first_signal=_first_signal(name))
     _save(info)
+
+
+def _first_signal(name: str) -> int:
+    # A Prefect worker shuts down (and stops its flow runs) on SIGINT; it ignores SIGTERM.
+    return signal.SIGINT if name.startswith("worker") else signal.SIGTERM
 
 
 def down_production(state_dir: Path | None = None) -> ProductionStack | None:
@@ -512,7 +531,8 @@ def down_production(state_dir: Path | None = None) -> ProductionStack | None:
         return None
     order = sorted(info.pids, key=_stop_order)
     for name in order:
-        stack._stop(info.pids[name], timeout_s=30 if name == "postgres" else 15)
+        timeout_s = 30 if name == "postgres" else 15
+        stack._stop(info.pids[name], timeout_s, first_signal=_first_signal(name))
     (state / STATE_FILE).unlink(missing_ok=True)
     return info
 
@@ -520,3 +540,30 @@ def down_production(state_dir: Path | None = None) -> ProductionStack | None:
 def _stop_order(name: str) -> int:
     first_to_last = ["worker", "haproxy", "api", "services", "s3", "redis", "postgres"]
     return next((i for i, prefix in enumerate(first_to_last) if name.startswith(prefix)), 0)
+
+
+def restart_replicas(
+    info: ProductionStack,
+    *,
+    lease_storage: str | None = None,
+    die_with_caller: bool,
+    timeout_s: float = 180,
+) -> None:
+    """Start every API replica that is not running (again), optionally with another
+    lease storage, and wait until haproxy routes to all of them."""
+    if lease_storage is not None and lease_storage != info.lease_storage:
+        info.lease_storage = lease_storage
+        for index in range(len(info.replica_ports)):
+            if f"api-{index}" in info.pids:
+                stop_process(info, f"api-{index}")
+    for index in range(len(info.replica_ports)):
+        name = f"api-{index}"
+        if name not in info.pids or not stack.pid_alive(info.pids[name]):
+            start_replica(info, index, die_with_caller=die_with_caller)
+    _save(info)
+    for index in range(len(info.replica_ports)):
+        wait_replica_healthy(info, index, timeout_s)
+    time.sleep(HAPROXY_RISE_S)  # haproxy marks a server up after two passing checks
+
+
+HAPROXY_RISE_S = 3.0

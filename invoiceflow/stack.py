@@ -266,11 +266,13 @@ def up(
     return info, False
 
 
-def _stop(pid: int, timeout_s: float = 15) -> None:
+def _stop(pid: int, timeout_s: float = 15, first_signal: int = signal.SIGTERM) -> None:
+    """Signal the process group, wait, then SIGKILL it (a Prefect worker stops cleanly
+    on SIGINT, not SIGTERM: pass `first_signal`)."""
     if not pid_alive(pid):
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, first_signal)
     except OSError:
         return
     deadline = time.monotonic() + timeout_s
