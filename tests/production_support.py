@@ -132,6 +132,16 @@ def assert_no_slot_taken(deadline_s: float = SLOT_DEADLINE_S) -> None:
     assert taken == {}, f"slots still taken: {taken}"
 
 
+def finished_task_runs(flow_run_id: UUID) -> int:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client() as c:
+        task_runs = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return sum(1 for t in task_runs if t.state is not None and t.state.is_completed())
+
+
 def deployment_slots(deployment_id: UUID) -> int:
     with client() as c:
         deployment = c.read_deployment(deployment_id)

@@ -11,9 +11,11 @@ every concurrency limit's slots are checked after each scenario, faults included
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -45,22 +47,24 @@ from production_support import (
     assert_no_slot_taken,
     cli,
     deployment_slots,
+    finished_task_runs,
     start_runs,
     start_workers,
     upload_batch,
     wait_all,
     wait_for_share,
+    wait_until,
 )
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import prodstack
 from invoiceflow.storage import S3Store
 
-pytestmark = pytest.mark.production
-
 API_KEY = "sk-test-prod-" + uuid.uuid4().hex
 LOGS = OUTPUT_DIR / "production"
 RUNS_TIMEOUT_S = 240 + INVOICES * 1.5
+# The stack's start (~1-2 min on a loaded machine) counts against the first test.
+pytestmark = [pytest.mark.production, pytest.mark.timeout(int(600 + 2 * RUNS_TIMEOUT_S))]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +96,9 @@ def s3(prod: prodstack.ProductionStack) -> S3Store:
 def deployed(prod: prodstack.ProductionStack) -> dict[str, Any]:
     """`invoiceflow provision` + `invoiceflow deploy`, as an operator runs them."""
     env = prod.env()
+    # No --store-keys: workers and flow runs sign with their environment's credentials.
     cli(["provision", "--bucket", prod.bucket, "--endpoint-url", prod.s3_endpoint,
-         "--create-bucket", "--store-keys"], env, LOGS / "provision.log")  # fmt: skip
+         "--create-bucket"], env, LOGS / "provision.log")  # fmt: skip
     cli(["deploy"], env, LOGS / "deploy.log")
     with client() as c:
         deployment = c.read_deployment_by_name(PROCESS_INVOICES)
@@ -112,6 +117,40 @@ def llm(prod: prodstack.ProductionStack) -> Iterator[LLMServerHandle]:
 def workers(prod: prodstack.ProductionStack, deployed: dict[str, Any]) -> list[str]:
     """3 process workers taking 2 runs each; stopped with the stack."""
     return start_workers(prod, 3, limit=2)
+
+
+def test_deploy_on_a_bare_server_refuses_before_creating_anything(
+    prod: prodstack.ProductionStack,
+) -> None:
+    """No bucket block yet: `invoiceflow deploy` says so and leaves no work pool behind."""
+    from prefect.exceptions import ObjectNotFound
+
+    failed = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy"], cwd=REPO_ROOT,
+        env={**os.environ, **prod.env()}, capture_output=True, text=True,
+    )  # fmt: skip
+
+    assert failed.returncode == 1
+    assert "nothing was created" in failed.stderr.replace("\n", " ")
+    with client() as c, pytest.raises(ObjectNotFound):
+        c.read_work_pool("invoices")
+
+
+def test_provision_is_idempotent_and_stores_no_keys_unless_asked(
+    prod: prodstack.ProductionStack, deployed: dict[str, Any]
+) -> None:
+    from prefect_aws import AwsCredentials
+
+    again = cli(["provision", "--bucket", prod.bucket, "--endpoint-url", prod.s3_endpoint,
+                 "--create-bucket"], prod.env(), LOGS / "provision-again.log")  # fmt: skip
+
+    assert "ok      manifest lock 'invoiceflow-manifest'" in again
+    assert "ok      extractor block" in again
+    assert f"ok      bucket s3://{prod.bucket}" in again
+    credentials = AwsCredentials.load("invoiceflow-aws", _sync=True)
+    assert credentials.aws_access_key_id is None
+    assert credentials.aws_secret_access_key is None
+    assert credentials.aws_client_parameters.endpoint_url == prod.s3_endpoint
 
 
 def test_unauthenticated_clients_get_401_from_every_replica(
@@ -173,8 +212,8 @@ def test_replica_killed_mid_run_runs_finish_through_the_other(
     prodstack.stop_process(prod, "api-1", sig_kill=True)
     try:
         runs = wait_all(runs, RUNS_TIMEOUT_S)
-    finally:
-        prodstack.restart_replicas(prod, die_with_caller=True)
+    finally:  # back in the pool while the next test runs
+        prodstack.restart_replicas(prod, die_with_caller=True, wait=False)
 
     assert_completed(runs)
     assert_exactly_once(s3, llm, batch)
@@ -199,6 +238,9 @@ def test_redis_restarted_mid_run_loses_nothing_and_bills_nothing_twice(
 
     assert_completed(runs)
     assert_exactly_once(s3, llm, batch)
+    # The services' consumers reconnected: task runs (recorded from Redis messages) of
+    # every run arrive, those finished after the restart included.
+    wait_until(lambda: all(finished_task_runs(r.id) for r in runs), 60, "task runs recorded")
     assert_no_slot_taken()
     assert deployment_slots(deployed["deployment"].id) == 0
 
@@ -212,48 +254,6 @@ def test_start_up_check_reads_redis_lease_storage(prod: prodstack.ProductionStac
     assert check.lease_storage == prodstack.LEASE_STORAGE
     assert check.messaging_broker == "prefect_redis.messaging"
     assert (check.renewals_lost, check.warning) == (None, None)
-
-
-def test_start_up_check_warns_in_the_run_log_about_in_memory_leases(
-    prod: prodstack.ProductionStack,
-) -> None:
-    from prefect import flow
-
-    from flows.server_check import warn_about_lease_storage
-
-    @flow(name="lease-check")
-    async def lease_check() -> Any:
-        return await warn_about_lease_storage()
-
-    memory = "prefect.server.concurrency.lease_storage.memory"
-    prodstack.restart_replicas(prod, lease_storage=memory, die_with_caller=True)
-    try:
-        state = asyncio.run(lease_check(return_state=True))
-    finally:
-        prodstack.restart_replicas(
-            prod, lease_storage=prodstack.LEASE_STORAGE, die_with_caller=True
-        )
-    check = state.result()
-    assert check.lease_storage == memory
-    assert check.renewals_lost and check.warning
-    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE" in check.warning
-    assert state.is_completed()  # it warns, it never refuses
-    assert _wait_for_run_log(state.state_details.flow_run_id, "MISCONFIGURED")
-
-
-def _wait_for_run_log(flow_run_id: Any, needle: str, timeout_s: float = 60) -> bool:
-    import time
-
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with client() as c:
-            logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        if any(needle in log.message for log in logs):
-            return True
-        time.sleep(1)
-    return False
 
 
 def test_git_clone_pull_step_runs_on_a_worker_without_the_checkout(
@@ -307,3 +307,41 @@ def _bare_repository_of_this_checkout(bare: Path) -> Path:
     git("init", "--bare", "--quiet", str(bare))
     git("push", "--quiet", str(bare), f"{commit}:refs/heads/main")
     return bare
+
+
+def test_start_up_check_warns_in_the_run_log_about_in_memory_leases(
+    prod: prodstack.ProductionStack,
+) -> None:
+    from prefect import flow
+
+    from flows.server_check import warn_about_lease_storage
+
+    @flow(name="lease-check")
+    async def lease_check() -> Any:
+        return await warn_about_lease_storage()
+
+    memory = "prefect.server.concurrency.lease_storage.memory"
+    # Last in the module, so the replicas are not switched back (that would be a minute).
+    prodstack.restart_replicas(prod, lease_storage=memory, die_with_caller=True)
+    state = asyncio.run(lease_check(return_state=True))
+    check = state.result()
+    assert check.lease_storage == memory
+    assert check.renewals_lost and check.warning
+    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE" in check.warning
+    assert state.is_completed()  # it warns, it never refuses
+    assert _wait_for_run_log(state.state_details.flow_run_id, "MISCONFIGURED")
+
+
+def _wait_for_run_log(flow_run_id: Any, needle: str, timeout_s: float = 60) -> bool:
+    import time
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with client() as c:
+            logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        if any(needle in log.message for log in logs):
+            return True
+        time.sleep(1)
+    return False
