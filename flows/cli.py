@@ -135,6 +135,12 @@ def up(
             workers = 0
         _up_production(state_dir, samples, bucket, replicas, workers, worker_limit)
         return
+    _up_embedded(state_dir, prefect_port, s3_port, samples, bucket)
+
+
+def _up_embedded(
+    state_dir: Path | None, prefect_port: int | None, s3_port: int | None, samples: int, bucket: str
+) -> None:
     try:
         with console.status("starting Prefect server and S3 on 127.0.0.1 …"):
             info, reused = stack.up(
@@ -395,12 +401,8 @@ def deploy(
         asyncio.run(prepare_server(target=target, webhook_url=webhook_url, done=done))
         _report(done)
         with tempfile.TemporaryDirectory(prefix="invoiceflow-deploy-") as scratch:
-            prefect_file = (
-                prefect_file_with_git_pull(repo, branch, Path(scratch))
-                if repo and pull == "git"
-                else None
-            )
-            deploy_all(prefect_file=prefect_file)
+            git = repo if pull == "git" else None
+            deploy_all(prefect_file=git and prefect_file_with_git_pull(git, branch, Path(scratch)))
     except (DeployError, OSError, ValueError) as exc:
         _report_failure(done, exc)
         raise typer.Exit(1) from None

@@ -547,10 +547,11 @@ def restart_replicas(
     *,
     lease_storage: str | None = None,
     die_with_caller: bool,
+    wait: bool = True,
     timeout_s: float = 180,
 ) -> None:
-    """Start every API replica that is not running (again), optionally with another
-    lease storage, and wait until haproxy routes to all of them."""
+    """Start every API replica that is not running (again), optionally all of them with
+    another lease storage; with `wait`, until haproxy routes to all of them."""
     if lease_storage is not None and lease_storage != info.lease_storage:
         info.lease_storage = lease_storage
         for index in range(len(info.replica_ports)):
@@ -561,6 +562,8 @@ def restart_replicas(
         if name not in info.pids or not stack.pid_alive(info.pids[name]):
             start_replica(info, index, die_with_caller=die_with_caller)
     _save(info)
+    if not wait:
+        return  # haproxy adds each replica once its health checks pass
     for index in range(len(info.replica_ports)):
         wait_replica_healthy(info, index, timeout_s)
     time.sleep(HAPROXY_RISE_S)  # haproxy marks a server up after two passing checks
