@@ -1,8 +1,9 @@
 """Which extractor a run uses, how to reach its LLM, its limits and its prices.
 
-Typed configuration with two methods, like prefect-aws's `AwsCredentials`: `build`
-makes the extractor, `limiter` the in-process limiter for the configured limits. The
-OpenAI API key is a SecretStr; Bedrock takes a prefect-aws `AwsCredentials` block.
+Typed configuration plus `build`, like prefect-aws's `AwsCredentials`: `build` makes
+the extractor around the limiter it is given. The limits here are plain settings;
+`flows.llm_limits` turns them into the run's Prefect-backed limiter. The OpenAI API key
+is a SecretStr; Bedrock takes a prefect-aws `AwsCredentials` block.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prefect_aws import AwsCredentials
 from pydantic import Field, SecretStr, field_validator
 
 from invoiceflow.extractors import Extractor
-from invoiceflow.extractors.limits import Limiter, ProviderLimiter, RateTaker, SlotFactory
+from invoiceflow.extractors.limits import Limiter, ProviderLimits, run_limiter
 from invoiceflow.extractors.llm import TokenPrice
 from invoiceflow.schema import ISO_4217
 
@@ -46,7 +47,11 @@ class ExtractorBlock(Block):
         description="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or "
         "http://localhost:11434/v1 (Ollama).",
     )
-    api_key: SecretStr | None = Field(default=None, title="API key")
+    api_key: SecretStr | None = Field(
+        default=None,
+        title="API key",
+        description="Bearer token for `base_url`; masked in every log, error and artifact.",
+    )
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = Field(
         default="auto",
         description="`auto`: JSON-schema output, stepping down to JSON mode (then a plain "
@@ -99,12 +104,37 @@ class ExtractorBlock(Block):
     )
     max_connections: int = Field(default=64, ge=1, le=1024, description="HTTP connection pool.")
 
+    # --- vision ----------------------------------------------------------------------------
+    vision: Literal["auto", "never", "always"] = Field(
+        default="auto",
+        description="Page images for a vision model: `auto` sends only pages without a "
+        "text layer, `always` every page, `never` none (scans then go through OCR).",
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=20, description="Page images sent per call (first pages + last)."
+    )
+    max_image_pixels: int = Field(
+        default=2_500_000,
+        ge=100_000,
+        description="Pixels per page image; larger pages are downscaled before sending.",
+    )
+
     # --- limits (per provider block, shared by every run that uses it) ----------------
     max_in_flight: int | None = Field(
         default=None, ge=1, description="Provider calls in flight at once, across runs."
     )
-    requests_per_minute: int | None = Field(default=None, ge=1, title="Requests per minute")
-    tokens_per_minute: int | None = Field(default=None, ge=1, title="Tokens per minute")
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Requests per minute",
+        description="Provider request budget, across runs (a decaying Prefect limit).",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        title="Tokens per minute",
+        description="Provider token budget (prompt + completion, images included), across runs.",
+    )
 
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
@@ -125,39 +155,24 @@ class ExtractorBlock(Block):
     def price(self) -> TokenPrice | None:
         return self.prices.get(self.model)
 
-    def limiter(
-        self,
-        *,
-        max_in_flight: int | None = None,
-        shared_slot: SlotFactory | None = None,
-        shared_rate: RateTaker | None = None,
-    ) -> ProviderLimiter | None:
-        """The limiter for this provider's limits (None: no limits configured).
-
-        ``max_in_flight`` caps this process below the provider-wide limit; the flow
-        passes Prefect-backed ``shared_slot`` / ``shared_rate`` so the limits hold
-        across runs (see `flows.llm_limits`).
-        """
-        caps = [cap for cap in (self.max_in_flight, max_in_flight) if cap]
-        slots = min(caps) if caps else None
-        rated = bool(self.requests_per_minute or self.tokens_per_minute)
-        if not (slots or rated):
-            return None
-        return ProviderLimiter(
-            max_in_flight=slots or self.max_connections,
+    def provider_limits(self) -> ProviderLimits:
+        return ProviderLimits(
+            max_in_flight=self.max_in_flight,
             requests_per_minute=self.requests_per_minute,
             tokens_per_minute=self.tokens_per_minute,
-            shared_slot=shared_slot if self.max_in_flight else None,
-            shared_rate=shared_rate if rated else None,
         )
 
     def build(self, limiter: Limiter | None = None) -> Extractor:
-        """The extractor; ``limiter`` defaults to this block's in-process `limiter()`."""
+        """The extractor. ``limiter`` is the run's one LLM gate (the flow passes the
+        Prefect-backed one from `flows.llm_limits`); without it, this block's limits
+        hold in this process only."""
         if self.kind == "rules":
             from invoiceflow.extractors.rules import RulesExtractor
 
             return RulesExtractor()
-        limiter = limiter or self.limiter()
+        limiter = limiter or run_limiter(
+            self.provider_limits(), run_cap=None, default_cap=self.max_connections
+        )
         if self.kind == "bedrock":
             from invoiceflow.extractors.bedrock import BedrockExtractor
 
@@ -173,6 +188,9 @@ class ExtractorBlock(Block):
                 price_currency=self.price_currency,
                 limiter=limiter,
                 max_workers=self.max_connections,
+                vision=self.vision,
+                max_images=self.max_images,
+                max_image_pixels=self.max_image_pixels,
             )
         from invoiceflow.extractors.openai import OpenAIExtractor
 
@@ -196,6 +214,9 @@ class ExtractorBlock(Block):
             price=self.price(),
             price_currency=self.price_currency,
             limiter=limiter,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def _bedrock_client(self) -> Any:

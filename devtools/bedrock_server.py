@@ -17,6 +17,10 @@ speaks Bedrock instead:
 * Requests must be SigV4-signed (``Authorization: AWS4-HMAC-SHA256 Credential=AKID/...``);
   with ``api_key`` set, the access key id must equal it. The signature itself is not
   verified.
+* ``image`` content blocks are checked like Converse does (PNG/JPEG/GIF/WebP, at most
+  20 a request, 3.75 MB and 8,000 px a side each; `devtools.images`), a breach
+  answered 400 ValidationException; accepted ones are recorded in ``_stats``
+  ``images`` and billed as input tokens.
 * ``by_key`` counts ``requestMetadata.invoice_key`` (decoded from the extractor's
   ``=XX`` escaping), so retries of one invoice are countable.
 
@@ -42,6 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from devtools.images import BEDROCK_RULES, ImageRejected, decode_bedrock_image
 from devtools.llm_server import (
     INVOICE_OPEN,
     AnswerValue,
@@ -91,6 +96,17 @@ def _message_text(message: Any) -> str:
     if not isinstance(message, dict):
         return ""
     return "".join(_block_text(b) for b in message.get("content") or [])
+
+
+def _image_blocks(messages: list[Any]) -> list[tuple[str, bytes]]:
+    """(declared media type, bytes) of every ``image`` block, in order."""
+    return [
+        decode_bedrock_image(block["image"])
+        for message in messages
+        if isinstance(message, dict)
+        for block in message.get("content") or []
+        if isinstance(block, dict) and "image" in block
+    ]
 
 
 def decode_metadata(value: str) -> str:
@@ -150,6 +166,10 @@ class BedrockServer(LLMServer):
             return "403", denied
         if not users:
             return "400", _error(400, "messages must contain a user turn")
+        try:
+            images = self._receive_images(_image_blocks(messages), BEDROCK_RULES, key)
+        except ImageRejected as exc:
+            return "400", _error(400, str(exc))
         fault = self._pick_fault(last_user, key)
         if fault is not None:
             status, retry_after, _ = fault
@@ -190,7 +210,7 @@ class BedrockServer(LLMServer):
             len(_message_text(m)) for m in messages
         )
         usage = {
-            "inputTokens": math.ceil(prompt_chars / 4),
+            "inputTokens": math.ceil(prompt_chars / 4) + sum(image.tokens for image in images),
             "outputTokens": math.ceil(answer_chars / 4),
         }
         usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"]

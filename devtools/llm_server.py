@@ -42,7 +42,8 @@ Faults
     ``hang_s``) or ``"reset"`` (abort the TCP connection without a response);
     ``times`` is how often the rule fires, -1 meaning forever; ``headers`` adds response
     headers (e.g. ``x-ratelimit-reset-requests``), ``code``/``message`` override the
-    error body (e.g. ``context_length_exceeded``). The first live matching
+    error body (e.g. ``context_length_exceeded``), ``body`` replaces the whole JSON body
+    (status 200 is then allowed: a malformed answer). The first live matching
     rule fires; if none does, a random fault from ``rate_statuses`` fires with
     probability ``rate`` (``random.Random(seed)``, so a sequential run is reproducible;
     concurrent runs are only as reproducible as their arrival order).
@@ -60,10 +61,18 @@ Counting (``GET /_stats``)
     counts the requested ``response_format`` types ("json_schema", "none", ...);
     ``busy_s`` / ``first_start`` / ``last_end`` feed `utilisation` (slot busy share).
 
+Images
+    ``image_url`` parts must be base64 ``data:`` URLs of PNG, JPEG, GIF or WebP within
+    OpenAI's limits (`devtools.images`; ``max_images`` lowers the count); a request
+    breaking one gets a 400 ``invalid_image`` naming it. Accepted images are recorded
+    in ``GET /_stats`` ``images`` (invoice key, media type, bytes, size, sha1) and
+    billed as prompt tokens (OpenAI's high-detail tiling).
+
 Control
     ``POST /_control/faults`` (a fault plan; replaces the current one),
     ``POST /_control/answers`` (``{"answers": {...}, "refusals": {...}}``; replaces),
-    ``POST /_control/config`` (``{"latency_s": 0.5, "jitter_s": 0.1}``; partial update),
+    ``POST /_control/config`` (``{"latency_s": 0.5, "jitter_s": 0.1, "max_images": 2,
+    "response_headers": {...}}``; partial update),
     ``POST /_control/reset`` (back to the constructor's configuration, stats zeroed),
     ``GET /_health``. Control endpoints need no API key.
 """
@@ -88,19 +97,34 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import httpx
 import uvicorn
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from devtools.images import (
+    OPENAI_RULES,
+    ImageRejected,
+    ImageRules,
+    ReceivedImage,
+    check_images,
+    decode_data_url,
+)
 from invoiceflow.schema import Invoice
 
 log = logging.getLogger(__name__)
@@ -122,8 +146,8 @@ FALLBACK_ANSWER: dict[str, Any] = Invoice().model_dump(mode="json")
 
 
 def _check_status(value: int | str) -> int | str:
-    if isinstance(value, int) and not 400 <= value <= 599:
-        raise ValueError(f"fault status must be an HTTP error code 400-599, got {value}")
+    if isinstance(value, int) and value != 200 and not 400 <= value <= 599:
+        raise ValueError(f"fault status must be 200 or an HTTP error code 400-599, got {value}")
     return value
 
 
@@ -142,6 +166,14 @@ class FaultRule(BaseModel):
     # Error body overrides, e.g. code "context_length_exceeded".
     code: str | None = None
     message: str | None = None
+    # The whole JSON body to send instead (status may then be 200: a malformed answer).
+    body: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _status_200_needs_body(self) -> FaultRule:
+        if self.status == 200 and self.body is None:
+            raise ValueError("a fault with status 200 must give the body to send")
+        return self
 
 
 class FaultPlan(BaseModel):
@@ -169,6 +201,10 @@ class _ConfigUpdate(BaseModel):
     # response_format types the "model" accepts ("json_schema", "json_object", "text");
     # an empty list restores the default of accepting every type.
     response_formats: list[str] | None = None
+    # Headers added to every 200 answer (e.g. a gateway echoing a credential).
+    response_headers: dict[str, str] | None = None
+    # Images a request may carry; 0 restores the API's own limit.
+    max_images: int | None = Field(default=None, ge=0)
 
 
 async def rules_answer(invoice_text: str) -> dict[str, Any]:
@@ -208,6 +244,8 @@ class LLMServerConfig:
     # None accepts every response_format; otherwise others get a 400, like servers
     # without structured-output support.
     response_formats: Sequence[str] | None = None
+    # Images a request may carry (None: the API's own limit, see devtools.images).
+    max_images: int | None = None
 
     def fault_plan(self) -> FaultPlan:
         return FaultPlan.model_validate(
@@ -242,6 +280,19 @@ def _message_text(message: Any) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return ""
+
+
+def _image_parts(messages: list[Any]) -> list[tuple[str, bytes]]:
+    """(declared media type, bytes) of every ``image_url`` part, in order."""
+    found = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                image_url = part.get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else None
+                found.append(decode_data_url(url))
+    return found
 
 
 def _messages(body: Any) -> list[Any]:
@@ -375,6 +426,9 @@ class LLMServer:
         self.by_format: Counter[str] = Counter()
         formats = self.config.response_formats
         self.response_formats: set[str] | None = set(formats) if formats is not None else None
+        self.response_headers: dict[str, str] = {}
+        self.max_images: int | None = self.config.max_images
+        self.images: list[ReceivedImage] = []
         self.in_flight = 0
         self.max_in_flight = 0
         # Request-seconds spent inside the server, and the window they fell in, so a
@@ -401,6 +455,7 @@ class LLMServer:
             "busy_s": self.busy_s,
             "first_start": self.first_start,
             "last_end": self.last_end,
+            "images": [image.as_dict() for image in self.images],
         }
 
     def _enter(self) -> float:
@@ -440,6 +495,16 @@ class LLMServer:
         if self.plan.rate > 0 and self._fault_rng.random() < self.plan.rate:
             return self._fault_rng.choice(self.plan.rate_statuses), self.plan.rate_retry_after, None
         return None
+
+    def _receive_images(
+        self, found: list[tuple[str, bytes]], rules: ImageRules, key: str | None
+    ) -> list[ReceivedImage]:
+        """Check a request's images (`ImageRejected` if they break a rule); record them."""
+        if self.max_images is not None:
+            rules = replace(rules, max_images=self.max_images)
+        received = check_images(found, rules, key)
+        self.images += received
+        return received
 
     def _auth_error(self, request: Request) -> JSONResponse | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -549,6 +614,10 @@ class LLMServer:
                 code="unsupported_response_format",
             )
 
+        try:
+            images = self._receive_images(_image_parts(messages), OPENAI_RULES, key)
+        except ImageRejected as exc:
+            return "400", _error(400, str(exc), type_="invalid_request_error", code="invalid_image")
         fault = self._pick_fault(user_message, key)
         if fault is not None:
             status, retry_after, rule = fault
@@ -558,6 +627,8 @@ class LLMServer:
             if status == "reset":
                 return "reset", _ResetConnection()
             assert isinstance(status, int)
+            if rule is not None and rule.body is not None:
+                return str(status), JSONResponse(rule.body, status, headers=rule.headers)
             if status >= 500:
                 await self._sleep_latency()
                 type_, code = "server_error", None
@@ -576,7 +647,8 @@ class LLMServer:
         content, refusal = await self._answer(user_message, _invoice_text(body, user_message))
         prompt_chars = sum(len(_message_text(m)) for m in messages)
         answer_chars = len(content if content is not None else refusal or "")
-        usage = {"prompt_tokens": _tokens(prompt_chars), "completion_tokens": _tokens(answer_chars)}
+        prompt_tokens = _tokens(prompt_chars) + sum(image.tokens for image in images)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(answer_chars)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -594,7 +666,8 @@ class LLMServer:
             ],
             "usage": usage,
         }
-        return "200", JSONResponse(completion, headers={"x-request-id": uuid.uuid4().hex})
+        headers = {"x-request-id": uuid.uuid4().hex, **self.response_headers}
+        return "200", JSONResponse(completion, headers=headers)
 
     async def models(self, request: Request) -> Response:
         self.models_requests += 1
@@ -634,6 +707,10 @@ class LLMServer:
             self.jitter_s = update.jitter_s
         if update.response_formats is not None:
             self.response_formats = set(update.response_formats) or None
+        if update.response_headers is not None:
+            self.response_headers = dict(update.response_headers)
+        if update.max_images is not None:
+            self.max_images = update.max_images or None
         formats = sorted(self.response_formats) if self.response_formats is not None else None
         return JSONResponse(
             {"latency_s": self.latency_s, "jitter_s": self.jitter_s, "response_formats": formats}
@@ -759,14 +836,25 @@ class LLMServerHandle:
         latency_s: float | None = None,
         jitter_s: float | None = None,
         response_formats: Sequence[str] | None = None,
+        response_headers: Mapping[str, str] | None = None,
+        max_images: int | None = None,
     ) -> None:
-        """Partial update; ``response_formats=[]`` accepts every format again."""
+        """Partial update; ``response_formats=[]`` accepts every format again,
+        ``response_headers`` are added to every 200 answer (``{}`` removes them),
+        ``max_images=0`` restores the API's own image count limit."""
         payload = {
+            "max_images": max_images,
             "latency_s": latency_s,
             "jitter_s": jitter_s,
             "response_formats": list(response_formats) if response_formats is not None else None,
+            "response_headers": dict(response_headers) if response_headers is not None else None,
         }
         self._call("POST", "/_control/config", payload)
+
+    def images(self, key: str | None = None) -> list[dict[str, Any]]:
+        """The images requests carried (of invoice ``key`` only, if given), in order."""
+        images = self.stats()["images"]
+        return [i for i in images if key is None or i["key"] == key]
 
     def reset(self) -> None:
         """Back to the server's start-up configuration, with all counters at zero."""

@@ -9,13 +9,18 @@ One extractor block = one provider account, so its limits are named after the bl
 The block is the source of truth, so a run creates or updates these limits at start.
 
 Slots: Prefect waiters poll (a refused acquire returns 423 and a Retry-After of up to
-30 s, FIELD_NOTES), so a slot freed by one run can sit idle while the waiter of
-another sleeps. Three things keep slots busy instead: `ProviderLimiter` hands a slot a
-call frees to the next waiting call of its run, keeps it for ``linger_s`` when none
-waits, and only then gives it back; `prefect_slot` polls a refused acquire itself with
-a short jittered backoff instead of sleeping Prefect's Retry-After. Rate
-permits are taken in batches (`ProviderLimiter`'s reservoir) with Prefect's own
-`rate_limit`, whose Retry-After for decaying limits is the time until the refill.
+30 s, prefect/server/api/concurrency_limits_v2.py), so a slot freed by one run can sit
+idle while the waiter of another sleeps. Three things keep slots busy instead:
+`ProviderLimiter` hands a slot a call frees to the next waiting call of its run, keeps
+it for ``linger_s`` when none waits, and only then gives it back; `prefect_slot` polls
+a refused acquire itself with a short jittered backoff instead of sleeping Prefect's
+Retry-After. Rate permits are taken in batches (`ProviderLimiter`'s reservoir) with
+Prefect's own `rate_limit`, whose Retry-After for decaying limits is the time until the
+refill.
+
+`provider_limiter` is the run's one LLM gate: the run's cap (``max_llm_concurrency``)
+and the block's limits in a single `ProviderLimiter`, so no call holds a slot of one
+gate while it waits in another.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency.asyncio import rate_limit
 
 from blocks.extractor import ExtractorBlock
-from invoiceflow.extractors.limits import ProviderLimiter, RateKind, RateTaker, SlotFactory
+from invoiceflow.extractors.limits import (
+    ProviderLimiter,
+    RateKind,
+    RateTaker,
+    SlotFactory,
+    run_limiter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +168,20 @@ async def ensure_provider_limits(block: ExtractorBlock, names: ProviderLimitName
 async def provider_limiter(
     block: ExtractorBlock, block_name: str, *, max_in_flight: int | None = None
 ) -> ProviderLimiter | None:
-    """The run's limiter for ``block``: in-process limits plus the shared Prefect ones."""
+    """The run's one LLM gate for ``block`` (None for the offline rules extractor).
+
+    ``max_in_flight`` is the run's own cap (``max_llm_concurrency``); the block's
+    limits are also held across runs through Prefect global concurrency limits.
+    """
     if block.kind == "rules":
         return None
     names = ProviderLimitNames.for_block(block_name)
     await ensure_provider_limits(block, names)
-    return block.limiter(
-        max_in_flight=max_in_flight,
-        shared_slot=prefect_slot(names.in_flight),
-        shared_rate=prefect_rate(names),
+    shared_slot, shared_rate = prefect_slot(names.in_flight), prefect_rate(names)
+    return run_limiter(
+        block.provider_limits(),
+        run_cap=max_in_flight,
+        default_cap=block.max_connections,
+        shared_slot=shared_slot,
+        shared_rate=shared_rate,
     )

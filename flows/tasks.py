@@ -25,6 +25,7 @@ from flows.llm_limits import provider_limiter
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
+from flows.redaction import redact_run_secrets
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoiceOutcome,
@@ -44,6 +45,7 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     await check_manifest_lock(params.manifest_lock)
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
+    await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
     s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
     store = ManifestStore(s3, params.manifest_key, lock=manifest_lock(params.manifest_lock))
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.

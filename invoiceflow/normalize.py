@@ -19,6 +19,43 @@ _CURRENCY_PREFIX: Final = re.compile(rf"^(?:[A-Za-z]+\.?\s*|[{_SYMBOLS}]\s*)+")
 _CURRENCY_SUFFIX: Final = re.compile(rf"(?:\s*[A-Za-z]+\.?|\s*[{_SYMBOLS}])+$")
 _DIGIT_GROUP: Final = re.compile(r"\d{1,3}")
 _INDIAN_GROUPS: Final = re.compile(r"\d{1,2}(?:,\d{2})*,\d{3}")
+# No invoice amount has more integer digits than this (10^15 is a thousand trillion);
+# a longer run of digits is a tracking number or IBAN misread as money. Checking the
+# length before building a Decimal also keeps the work bounded: Decimal's default
+# context (28 digits) raises InvalidOperation on quantize() beyond it.
+MAX_INTEGER_DIGITS: Final = 15
+# Longer inputs are never one printed amount; refuse them before any regex runs.
+_MAX_AMOUNT_CHARS: Final = 64
+
+
+class AmountTooLarge(ValueError):
+    """A well-formed number with more than `MAX_INTEGER_DIGITS` integer digits."""
+
+    def __init__(self, text: str, digits: int) -> None:
+        super().__init__(f"number too large to be money ({digits} integer digits): {text!r}")
+        self.digits = digits
+        self.review_reason = (
+            f"ignored a {digits}-digit number as an amount (more than {MAX_INTEGER_DIGITS} "
+            "integer digits cannot be money)"
+        )
+
+
+def read_amount(
+    text: str, *, decimal: DecimalSeparator | None = None, notes: list[str] | None = None
+) -> Decimal | None:
+    """`parse_amount` that never raises: None for anything that is not money.
+
+    A number too large to be money appends its review reason to ``notes`` (once per
+    reason), so a caller can flag the document instead of silently dropping the value.
+    """
+    try:
+        return parse_amount(text, decimal=decimal)
+    except AmountTooLarge as exc:
+        if notes is not None and exc.review_reason not in notes:
+            notes.append(exc.review_reason)
+        return None
+    except ValueError:
+        return None
 
 
 def parse_amount(text: str, *, decimal: DecimalSeparator | None = None) -> Decimal:
@@ -28,8 +65,15 @@ def parse_amount(text: str, *, decimal: DecimalSeparator | None = None) -> Decim
     a lone separator followed by exactly three digits ("1,234", "1.234") is read as a
     thousands separator, which is the more common meaning on invoices.
 
-    Raises ValueError when the text is not a single well-formed number.
+    Raises ValueError when the text is not a single well-formed number, and its
+    subclass `AmountTooLarge` when it has more than `MAX_INTEGER_DIGITS` integer digits;
+    never any other exception (decimal.InvalidOperation included).
     """
+    if len(text) > _MAX_AMOUNT_CHARS:
+        digits = sum(ch.isdigit() for ch in text)
+        if digits > MAX_INTEGER_DIGITS and not any(ch.isspace() for ch in text.strip()):
+            raise AmountTooLarge(text[:_MAX_AMOUNT_CHARS] + "…", digits)
+        raise ValueError(f"too long to be an amount: {text[:_MAX_AMOUNT_CHARS]!r}…")
     raw = text.strip()
     negative = False
     if raw.startswith("(") and raw.endswith(")"):  # accounting notation for negatives
@@ -61,9 +105,14 @@ def parse_amount(text: str, *, decimal: DecimalSeparator | None = None) -> Decim
         raw = "".join(groups)
 
     integer, fraction = _split(raw, decimal, text, allow_grouping=not grouped_by_space)
+    significant = len(integer.lstrip("0"))
+    if significant > MAX_INTEGER_DIGITS:
+        raise AmountTooLarge(text, significant)
+    if len(fraction) > MAX_INTEGER_DIGITS:
+        raise ValueError(f"too many decimals for an amount: {text!r}")
     try:
         value = Decimal(f"{integer or '0'}.{fraction or '0'}")
-    except InvalidOperation as exc:  # pragma: no cover - the regexes above prevent it
+    except InvalidOperation as exc:  # pragma: no cover - bounded above
         raise ValueError(f"not an amount: {text!r}") from exc
     if not fraction:
         value = value.quantize(Decimal(1))
@@ -115,31 +164,65 @@ _MONTHS: Final[dict[str, int]] = {
     name: number
     for number, names in enumerate(
         [
-            ("january", "jan", "januar", "janvier", "enero", "gennaio", "januari"),
-            ("february", "feb", "februar", "février", "fevrier", "febrero", "febbraio", "februari"),
-            ("march", "mar", "märz", "maerz", "mars", "marzo", "maart", "mrt"),
-            ("april", "apr", "avril", "abril", "aprile"),
+            (
+                "january",
+                "jan",
+                "januar",
+                "jän",
+                "jaen",
+                "janvier",
+                "janv",
+                "enero",
+                "gennaio",
+                "januari",
+            ),
+            (
+                "february",
+                "feb",
+                "febr",
+                "februar",
+                "février",
+                "fevrier",
+                "févr",
+                "fevr",
+                "febrero",
+                "febbraio",
+                "februari",
+            ),
+            ("march", "mar", "märz", "maerz", "mrz", "mars", "marzo", "maart", "mrt"),
+            ("april", "apr", "avril", "avr", "abril", "aprile"),
             ("may", "mai", "mayo", "maggio", "mei", "maj"),
             ("june", "jun", "juni", "juin", "junio", "giugno"),
-            ("july", "jul", "juli", "juillet", "julio", "luglio"),
+            ("july", "jul", "juli", "juillet", "juil", "julio", "luglio"),
             ("august", "aug", "août", "aout", "agosto", "augusti", "augustus"),
             ("september", "sep", "sept", "septembre", "septiembre", "settembre"),
             ("october", "oct", "oktober", "okt", "octobre", "octubre", "ottobre"),
             ("november", "nov", "novembre", "noviembre"),
-            ("december", "dec", "dezember", "dez", "décembre", "decembre", "diciembre", "dicembre"),
+            (
+                "december",
+                "dec",
+                "dezember",
+                "dez",
+                "décembre",
+                "decembre",
+                "déc",
+                "diciembre",
+                "dicembre",
+            ),
         ],
         start=1,
     )
     for name in names
 }
 
+_ORDINALS: Final = frozenset(("st", "nd", "rd", "th", "er"))
 _MONTH_WORD: Final = r"[A-Za-zÀ-ÿ]{3,10}\.?"
 # Order matters: the ISO form must win over the numeric forms it contains.
 DATE_PATTERN: Final = re.compile(
     r"(?P<iso>\d{4}-\d{1,2}-\d{1,2})"
     r"|(?P<ymd>\d{4}[./]\d{1,2}[./]\d{1,2})"
     r"|(?P<num>\d{1,2}[./-]\d{1,2}[./-]\d{2,4})"
-    rf"|(?P<dmy>\d{{1,2}}\.?[ -]{_MONTH_WORD}[\s,-]*\d{{4}})"
+    rf"|(?P<dmy>\d{{1,2}}(?:er|st|nd|rd|th)?\.?[ -]{_MONTH_WORD}[\s,-]{{0,3}}\d{{4}})"
     rf"|(?P<mdy>{_MONTH_WORD} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}})"
 )
 
@@ -176,7 +259,7 @@ def parse_date(text: str, *, dayfirst: bool = True) -> dt.date:
             return dt.date(year, month, day)
         words = re.findall(r"[A-Za-zÀ-ÿ]+|\d+", token)
         numbers = [int(w) for w in words if w.isdigit()]
-        names = [w for w in words if not w.isdigit() and w.lower() not in ("st", "nd", "rd", "th")]
+        names = [w for w in words if not w.isdigit() and w.lower() not in _ORDINALS]
         month = _MONTHS.get(names[0].lower()) if names else None
         if month is None or len(numbers) != 2:
             raise ValueError(f"unknown month in {text!r}")

@@ -882,6 +882,22 @@ def _places(rate: str) -> int:
     return len(rate.partition(".")[2])
 
 
+# The fields a generated invoice's truth states. The page also prints an IBAN, a BIC
+# and payment terms that the truth leaves out (e-invoice twins do not carry them).
+STATED_FIELDS: Final = frozenset(
+    (
+        "invoice_number", "invoice_date", "due_date", "vendor_name", "vendor_tax_id",
+        "customer_name", "po_number", "currency", "subtotal", "tax_total", "total",
+        "amount_due", "line_items",
+    )
+)  # fmt: skip
+
+
+def stated_fields(invoice: Invoice) -> Invoice:
+    """`invoice` with only the fields generated truth states (the others at their default)."""
+    return Invoice.model_validate(invoice.model_dump(include=set(STATED_FIELDS)))
+
+
 def generate_invoice(
     seed: int, *, language: Language = "en", einvoice: EInvoiceFlavor | None = None
 ) -> tuple[bytes, Invoice]:

@@ -8,16 +8,28 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# ISO 4217 codes we accept. Kept explicit so a typo ("EUR0", "US$") is a validation
-# error instead of a silently wrong currency.
+# ISO 4217 active currency codes (the list e-invoice code lists use). Kept explicit so a
+# typo ("EUR0", "US$") is a validation error instead of a silently wrong currency, while
+# a real e-invoice in, say, BAM or XOF is not refused.
 _ISO_4217_CODES = """
-AED ARS AUD BGN BRL CAD CHF CLP CNY COP CZK DKK EGP EUR GBP HKD HUF IDR ILS INR ISK JPY
-KES KRW MAD MXN MYR NGN NOK NZD PEN PHP PKR PLN QAR RON RSD RUB SAR SEK SGD THB TRY TWD
-UAH USD VND ZAR
+AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD
+BTN BWP BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP
+DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HRK HTG HUF IDR ILS
+INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD
+MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR
+PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS
+SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW
+UZS VED VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWG ZWL
 """
 ISO_4217 = frozenset(_ISO_4217_CODES.split())
 
 Money = Annotated[Decimal, Field(max_digits=18, decimal_places=4)]
+# Unit prices may legitimately carry more decimals than money (EN 16931 puts no limit
+# on BT-146, e.g. 0.123456 EUR per kWh); rounding them would change what was agreed.
+UnitPrice = Annotated[Decimal, Field(max_digits=28, decimal_places=10)]
+# A tax rate in percent, e.g. 19 or 7.7.
+Percent = Annotated[Decimal, Field(max_digits=9, decimal_places=4)]
+DocumentType = Literal["invoice", "credit_note"]
 
 
 class LineItem(BaseModel):
@@ -25,8 +37,19 @@ class LineItem(BaseModel):
 
     description: str
     quantity: Decimal | None = None
-    unit_price: Money | None = None
+    unit_price: UnitPrice | None = None
     amount: Money | None = None
+
+
+class TaxBreakdown(BaseModel):
+    """One VAT rate's share of the invoice (EN 16931 BG-23 "VAT breakdown")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # None for categories without a rate (e.g. "not subject to VAT").
+    rate: Percent | None = None
+    taxable_amount: Money | None = None
+    tax_amount: Money | None = None
 
 
 class Invoice(BaseModel):
@@ -47,6 +70,22 @@ class Invoice(BaseModel):
     total: Money | None = None
     amount_due: Money | None = None
     line_items: list[LineItem] = Field(default_factory=list)
+    # Fields the big invoice APIs share. All optional, so results written before they
+    # existed stay readable.
+    document_type: DocumentType | None = Field(
+        default=None,
+        description="credit_note for a credit note (UBL CreditNote, CII type 381); "
+        "amounts keep the sign the document states",
+    )
+    customer_tax_id: str | None = None
+    payment_terms: str | None = None
+    iban: str | None = Field(default=None, description="payee IBAN, as printed")
+    bic: str | None = None
+    tax_breakdown: list[TaxBreakdown] = Field(default_factory=list)
+    vendor_address: str | None = None
+    customer_address: str | None = None
+    service_period_start: dt.date | None = None
+    service_period_end: dt.date | None = None
 
     @field_validator("currency")
     @classmethod
@@ -82,6 +121,16 @@ class Invoice(BaseModel):
             },
             "required": ["description", "quantity", "unit_price", "amount"],
         }
+        tax_line = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "rate": nullable("string", description="percent, e.g. '19'"),
+                "taxable_amount": money,
+                "tax_amount": money,
+            },
+            "required": ["rate", "taxable_amount", "tax_amount"],
+        }
         props: dict[str, Any] = {
             "invoice_number": nullable("string"),
             "invoice_date": date,
@@ -96,6 +145,20 @@ class Invoice(BaseModel):
             "total": money,
             "amount_due": money,
             "line_items": {"type": "array", "items": line_item},
+            "document_type": {
+                "type": ["string", "null"],
+                "enum": ["invoice", "credit_note", None],
+                "description": "credit_note only when the document says it is a credit note",
+            },
+            "customer_tax_id": nullable("string"),
+            "payment_terms": nullable("string"),
+            "iban": nullable("string"),
+            "bic": nullable("string"),
+            "tax_breakdown": {"type": "array", "items": tax_line},
+            "vendor_address": nullable("string"),
+            "customer_address": nullable("string"),
+            "service_period_start": date,
+            "service_period_end": date,
         }
         return {
             "type": "object",
@@ -106,6 +169,9 @@ class Invoice(BaseModel):
 
 
 ExtractionSource = Literal["llm", "rules", "einvoice"]
+# How the document was read: its text layer, OCR of page images, page images sent to a
+# vision model, or its e-invoice XML.
+ReadAs = Literal["text", "ocr", "vision", "einvoice"]
 
 
 class Usage(BaseModel):
@@ -151,6 +217,7 @@ class ExtractionResult(BaseModel):
     source: ExtractionSource | None = None
     model: str | None = None
     einvoice_format: str | None = None
+    read_as: ReadAs | None = None
     usage: Usage | None = None
     # Cost from the provider block's price table; None when the model has no price.
     cost: Decimal | None = None

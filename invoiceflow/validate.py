@@ -164,6 +164,7 @@ def ground(invoice: Invoice, text: str) -> tuple[Invoice, list[str]]:
             drop(name, value)
     if invoice.currency is not None and invoice.currency not in evidence.currencies:
         drop("currency", invoice.currency)
+    reasons += ground_payment_and_tax(invoice, evidence, update)
 
     items: list[LineItem] = []
     for number, item in enumerate(invoice.line_items, start=1):
@@ -233,7 +234,7 @@ def check_invoice(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -
         reasons.append(f"amount due {invoice.amount_due} exceeds total {total}")
     if invoice.due_date and invoice.invoice_date and invoice.due_date < invoice.invoice_date:
         reasons.append(f"due date {invoice.due_date} is before invoice date {invoice.invoice_date}")
-    return reasons
+    return reasons + payment_and_tax_reasons(invoice, tolerance=tolerance)
 
 
 def validate_extraction(
@@ -358,3 +359,80 @@ class RecordDone:
 
 def duplicate_reason(duplicate_of: str) -> str:
     return f"duplicate of {duplicate_of} (same vendor and invoice number)"
+
+
+# --- IBAN and VAT breakdown (the fields e-invoices and the big invoice APIs share) -----------
+
+_IBAN: Final = re.compile(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}")
+
+
+def iban_is_valid(iban: str) -> bool:
+    """ISO 13616: country, check digits, account; moved to the end, as a number, mod 97 == 1."""
+    compact = re.sub(r"\s+", "", iban).upper()
+    if not _IBAN.fullmatch(compact):
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+def iban_reasons(invoice: Invoice) -> list[str]:
+    if invoice.iban is None or iban_is_valid(invoice.iban):
+        return []
+    return [f"IBAN {_show(invoice.iban)} fails the ISO 13616 mod-97 check"]
+
+
+def tax_breakdown_reasons(invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE) -> list[str]:
+    """The VAT breakdown must add up to the tax total (EN 16931 BR-CO-14)."""
+    amounts = [line.tax_amount for line in invoice.tax_breakdown]
+    if not amounts or invoice.tax_total is None:
+        return []
+    if any(amount is None for amount in amounts):
+        return ["tax breakdown has a rate without its tax amount"]
+    breakdown = sum(amounts, Decimal(0))  # type: ignore[arg-type]
+    if abs(breakdown - invoice.tax_total) > tolerance:
+        return [f"tax breakdown sums to {breakdown}, tax total is {invoice.tax_total}"]
+    return []
+
+
+def payment_and_tax_reasons(
+    invoice: Invoice, *, tolerance: Decimal = DEFAULT_TOLERANCE
+) -> list[str]:
+    return iban_reasons(invoice) + tax_breakdown_reasons(invoice, tolerance=tolerance)
+
+
+def ground_payment_and_tax(
+    invoice: Invoice, evidence: Evidence, update: dict[str, Any]
+) -> list[str]:
+    """`ground` for the payment, tax and address fields: drop what the text lacks.
+
+    An IBAN is where the money goes, so a prompt-injected one is the costliest wrong
+    value an LLM can produce; like every other field it must be printed on the document.
+    """
+    reasons: list[str] = []
+
+    def drop(name: str, value: object) -> None:
+        update[name] = None
+        reasons.append(f"{name} {_show(value)} is not in the document text; dropped")
+
+    for name in ("customer_tax_id", "iban", "bic"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_identifier(value):
+            drop(name, value)
+    for name in ("vendor_address", "customer_address", "payment_terms"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_name(value):
+            drop(name, value)
+    for name in ("service_period_start", "service_period_end"):
+        if (value := getattr(invoice, name)) is not None and not evidence.has_date(value):
+            drop(name, value)
+    supported = [
+        line
+        for line in invoice.tax_breakdown
+        if all(
+            amount is None or evidence.has_amount(amount)
+            for amount in (line.rate, line.taxable_amount, line.tax_amount)
+        )
+    ]
+    if len(supported) != len(invoice.tax_breakdown):
+        update["tax_breakdown"] = supported
+        dropped = len(invoice.tax_breakdown) - len(supported)
+        reasons.append(f"{dropped} tax breakdown line(s) not in the document text; dropped")
+    return reasons

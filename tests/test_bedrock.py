@@ -31,8 +31,9 @@ from invoiceflow.extractors.bedrock import (
 )
 from invoiceflow.extractors.limits import ProviderLimiter
 from invoiceflow.extractors.llm import REPAIR_PREFIX, TokenPrice, user_message
+from invoiceflow.extractors.rules import extract_invoice
 from invoiceflow.pdf import parse_pdf
-from invoiceflow.samples import generate_invoice
+from invoiceflow.samples import generate_invoice, stated_fields
 from invoiceflow.schema import Invoice
 
 pytestmark = pytest.mark.llm
@@ -101,11 +102,11 @@ async def test_generated_invoice_round_trips_with_usage_and_cost(
         extraction = await ex.extract_document(text, invoice_key="in/Rechnung März.pdf")
 
     # The default answer is the rules extraction of exactly the text that was sent.
-    assert extraction.invoice == truth
+    assert stated_fields(extraction.invoice) == truth
     assert (extraction.source, extraction.extractor, extraction.model) == ("llm", "bedrock", MODEL)
     assert extraction.attempts == 1
     sent = user_message(text, len(text))
-    answer = json.dumps(truth.model_dump(mode="json"))
+    answer = json.dumps(extract_invoice(text).model_dump(mode="json"))
     assert extraction.usage.prompt_tokens == math.ceil((len(BEDROCK_SYSTEM_PROMPT) + len(sent)) / 4)
     assert extraction.usage.completion_tokens == math.ceil(len(answer) / 4)
     assert extraction.cost == price.cost(extraction.usage)
@@ -194,7 +195,7 @@ async def test_malformed_text_answer_is_invalid_json_after_one_repair(
 async def test_wrong_schema_tool_input_is_repaired_through_a_tool_result(
     server: BedrockServerHandle,
 ) -> None:
-    server.set_answers({REPAIR_PREFIX: GOOD, "*": {**GOOD, "total": "a lot", "iban": "DE00"}})
+    server.set_answers({REPAIR_PREFIX: GOOD, "*": {**GOOD, "total": "a lot", "bank": "DE00"}})
     async with extractor(server) as ex:
         extraction = await ex.extract_document(TEXT, invoice_key="r")
 

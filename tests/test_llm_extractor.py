@@ -278,7 +278,7 @@ async def test_malformed_json_is_invalid_json(server: LLMServerHandle) -> None:
     [
         pytest.param({**ACME_ANSWER, "currency": "ZZZ"}, id="unknown-currency"),
         pytest.param({"invoice_number": "ACME-42", "total": "1.00"}, id="missing-keys"),
-        pytest.param({**ACME_ANSWER, "iban": "DE00"}, id="extra-key"),
+        pytest.param({**ACME_ANSWER, "bank_account": "DE00"}, id="extra-key"),
         pytest.param({**ACME_ANSWER, "total": "about 12 euros"}, id="money-not-a-number"),
         pytest.param({**ACME_ANSWER, "invoice_date": "01.03.2024"}, id="date-not-iso"),
         pytest.param({**ACME_ANSWER, "line_items": [{"description": "x"}]}, id="item-missing-keys"),
@@ -300,6 +300,58 @@ async def test_refusal_is_permanent(server: LLMServerHandle) -> None:
 
     assert (error.kind, error.transient) == ("refusal", False)
     assert "can't help" in str(error)
+    assert error.usage.completion_tokens > 0  # the refused answer was billed, so it counts
+
+
+class ScriptedChat:
+    """A `ProviderChat` answering from a script, recording the repairs it was asked for."""
+
+    strict = True
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+        self.repairs: list[str] = []
+
+    async def ask(self) -> tuple[Any, Any]:
+        from invoiceflow.schema import Usage
+
+        answer = self.answers.pop(0)
+        if isinstance(answer, ExtractionError):
+            answer.usage = Usage(prompt_tokens=7, completion_tokens=3)
+            raise answer
+        return answer, Usage(prompt_tokens=10, completion_tokens=5)
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.repairs.append(str(error))
+
+
+class Settings:
+    name, model, repair_attempts, price_currency = "scripted", "m", 1, "EUR"
+    price = None
+
+
+async def test_the_shared_repair_loop_repairs_once_then_bills_what_it_spent() -> None:
+    from invoiceflow.extractors.llm import TokenPrice, converse
+
+    good = Invoice(invoice_number="INV-1").model_dump(mode="json")
+    repaired = ScriptedChat(["not json", good])
+    extraction = await converse(Settings(), repaired, truncation=None, invoice_key="k")
+    assert extraction.repaired and extraction.invoice.invoice_number == "INV-1"
+    assert extraction.usage.total_tokens == 30 and len(repaired.repairs) == 1
+
+    settings = Settings()
+    settings.price = TokenPrice(input_per_million=Decimal(1), output_per_million=Decimal(2))
+    twice_bad = ScriptedChat(["not json", "still not json", good])
+    with pytest.raises(ExtractionError) as failure:
+        await converse(settings, twice_bad, truncation=None, invoice_key="k")
+    assert failure.value.kind == "invalid_json" and len(twice_bad.repairs) == 1
+    assert failure.value.usage.total_tokens == 30 and failure.value.cost is not None
+
+    refused = ScriptedChat(["not json", ExtractionError("refusal", "no", transient=False)])
+    with pytest.raises(ExtractionError) as failure:
+        await converse(Settings(), refused, truncation=None, invoice_key="k")
+    assert failure.value.kind == "refusal"
+    assert failure.value.usage.total_tokens == 15 + 10  # the refused call is billed too
 
 
 async def test_wrong_api_key_is_permanent_auth(server: LLMServerHandle) -> None:
@@ -392,3 +444,61 @@ async def test_out_of_process_server() -> None:
             invoice, _ = await ex.extract_with_usage(ACME_TEXT, invoice_key="sub")
         assert isinstance(invoice, Invoice)
         assert handle.stats()["by_key"] == {"sub": 1}
+
+
+@pytest.mark.parametrize("language", ["en", "de", "fr", "nl"])
+async def test_rule_based_loopback_answers_fit_the_strict_schema(language: str) -> None:
+    """The loopback servers answer with the rules extractor's reading; with the new
+    fields (issue 9) each answer must still satisfy the strict LLM schema."""
+    import jsonschema
+    from rules_handmade import CASES
+
+    from devtools.llm_server import rules_answer
+    from invoiceflow.extractors.llm import LLM_SCHEMA, parse_answer
+    from invoiceflow.pdf import parse_pdf
+    from invoiceflow.samples import generate_invoice
+
+    texts = [parse_pdf(generate_invoice(seed, language=language)[0]).text for seed in (3, 4)]
+    texts += [text for name, (text, _) in CASES.items() if name.startswith(language)]
+    for text in texts:
+        answer = json.loads(json.dumps(await rules_answer(text)))  # as it travels
+        jsonschema.validate(answer, LLM_SCHEMA)
+        invoice, _ = parse_answer(answer, strict=True)
+        assert set(answer) == set(Invoice.model_fields)
+        assert invoice.document_type in (None, "invoice", "credit_note")
+
+
+async def test_new_fields_travel_and_are_normalized(server: LLMServerHandle) -> None:
+    from invoiceflow.extractors.llm import SYSTEM_PROMPT
+
+    assert all(
+        field in SYSTEM_PROMPT
+        for field in ("document_type", "tax_breakdown", "iban", "service_period_start")
+    )
+    answer = {
+        **Invoice().model_dump(mode="json"),
+        "invoice_number": "GS-1",
+        "document_type": "Credit Note",
+        "customer_tax_id": "DE123456789",
+        "payment_terms": "Net 30 days",
+        "iban": "DE89 3704 0044 0532 0130 00",
+        "bic": "COBADEFFXXX",
+        "tax_breakdown": [
+            {"rate": "19 %", "taxable_amount": "-1.000,00", "tax_amount": "-190,00"},
+            {"rate": "7", "taxable_amount": "-100.00", "tax_amount": "-7.00"},
+        ],
+        "vendor_address": "Lieferantenstr. 20, 80333 München",
+        "customer_address": "Kundenstr. 15, 69876 Frankfurt",
+        "service_period_start": "2026-02-01",
+        "service_period_end": "2026-02-28",
+    }
+    server.set_answers({"*": answer})
+    async with extractor(server) as ex:
+        invoice = await ex.extract("Gutschrift GS-1")
+    assert invoice.document_type == "credit_note" and invoice.iban == answer["iban"]
+    assert [(t.rate, t.taxable_amount, t.tax_amount) for t in invoice.tax_breakdown] == [
+        (Decimal("19"), Decimal("-1000.00"), Decimal("-190.00")),
+        (Decimal("7"), Decimal("-100.00"), Decimal("-7.00")),
+    ]
+    assert invoice.service_period_end == dt.date(2026, 2, 28)
+    assert invoice.customer_address == "Kundenstr. 15, 69876 Frankfurt"

@@ -17,7 +17,9 @@ from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.extractors.limits import (
     LimiterStats,
     ProviderLimiter,
+    ProviderLimits,
     TokenBucket,
+    run_limiter,
     slot_utilisation,
 )
 
@@ -50,6 +52,33 @@ class FakeSharedSlots:
                 yield
             finally:
                 self.held -= 1
+
+
+def test_the_run_gate_takes_the_lower_cap_and_exists_without_provider_limits() -> None:
+    unlimited = ProviderLimits()
+    assert run_limiter(unlimited, run_cap=8, default_cap=64).max_in_flight == 8
+    assert run_limiter(unlimited, run_cap=None, default_cap=64).max_in_flight == 64
+    provider = ProviderLimits(max_in_flight=4, requests_per_minute=600)
+    assert run_limiter(provider, run_cap=8, default_cap=64).max_in_flight == 4
+    assert run_limiter(provider, run_cap=2, default_cap=64).max_in_flight == 2
+
+
+async def test_a_call_waiting_for_token_budget_holds_no_slot() -> None:
+    """Issue 12: one gate, and its slot is never held while waiting for TPM/RPM budget."""
+    limiter = run_limiter(ProviderLimits(tokens_per_minute=600), run_cap=1, default_cap=64)
+    order: list[str] = []
+
+    async def call(name: str, tokens: int) -> None:
+        async with limiter.call(tokens=tokens):
+            order.append(name)
+            await asyncio.sleep(0.05)
+
+    await call("drains the budget", 600)
+    budget_bound = asyncio.create_task(call("waits 0.5 s for budget", 5))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(call("needs no budget", 0), 0.3)  # the one slot was free
+    await budget_bound
+    assert order == ["drains the budget", "needs no budget", "waits 0.5 s for budget"]
 
 
 async def test_in_flight_is_bounded() -> None:

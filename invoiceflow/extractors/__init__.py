@@ -3,15 +3,19 @@
 Every extractor is async (LLM calls are I/O); the offline `RulesExtractor` simply
 never awaits anything. Extractors that know more than the fields (tokens used, cost,
 what the page/character budget cut, which model answered) also offer
-``extract_document``, returning an `Extraction`; the pipeline prefers it.
+``extract_document``, returning an `Extraction`; the pipeline prefers it. Its
+``images`` are PNG pages for a vision model (OpenAI ``image_url`` data URLs, Bedrock
+``image`` blocks); extractors that read only text ignore them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
+from invoiceflow.redact import redact
 from invoiceflow.schema import ExtractionSource, Invoice, Truncation, Usage
 
 __all__ = [
@@ -31,6 +35,9 @@ class ExtractionError(Exception):
     ``attempts`` counts the HTTP requests spent on the invoice (SDK retries and the
     repair attempt included), ``usage`` the tokens they were billed and ``cost`` their
     price (None without a price), so a failure still shows what it cost.
+
+    The message is redacted (`invoiceflow.redact`) as it is made: providers echo keys
+    in error bodies, and this text goes to the manifest, the results and the logs.
     """
 
     def __init__(
@@ -43,7 +50,7 @@ class ExtractionError(Exception):
         usage: Usage | None = None,
         cost: Decimal | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.kind = kind
         self.transient = transient
         self.attempts = attempts
@@ -85,5 +92,10 @@ class DocumentExtractor(Protocol):
     async def extract(self, text: str) -> Invoice: ...
 
     async def extract_document(
-        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+        self,
+        text: str,
+        *,
+        pages: int | None = None,
+        invoice_key: str | None = None,
+        images: Sequence[bytes] = (),
     ) -> Extraction: ...

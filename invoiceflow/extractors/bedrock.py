@@ -19,6 +19,7 @@ import contextvars
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -37,12 +38,15 @@ from invoiceflow.extractors.limits import Limiter, Unlimited
 from invoiceflow.extractors.llm import (
     LLM_SCHEMA,
     SYSTEM_PROMPT,
+    VISION_PROMPT,
+    PageImage,
     TokenPrice,
+    VisionMode,
     apply_budget,
-    charge,
+    converse,
+    count_attempt,
     estimate_tokens,
-    llm_extraction,
-    parse_answer,
+    page_images,
     repair_message,
     user_message,
 )
@@ -82,11 +86,9 @@ _AUTH: Final = frozenset(
     }
 )
 _CONTEXT_WORDS: Final = ("too long", "context length", "context window", "too many tokens")
-
-# HTTP requests made for the current extraction (botocore retries included).
-_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "invoiceflow_bedrock_attempts", default=None
-)
+# Converse takes at most 20 images of at most 3.75 MB each.
+MAX_IMAGES: Final = 20
+MAX_IMAGE_BYTES: Final = 3_750_000
 
 
 def metadata_value(key: str) -> str:
@@ -98,12 +100,6 @@ def metadata_value(key: str) -> str:
         else:
             out.extend(f"={byte:02X}" for byte in ch.encode())
     return "".join(out)[:256]
-
-
-def _count_attempt(**_: Any) -> None:
-    counter = _ATTEMPTS.get()
-    if counter is not None:
-        counter[0] += 1
 
 
 def map_bedrock_error(exc: Exception) -> ExtractionError:
@@ -160,6 +156,9 @@ class BedrockExtractor:
         price_currency: str = "USD",
         limiter: Limiter | None = None,
         max_workers: int = 64,
+        vision: VisionMode = "auto",
+        max_images: int = 8,
+        max_image_pixels: int = 2_500_000,
     ) -> None:
         if repair_attempts < 0:
             raise ValueError("repair_attempts must be >= 0")
@@ -174,8 +173,11 @@ class BedrockExtractor:
         self.price = price
         self.price_currency = price_currency
         self.limiter: Limiter = limiter or Unlimited()
+        self.vision: VisionMode = vision
+        self.max_images = min(max_images, MAX_IMAGES)
+        self.max_image_pixels = max_image_pixels
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="bedrock")
-        client.meta.events.register("before-send.bedrock-runtime.Converse", _count_attempt)
+        client.meta.events.register("before-send.bedrock-runtime.Converse", count_attempt)
 
     def __repr__(self) -> str:
         return f"BedrockExtractor(model_id={self.model!r})"
@@ -184,51 +186,36 @@ class BedrockExtractor:
         return (await self.extract_document(text)).invoice
 
     async def extract_document(
-        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+        self,
+        text: str,
+        *,
+        pages: int | None = None,
+        invoice_key: str | None = None,
+        images: Sequence[bytes] = (),
     ) -> Extraction:
+        """Extract one invoice; ``images`` (PNG pages) go as Converse ``image`` blocks."""
         sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        messages: list[dict[str, Any]] = [
-            {"role": "user", "content": [{"text": user_message(sent, len(sent))}]}
-        ]
-        attempts = [0]
-        token = _ATTEMPTS.set(attempts)
-        usage = Usage()
-        try:
-            for round_ in range(self.repair_attempts + 1):
-                response = await self._converse(messages, invoice_key)
-                call_usage = _usage(response)
-                usage += call_usage
-                answer, tool_use = _answer(response)
-                try:
-                    invoice, notes = parse_answer(answer, strict=False)
-                    break
-                except ExtractionError as exc:
-                    if round_ == self.repair_attempts:
-                        raise
-                    log.info("repairing Bedrock answer for %s: %s", invoice_key, exc)
-                    messages += _repair_turns(response, tool_use, exc)
-        except ExtractionError as exc:
-            charge(exc, attempts[0], usage, self.price)
-            raise
-        finally:
-            _ATTEMPTS.reset(token)
-        return llm_extraction(
-            invoice,
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            price=self.price,
-            price_currency=self.price_currency,
-            attempts=attempts[0],
-            repaired=len(messages) > 1,
-            truncation=truncation,
-            notes=notes,
+        pictures, notes = page_images(
+            images,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_pixels=self.max_image_pixels,
+            max_bytes=MAX_IMAGE_BYTES,
+        )
+        # Images before the text, as Anthropic's models on Bedrock read them best.
+        content = [*(_image_block(p) for p in pictures), {"text": user_message(sent, len(sent))}]
+        chat = _BedrockChat(self, content, invoice_key, sum(p.tokens for p in pictures))
+        return await converse(
+            self, chat, truncation=truncation, invoice_key=invoice_key, notes=notes
         )
 
-    async def _converse(self, messages: list[dict[str, Any]], invoice_key: str | None) -> Any:
+    async def _converse(
+        self, messages: list[dict[str, Any]], invoice_key: str | None, image_tokens: int = 0
+    ) -> Any:
+        system = BEDROCK_SYSTEM_PROMPT + (VISION_PROMPT if image_tokens else "")
         request: dict[str, Any] = {
             "modelId": self.model,
-            "system": [{"text": BEDROCK_SYSTEM_PROMPT}],
+            "system": [{"text": system}],
             "messages": messages,
             "toolConfig": TOOL_CONFIG,
             "inferenceConfig": {
@@ -239,7 +226,7 @@ class BedrockExtractor:
         if invoice_key:
             request["requestMetadata"] = {METADATA_KEY: metadata_value(invoice_key)}
         texts = [block.get("text", "") for message in messages for block in message["content"]]
-        estimate = estimate_tokens(BEDROCK_SYSTEM_PROMPT, *texts) + self._max_output_tokens
+        estimate = estimate_tokens(system, *texts) + image_tokens + self._max_output_tokens
         loop = asyncio.get_running_loop()
         # copy_context: the attempt counter must be visible in the worker thread.
         call = functools.partial(
@@ -303,6 +290,46 @@ def _answer(response: Any) -> tuple[dict[str, Any] | str, dict[str, Any] | None]
     if text:
         return text, None  # answered in prose instead of calling the tool
     raise ExtractionError("invalid_json", "Bedrock answered with no content", transient=False)
+
+
+class _BedrockChat:
+    """One invoice's Converse messages: the repair turn answers the tool call (or the
+    prose) with the validation error."""
+
+    strict = False  # tool input is not schema-enforced; missing keys are left null
+
+    def __init__(
+        self,
+        extractor: BedrockExtractor,
+        content: list[dict[str, Any]],
+        invoice_key: str | None,
+        image_tokens: int = 0,
+    ) -> None:
+        self._extractor = extractor
+        self._invoice_key = invoice_key
+        self._image_tokens = image_tokens
+        self.messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        self._response: Any = None
+        self._tool_use: dict[str, Any] | None = None
+
+    async def ask(self) -> tuple[dict[str, Any] | str, Usage]:
+        self._response = await self._extractor._converse(
+            self.messages, self._invoice_key, self._image_tokens
+        )
+        usage = _usage(self._response)
+        try:
+            answer, self._tool_use = _answer(self._response)
+        except ExtractionError as exc:
+            exc.usage = usage  # answered and billed, but unusable
+            raise
+        return answer, usage
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.messages += _repair_turns(self._response, self._tool_use, error)
+
+
+def _image_block(page: PageImage) -> dict[str, Any]:
+    return {"image": {"format": "png", "source": {"bytes": page.png}}}
 
 
 def _repair_turns(

@@ -1,294 +1,263 @@
-"""The e-invoice fast path: read the XML a PDF carries instead of asking anyone.
+"""The e-invoice fast path: read the invoice's XML instead of asking anyone.
 
-Factur-X and ZUGFeRD embed a UN/CEFACT Cross Industry Invoice (CII) in a PDF/A-3;
-XRechnung is CII or OASIS UBL 2.1 (as a PDF attachment when sent as a hybrid). The
-XML is the legally binding invoice, so its values are taken exactly: Decimal amounts
-as written, ISO dates, the currency code as stated. No model, no heuristics, no cost.
+An e-invoice arrives bare (an XRechnung or Peppol ``.xml``) or embedded in a PDF/A-3
+(Factur-X, ZUGFeRD 1.0 and 2.x, XRechnung hybrids). The XML is the legally binding
+invoice, so its values are taken exactly: Decimal amounts as written, ISO dates, the
+currency code as stated. No model, no heuristics, no cost.
 
-Parsing uses defusedxml: the XML is untrusted input (no entity expansion, no DTDs).
+* `read_einvoice_xml` reads a bare XML file or raises `EInvoiceError` with a kind:
+  ``unsupported_document`` (not an invoice syntax we read; the root element is named),
+  ``einvoice_invalid`` (not well-formed, forbidden XML constructs, an unreadable value,
+  a missing header field) or ``too_large``. One that disagrees with its own arithmetic
+  is still read, with the disagreements as review notes: there is no other text to
+  fall back to, and a person must look.
+* `read_embedded` reads a PDF's attachment. One that is invalid or disagrees with
+  itself is not used: the caller reads the visible text instead and carries the
+  returned notes as review reasons. Never a wrong value, never silent.
+
+Parsing uses defusedxml (no entity declarations, no external references) on input no
+larger than `MAX_XML_BYTES`; attachments are size-checked before they are inflated
+(`einvoice_attachments`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Final
+from decimal import Decimal
+from typing import Final, Literal
+from xml.etree import ElementTree
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 from pydantic import ValidationError
-from pypdf import PdfReader
 
 from invoiceflow.extractors import Extraction
-from invoiceflow.schema import Invoice, LineItem
+from invoiceflow.extractors.einvoice_attachments import (
+    KNOWN_FILENAMES,
+    AttachmentTooLarge,
+    EmbeddedFile,
+    xml_attachments,
+)
+from invoiceflow.extractors.einvoice_syntax import (
+    CII_D16B,
+    ZUGFERD_1,
+    CiiReader,
+    StatedFigures,
+    SyntaxRead,
+    SyntaxReadError,
+    UblReader,
+    text_at,
+)
+from invoiceflow.schema import Invoice
 
 log = logging.getLogger(__name__)
 
-NAME = "einvoice"
-# File names the standards prescribe; any other *.xml attachment is tried after them.
-KNOWN_FILENAMES: Final = (
-    "factur-x.xml",
-    "zugferd-invoice.xml",
-    "xrechnung.xml",
-    "ZUGFeRD-invoice.xml",
-)
-MAX_XML_BYTES: Final = 10_000_000
+__all__ = [
+    "KNOWN_FILENAMES",
+    "MAX_XML_BYTES",
+    "MAX_XML_ELEMENTS",
+    "EInvoiceError",
+    "EmbeddedFile",
+    "EmbeddedRead",
+    "embedded_xml_files",
+    "inconsistencies",
+    "parse_einvoice_xml",
+    "read_einvoice",
+    "read_einvoice_xml",
+    "read_embedded",
+]
 
-CII_NS: Final = {
-    "rsm": "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100",
-    "ram": "urn:un:unece:uncefact:data:standard:ReusableAggregateBusinessInformationEntity:100",
-    "udt": "urn:un:unece:uncefact:data:standard:UnqualifiedDataType:100",
-}
+NAME = "einvoice"
+# Real e-invoices are kilobytes; XRechnung may carry base64 attachments inside, hence
+# megabytes, not more.
+MAX_XML_BYTES: Final = 10_000_000
+# A 2,000-line invoice has ~80,000 elements; the bound keeps a parse under ~1 s.
+MAX_XML_ELEMENTS: Final = 200_000
+# EN 16931 amounts have two decimals; a sum of rounded values may be a cent off.
+TOLERANCE: Final = Decimal("0.01")
+
+CII_NS: Final = "urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100"
+ZUGFERD_1_NS: Final = "urn:ferd:CrossIndustryDocument:invoice:1p0"
 UBL_INVOICE_NS: Final = "urn:oasis:names:specification:ubl:schema:xsd:Invoice-2"
 UBL_CREDIT_NOTE_NS: Final = "urn:oasis:names:specification:ubl:schema:xsd:CreditNote-2"
-UBL_NS: Final = {
-    "cac": "urn:oasis:names:specification:ubl:schema:xsd:CommonAggregateComponents-2",
-    "cbc": "urn:oasis:names:specification:ubl:schema:xsd:CommonBasicComponents-2",
+# Business documents that are not invoices, named so the refusal says what they are.
+_NOT_INVOICES: Final = {
+    "{urn:un:unece:uncefact:data:SCRDMCCBDACIOMessageStructure:100}"
+    "SCRDMCCBDACIOMessageStructure": "an Order-X order",
+    "{urn:oasis:names:specification:ubl:schema:xsd:Order-2}Order": "a UBL order",
+    "{urn:oasis:names:specification:ubl:schema:xsd:OrderResponse-2}OrderResponse": (
+        "a UBL order response"
+    ),
+    "{urn:oasis:names:specification:ubl:schema:xsd:DespatchAdvice-2}DespatchAdvice": (
+        "a UBL despatch advice"
+    ),
 }
-_MONEY_PLACES: Final = Decimal("0.0001")
+_REQUIRED: Final = ("invoice_number", "invoice_date", "currency", "total")
+# Longest header text accepted, by field ("" for the rest): identifiers and names are
+# short; payment terms and addresses may be a paragraph.
+_MAX_TEXT: Final = {
+    "": 1_000,
+    "payment_terms": 4_000,
+    "vendor_address": 2_000,
+    "customer_address": 2_000,
+}
+
+EInvoiceErrorKind = Literal["unsupported_document", "einvoice_invalid", "too_large"]
 
 
 class EInvoiceError(ValueError):
-    """The XML is not a CII or UBL invoice we can read."""
+    """The XML is not an e-invoice we read exactly; ``kind`` says why (permanent)."""
+
+    def __init__(self, message: str, *, kind: EInvoiceErrorKind = "einvoice_invalid") -> None:
+        super().__init__(message)
+        self.kind: EInvoiceErrorKind = kind
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Crosses process boundaries (the document worker pool) with its kind intact.
+        return (_rebuild_error, (str(self), self.kind))
 
 
-@dataclass(frozen=True)
-class EmbeddedFile:
-    name: str
-    data: bytes
+def _rebuild_error(message: str, kind: EInvoiceErrorKind) -> EInvoiceError:
+    return EInvoiceError(message, kind=kind)
 
 
-def embedded_xml_files(pdf: bytes) -> list[EmbeddedFile]:
-    """XML attachments of a PDF, the standard names first. Never raises."""
-    try:
-        reader = PdfReader(io.BytesIO(pdf), strict=False)
-        if reader.is_encrypted and not reader.decrypt(""):
-            return []
-        attachments = reader.attachments
-        files = [
-            EmbeddedFile(name, data)
-            for name in attachments
-            if name.lower().endswith(".xml")
-            for data in attachments[name]
-            if len(data) <= MAX_XML_BYTES
-        ]
-    except Exception as exc:  # a broken PDF simply has no usable attachment
-        log.debug("no attachments readable: %s", exc)
-        return []
-    known = {n.lower(): i for i, n in enumerate(KNOWN_FILENAMES)}
-    return sorted(files, key=lambda f: known.get(f.name.lower(), len(known)))
+# --- bare XML ---------------------------------------------------------------------------------
 
 
-def read_einvoice(pdf: bytes) -> Extraction | None:
-    """The invoice from the PDF's embedded CII/UBL XML, or None if it has none.
-
-    A broken or foreign XML attachment is logged and skipped: the text path still
-    works for that PDF.
-    """
-    for file in embedded_xml_files(pdf):
-        try:
-            invoice, fmt = parse_einvoice_xml(file.data, filename=file.name)
-        except EInvoiceError as exc:
-            log.warning("embedded %s is not a usable e-invoice: %s", file.name, exc)
-            continue
-        return Extraction(invoice=invoice, source="einvoice", extractor=NAME, einvoice_format=fmt)
-    return None
+def read_einvoice_xml(xml_bytes: bytes, name: str = "") -> Extraction:
+    """The invoice a bare e-invoice XML states, exactly. Raises `EInvoiceError`."""
+    read = _read_parsed(_parse(xml_bytes), name)
+    return read.extraction(read.disagreements + read.notes)
 
 
 def parse_einvoice_xml(data: bytes, *, filename: str = "") -> tuple[Invoice, str]:
-    """(invoice, format) from CII or UBL XML; format is e.g. "factur-x", "xrechnung-ubl"."""
+    """(invoice, format) from e-invoice XML, e.g. (…, "factur-x"). Raises `EInvoiceError`."""
+    read = _read_parsed(_parse(data), filename)
+    return read.invoice, read.fmt
+
+
+@dataclass(frozen=True)
+class _Read:
+    invoice: Invoice
+    fmt: str
+    # Totals that disagree with each other: an embedded XML like this is not used.
+    disagreements: tuple[str, ...]
+    # Optional values left out because they could not be read exactly.
+    notes: tuple[str, ...]
+
+    def extraction(self, notes: tuple[str, ...]) -> Extraction:
+        return Extraction(
+            invoice=self.invoice,
+            source="einvoice",
+            extractor=NAME,
+            einvoice_format=self.fmt,
+            notes=notes,
+        )
+
+
+def _read_parsed(root: Element, name: str) -> _Read:
+    read, fmt = _read_root(root, name)
+    missing = [field for field in _REQUIRED if getattr(read.invoice, field) is None]
+    if missing:
+        raise EInvoiceError(f"{fmt} XML states no {', '.join(missing)}")
+    for field, value in read.invoice:
+        limit = _MAX_TEXT.get(field, _MAX_TEXT[""])
+        if isinstance(value, str) and len(value) > limit:
+            # Header values travel into the manifest and every table: a megabyte
+            # "invoice number" is an attack on those, not an invoice.
+            raise EInvoiceError(f"{field} is {len(value)} characters long (limit {limit})")
+    return _Read(read.invoice, fmt, tuple(inconsistencies(read.stated)), read.notes)
+
+
+def _parse(data: bytes) -> Element:
+    if len(data) > MAX_XML_BYTES:
+        raise EInvoiceError(
+            f"XML is {len(data)} bytes, over the {MAX_XML_BYTES} byte limit", kind="too_large"
+        )
+    parser = SafeET.XMLParser(target=_BoundedTreeBuilder(MAX_XML_ELEMENTS))
     try:
-        root = SafeET.fromstring(data)
-    except (SafeET.ParseError, DefusedXmlException, ValueError) as exc:
+        parser.feed(_without_leading_space(data))
+        return parser.close()
+    except _TooManyElements as exc:
+        raise EInvoiceError(
+            f"XML has more than {MAX_XML_ELEMENTS} elements", kind="too_large"
+        ) from exc
+    except DefusedXmlException as exc:
+        raise EInvoiceError(f"XML uses forbidden constructs: {exc!r}") from exc
+    except (SafeET.ParseError, ValueError) as exc:
         raise EInvoiceError(f"not well-formed XML: {exc}") from exc
+
+
+def _without_leading_space(data: bytes) -> bytes:
+    """Blank lines before ``<?xml`` (common in exported files) are not an error worth
+    refusing an invoice for; expat would reject them."""
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    stripped = body.lstrip(b" \t\r\n")
+    return stripped if stripped is not body and stripped.startswith(b"<") else data
+
+
+class _TooManyElements(Exception):
+    pass
+
+
+class _BoundedTreeBuilder(ElementTree.TreeBuilder):
+    """Stops the parse at the element bound.
+
+    defusedxml's parser runs its callbacks in Python: 10 MB of ``<a/>`` took 16 s and
+    195 MB to build; real e-invoices have a few thousand elements.
+    """
+
+    def __init__(self, max_elements: int) -> None:
+        super().__init__()
+        self.left = max_elements
+
+    def start(self, tag: str, attrs: dict[str, str]) -> Element:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyElements
+        return super().start(tag, attrs)
+
+
+def _read_root(root: Element, filename: str) -> tuple[SyntaxRead, str]:
     try:
-        if root.tag == f"{{{CII_NS['rsm']}}}CrossIndustryInvoice":
-            return _Cii(root).invoice(), _cii_format(root, filename)
+        if root.tag == f"{{{CII_NS}}}CrossIndustryInvoice":
+            return CiiReader(root, CII_D16B).read(), _cii_format(root, filename)
+        if root.tag == f"{{{ZUGFERD_1_NS}}}CrossIndustryDocument":
+            return CiiReader(root, ZUGFERD_1).read(), "zugferd-1"
         if root.tag in (f"{{{UBL_INVOICE_NS}}}Invoice", f"{{{UBL_CREDIT_NOTE_NS}}}CreditNote"):
-            return _Ubl(root).invoice(), _ubl_format(root)
+            return UblReader(root).read(), _ubl_format(root)
+    except SyntaxReadError as exc:
+        raise EInvoiceError(str(exc)) from exc
     except ValidationError as exc:
-        raise EInvoiceError(f"values do not fit the invoice schema: {exc}") from exc
-    raise EInvoiceError(f"root element {root.tag!r} is neither CII nor UBL")
-
-
-# --- shared helpers -------------------------------------------------------------------------
-
-
-def _text(element: Element | None) -> str | None:
-    if element is None or element.text is None:
-        return None
-    text = element.text.strip()
-    return text or None
-
-
-def _decimal(element: Element | None, what: str) -> Decimal | None:
-    text = _text(element)
-    if text is None:
-        return None
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise EInvoiceError(f"{what} {text!r} is not a decimal number") from exc
-    if not value.is_finite():
-        raise EInvoiceError(f"{what} {text!r} is not a finite number")
-    return value
-
-
-def _money(element: Element | None, what: str) -> Decimal | None:
-    value = _decimal(element, what)
-    if value is None:
-        return None
-    if value != value.quantize(_MONEY_PLACES):
-        # Unit prices may carry more decimals than the schema's four; exact values
-        # beyond that are not money we can represent, so the read fails loudly.
-        raise EInvoiceError(f"{what} {value} has more than 4 decimal places")
-    return value
-
-
-def _date(text: str | None, fmt: str, what: str) -> dt.date | None:
-    if text is None:
-        return None
-    try:
-        return dt.datetime.strptime(text, fmt).date()
-    except ValueError as exc:
-        raise EInvoiceError(f"{what} {text!r} is not a {fmt} date") from exc
-
-
-# --- UN/CEFACT CII (Factur-X, ZUGFeRD, XRechnung CII) ---------------------------------------
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise EInvoiceError(f"values do not fit the invoice schema: {problems}") from exc
+    what = _NOT_INVOICES.get(root.tag, "not an e-invoice")
+    raise EInvoiceError(
+        f"root element {root.tag!r} is {what}; read are UBL 2.1 Invoice/CreditNote, "
+        "UN/CEFACT CrossIndustryInvoice and ZUGFeRD 1.0 CrossIndustryDocument",
+        kind="unsupported_document",
+    )
 
 
 def _cii_format(root: Element, filename: str) -> str:
     guideline = (
-        _text(
-            root.find(
-                "rsm:ExchangedDocumentContext/ram:GuidelineSpecifiedDocumentContextParameter/ram:ID",
-                CII_NS,
-            )
-        )
+        text_at(root, "ExchangedDocumentContext/GuidelineSpecifiedDocumentContextParameter/ID")
         or ""
     ).lower()
     name = filename.lower()
-    if "xrechnung" in guideline or "xrechnung" in name:
-        return "xrechnung-cii"
-    if "zugferd" in guideline or "zugferd" in name:
-        return "zugferd"
-    if "factur-x" in guideline or "factur-x" in name:
-        return "factur-x"
+    for fmt in ("xrechnung", "zugferd", "factur-x"):
+        if fmt in guideline or fmt in name:
+            return "xrechnung-cii" if fmt == "xrechnung" else fmt
     return "cii"
 
 
-class _Cii:
-    def __init__(self, root: Element) -> None:
-        self.root = root
-        self.trade = root.find("rsm:SupplyChainTradeTransaction", CII_NS)
-        if self.trade is None:
-            raise EInvoiceError("CII without SupplyChainTradeTransaction")
-
-    @staticmethod
-    def _find(path: str, base: Element | None) -> Element | None:
-        return None if base is None else base.find(path, CII_NS)
-
-    def _date(self, element: Element | None, what: str) -> dt.date | None:
-        if element is None:
-            return None
-        fmt = element.get("format", "102")
-        if fmt != "102":
-            raise EInvoiceError(f"{what} uses date format {fmt}, expected 102 (YYYYMMDD)")
-        return _date(_text(element), "%Y%m%d", what)
-
-    def invoice(self) -> Invoice:
-        doc = self.root.find("rsm:ExchangedDocument", CII_NS)
-        agreement = self._find("ram:ApplicableHeaderTradeAgreement", self.trade)
-        settlement = self._find("ram:ApplicableHeaderTradeSettlement", self.trade)
-        seller = self._find("ram:SellerTradeParty", agreement)
-        buyer = self._find("ram:BuyerTradeParty", agreement)
-        summary = self._find("ram:SpecifiedTradeSettlementHeaderMonetarySummation", settlement)
-        currency = _text(self._find("ram:InvoiceCurrencyCode", settlement))
-        return Invoice(
-            invoice_number=_text(self._find("ram:ID", doc)),
-            invoice_date=self._date(
-                self._find("ram:IssueDateTime/udt:DateTimeString", doc), "IssueDateTime"
-            ),
-            due_date=self._date(
-                self._find(
-                    "ram:SpecifiedTradePaymentTerms/ram:DueDateDateTime/udt:DateTimeString",
-                    settlement,
-                ),
-                "DueDateDateTime",
-            ),
-            vendor_name=_text(self._find("ram:Name", seller)),
-            vendor_tax_id=self._tax_id(seller),
-            customer_name=_text(self._find("ram:Name", buyer)),
-            po_number=_text(
-                self._find("ram:BuyerOrderReferencedDocument/ram:IssuerAssignedID", agreement)
-            ),
-            currency=currency,
-            subtotal=_money(self._find("ram:TaxBasisTotalAmount", summary), "TaxBasisTotalAmount"),
-            tax_total=self._tax_total(summary, currency),
-            total=_money(self._find("ram:GrandTotalAmount", summary), "GrandTotalAmount"),
-            amount_due=_money(self._find("ram:DuePayableAmount", summary), "DuePayableAmount"),
-            line_items=list(self._lines()),
-        )
-
-    def _tax_id(self, party: Element | None) -> str | None:
-        if party is None:
-            return None
-        registrations = party.findall("ram:SpecifiedTaxRegistration/ram:ID", CII_NS)
-        # VAT number ("VA") first, then the fiscal number ("FC").
-        for scheme in ("VA", "FC"):
-            for element in registrations:
-                if element.get("schemeID") == scheme and _text(element):
-                    return _text(element)
-        return None
-
-    def _tax_total(self, summary: Element | None, currency: str | None) -> Decimal | None:
-        if summary is None:
-            return None
-        amounts = summary.findall("ram:TaxTotalAmount", CII_NS)
-        # A second TaxTotalAmount may state the tax in the accounting currency.
-        for element in amounts:
-            if element.get("currencyID") in (None, currency):
-                return _money(element, "TaxTotalAmount")
-        return None
-
-    def _lines(self) -> Iterator[LineItem]:
-        assert self.trade is not None
-        for line in self.trade.findall("ram:IncludedSupplyChainTradeLineItem", CII_NS):
-            yield LineItem(
-                description=_text(line.find("ram:SpecifiedTradeProduct/ram:Name", CII_NS)) or "",
-                quantity=_decimal(
-                    line.find("ram:SpecifiedLineTradeDelivery/ram:BilledQuantity", CII_NS),
-                    "BilledQuantity",
-                ),
-                unit_price=_money(
-                    line.find(
-                        "ram:SpecifiedLineTradeAgreement/ram:NetPriceProductTradePrice/"
-                        "ram:ChargeAmount",
-                        CII_NS,
-                    ),
-                    "ChargeAmount",
-                ),
-                amount=_money(
-                    line.find(
-                        "ram:SpecifiedLineTradeSettlement/"
-                        "ram:SpecifiedTradeSettlementLineMonetarySummation/ram:LineTotalAmount",
-                        CII_NS,
-                    ),
-                    "LineTotalAmount",
-                ),
-            )
-
-
-# --- OASIS UBL 2.1 (XRechnung UBL, Peppol BIS) ------------------------------------------------
-
-
 def _ubl_format(root: Element) -> str:
-    customization = (_text(root.find("cbc:CustomizationID", UBL_NS)) or "").lower()
+    customization = (text_at(root, "CustomizationID") or "").lower()
     if "xrechnung" in customization:
         return "xrechnung-ubl"
     if "peppol" in customization:
@@ -296,69 +265,131 @@ def _ubl_format(root: Element) -> str:
     return "ubl"
 
 
-class _Ubl:
-    def __init__(self, root: Element) -> None:
-        self.root = root
-        self.credit_note = root.tag.endswith("}CreditNote")
+# --- the document checked against itself ----------------------------------------------------
 
-    def _find(self, path: str, base: Element | None = None, *, root: bool = True) -> Element | None:
-        if base is None:
-            return self.root.find(path, UBL_NS) if root else None
-        return base.find(path, UBL_NS)
 
-    def _party(self, role: str) -> tuple[str | None, str | None]:
-        party = self._find(f"cac:{role}/cac:Party")
-        if party is None:
-            return None, None
-        name = _text(party.find("cac:PartyLegalEntity/cbc:RegistrationName", UBL_NS)) or _text(
-            party.find("cac:PartyName/cbc:Name", UBL_NS)
+def inconsistencies(stated: StatedFigures, tolerance: Decimal = TOLERANCE) -> list[str]:
+    """Where a document's totals disagree with its own lines and each other.
+
+    EN 16931 BR-CO-10 (lines sum to the line total), BR-CO-13 (tax basis), BR-CO-14
+    (VAT breakdown sums to the tax total), BR-CO-15 (grand total) and BR-CO-16 (amount
+    due). The rounding amount is accepted in the grand total too: generic UBL 2.1
+    documents put it there. Line quantity x price is not among them (EN 16931 states
+    no such rule); `validate.check_invoice` flags it for review on every invoice.
+    """
+    s, found = stated, []
+    amounts = s.line_amounts
+    if s.line_total is not None and amounts and all(a is not None for a in amounts):
+        lines = sum(amounts, Decimal(0))  # type: ignore[arg-type]
+        if abs(lines - s.line_total) > tolerance:
+            found.append(f"line amounts sum to {lines}, its line total is {s.line_total}")
+    if s.line_total is not None and s.tax_basis_total is not None:
+        basis = s.line_total - (s.allowance_total or 0) + (s.charge_total or 0)
+        if abs(basis - s.tax_basis_total) > tolerance:
+            found.append(
+                f"line total {s.line_total} - allowances {s.allowance_total or 0} + charges "
+                f"{s.charge_total or 0} = {basis}, its tax basis is {s.tax_basis_total}"
+            )
+    taxes = [t.tax_amount for t in s.tax_breakdown]
+    if taxes and all(t is not None for t in taxes) and s.tax_total is not None:
+        tax_sum = sum(taxes, Decimal(0))  # type: ignore[arg-type]
+        if abs(tax_sum - s.tax_total) > tolerance:
+            found.append(f"VAT breakdown sums to {tax_sum}, its tax total is {s.tax_total}")
+    rounding = s.rounding or Decimal(0)
+    if s.tax_basis_total is not None and s.grand_total is not None:
+        grand = s.tax_basis_total + (s.tax_total or 0)
+        if not _near(s.grand_total, (grand, grand + rounding), tolerance):
+            found.append(f"tax basis + tax = {grand}, its grand total is {s.grand_total}")
+    if s.grand_total is not None and s.due_payable is not None:
+        due = s.grand_total - (s.prepaid or 0)
+        if not _near(s.due_payable, (due + rounding, due), tolerance):
+            found.append(
+                f"grand total - prepaid + rounding = {due + rounding}, it says {s.due_payable} due"
+            )
+    return found
+
+
+def _near(value: Decimal, candidates: tuple[Decimal, ...], tolerance: Decimal) -> bool:
+    return any(abs(value - c) <= tolerance for c in candidates)
+
+
+# --- XML embedded in a PDF ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddedRead:
+    """What a PDF's e-invoice attachment gave: the invoice, or why it was not used.
+
+    ``notes`` are review reasons for the text-path result when ``extraction`` is None
+    because an attachment was invalid or disagreed with itself.
+    """
+
+    extraction: Extraction | None
+    notes: tuple[str, ...] = ()
+
+
+def read_embedded(pdf: bytes) -> EmbeddedRead:
+    """The invoice from a PDF's e-invoice attachment, or None with review notes.
+
+    Raises `EInvoiceError` ``too_large`` for an attachment past `MAX_XML_BYTES`
+    (declared, stored or inflated), and ``unsupported_document`` when the PDF carries a
+    business document that is not an invoice (e.g. an Order-X order) and no invoice.
+    """
+    notes: list[str] = []
+    other_documents: list[str] = []
+    for file in _attachments(pdf):
+        try:
+            if file.problem is not None:
+                raise EInvoiceError(file.problem)
+            root = _parse(file.data)
+            if root.tag in _NOT_INVOICES:
+                other_documents.append(f"{file.name} is {_NOT_INVOICES[root.tag]}")
+                continue
+            read = _read_parsed(root, file.name)
+        except EInvoiceError as exc:
+            if exc.kind != "unsupported_document":  # else: some other XML, not for us
+                notes.append(f"embedded {file.name} is not usable ({exc}); read from the text")
+            continue
+        if read.disagreements:
+            notes.append(
+                f"embedded {file.name} disagrees with itself ({'; '.join(read.disagreements)}); "
+                "read from the text"
+            )
+            continue
+        return EmbeddedRead(read.extraction(read.notes))
+    if other_documents and not notes:
+        raise EInvoiceError(
+            f"not an invoice: attachment {'; '.join(other_documents)}", kind="unsupported_document"
         )
-        tax_id = _text(party.find("cac:PartyTaxScheme/cbc:CompanyID", UBL_NS))
-        return name, tax_id
+    for note in notes:
+        log.warning("%s", note)
+    return EmbeddedRead(None, tuple(notes))
 
-    def invoice(self) -> Invoice:
-        vendor_name, vendor_tax_id = self._party("AccountingSupplierParty")
-        customer_name, _ = self._party("AccountingCustomerParty")
-        currency = _text(self._find("cbc:DocumentCurrencyCode"))
-        totals = self._find("cac:LegalMonetaryTotal")
-        due = _text(self._find("cbc:DueDate")) or _text(
-            self._find("cac:PaymentMeans/cbc:PaymentDueDate")
-        )
-        return Invoice(
-            invoice_number=_text(self._find("cbc:ID")),
-            invoice_date=_date(_text(self._find("cbc:IssueDate")), "%Y-%m-%d", "IssueDate"),
-            due_date=_date(due, "%Y-%m-%d", "DueDate"),
-            vendor_name=vendor_name,
-            vendor_tax_id=vendor_tax_id,
-            customer_name=customer_name,
-            po_number=_text(self._find("cac:OrderReference/cbc:ID")),
-            currency=currency,
-            subtotal=self._total(totals, "TaxExclusiveAmount"),
-            tax_total=self._tax_total(currency),
-            total=self._total(totals, "TaxInclusiveAmount"),
-            amount_due=self._total(totals, "PayableAmount"),
-            line_items=list(self._lines()),
-        )
 
-    def _total(self, totals: Element | None, name: str) -> Decimal | None:
-        return _money(self._find(f"cbc:{name}", totals, root=False), name)
+def read_einvoice(pdf: bytes) -> Extraction | None:
+    """The invoice from the PDF's embedded e-invoice XML, or None. Never raises.
 
-    def _tax_total(self, currency: str | None) -> Decimal | None:
-        for element in self.root.findall("cac:TaxTotal/cbc:TaxAmount", UBL_NS):
-            if element.get("currencyID") in (None, currency):
-                return _money(element, "TaxAmount")
+    Callers that can carry review reasons and fail an invoice use `read_embedded`.
+    """
+    try:
+        return read_embedded(pdf).extraction
+    except EInvoiceError as exc:
+        log.warning("no e-invoice read from the PDF: %s", exc)
         return None
 
-    def _lines(self) -> Iterator[LineItem]:
-        line_tag, quantity_tag = (
-            ("cac:CreditNoteLine", "cbc:CreditedQuantity")
-            if self.credit_note
-            else ("cac:InvoiceLine", "cbc:InvoicedQuantity")
-        )
-        for line in self.root.findall(line_tag, UBL_NS):
-            yield LineItem(
-                description=_text(line.find("cac:Item/cbc:Name", UBL_NS)) or "",
-                quantity=_decimal(line.find(quantity_tag, UBL_NS), "quantity"),
-                unit_price=_money(line.find("cac:Price/cbc:PriceAmount", UBL_NS), "PriceAmount"),
-                amount=_money(line.find("cbc:LineExtensionAmount", UBL_NS), "LineExtensionAmount"),
-            )
+
+def embedded_xml_files(pdf: bytes) -> list[EmbeddedFile]:
+    """XML attachments of a PDF, the standard names first, each checked before decoding.
+
+    Raises `EInvoiceError` ``too_large`` for one past `MAX_XML_BYTES`; a broken PDF
+    has none.
+    """
+    return list(_attachments(pdf))
+
+
+def _attachments(pdf: bytes) -> Iterator[EmbeddedFile]:
+    """Decoded one at a time, so only one attachment is in memory at once."""
+    try:
+        yield from xml_attachments(pdf, MAX_XML_BYTES)
+    except AttachmentTooLarge as exc:
+        raise EInvoiceError(str(exc), kind="too_large") from exc

@@ -201,6 +201,44 @@ class _Reservoir:
         self._level -= delta  # may go negative: the next take pays the debt
 
 
+@dataclass(frozen=True)
+class ProviderLimits:
+    """A provider's limits as configured (None: no such limit), shared by every run."""
+
+    max_in_flight: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    @property
+    def rated(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute)
+
+
+def run_limiter(
+    limits: ProviderLimits,
+    *,
+    run_cap: int | None,
+    default_cap: int,
+    shared_slot: SlotFactory | None = None,
+    shared_rate: RateTaker | None = None,
+) -> ProviderLimiter:
+    """The one LLM gate of a run: calls in flight, RPM and TPM.
+
+    In flight is the lower of the provider-wide limit and the run's own cap
+    (``default_cap`` when neither is set). ``shared_slot`` / ``shared_rate`` make the
+    provider-wide limits hold across runs; each is used only when the provider has
+    that limit, since otherwise there is nothing to share.
+    """
+    caps = [cap for cap in (limits.max_in_flight, run_cap) if cap]
+    return ProviderLimiter(
+        max_in_flight=min(caps) if caps else default_cap,
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        shared_slot=shared_slot if limits.max_in_flight else None,
+        shared_rate=shared_rate if limits.rated else None,
+    )
+
+
 class ProviderLimiter:
     """In-flight, RPM and TPM limits for one provider, local and optionally shared.
 

@@ -32,10 +32,10 @@ for the extractor's lifetime. Whatever the mode, an answer that fails validation
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import base64
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -49,14 +49,17 @@ from invoiceflow.extractors.limits import Limiter, Unlimited
 from invoiceflow.extractors.llm import (
     LLM_SCHEMA,
     SYSTEM_PROMPT,
+    VISION_PROMPT,
+    PageImage,
     StructuredOutput,
     TokenPrice,
+    VisionMode,
     apply_budget,
-    charge,
+    converse,
+    count_attempt,
     estimate_tokens,
     fit_text,
-    llm_extraction,
-    parse_answer,
+    page_images,
     parse_invoice_content,
     repair_message,
     schema_instructions,
@@ -84,6 +87,8 @@ DEFAULT_OUTPUT_ESTIMATE = 1_000
 # An invoice answer is a few KB. Far more means a broken or hostile endpoint, whose
 # answer the SDK would otherwise read whole into memory.
 DEFAULT_MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+# OpenAI refuses images over 20 MB each.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 _RESPONSE_FORMATS: Final[dict[str, dict[str, Any]]] = {
     "json_schema": {
@@ -97,11 +102,6 @@ _LADDER: Final = ("json_schema", "json_object", "prompt")
 _FORMAT_WORDS: Final = ("response_format", "json_schema", "json_object", "structured output")
 _CONTEXT_WORDS: Final = ("context length", "context_length", "context window", "too many tokens")
 _RESET_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)?")
-
-# HTTP requests made for the current extraction; set per call, read by the hook.
-_ATTEMPTS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "invoiceflow_openai_attempts", default=None
-)
 
 
 def parse_reset(value: str) -> float | None:
@@ -120,9 +120,7 @@ def parse_reset(value: str) -> float | None:
 
 
 async def _count_request(request: httpx2.Request) -> None:
-    counter = _ATTEMPTS.get()
-    if counter is not None:
-        counter[0] += 1
+    count_attempt()
 
 
 async def _reset_headers_to_retry_after(response: httpx2.Response) -> None:
@@ -175,6 +173,22 @@ def _map_api_error(exc: openai.APIError) -> ExtractionError:
     return ExtractionError("invalid_json", f"LLM response unusable: {exc}", transient=False)
 
 
+def _reported_usage(completion: Any) -> Usage:
+    """The usage a completion reports. The SDK does not validate answers, so a broken
+    one (a gateway's echo, a string for a count) fails here as an unusable response."""
+    reported = completion.usage
+    if reported is None:
+        return Usage()
+    try:
+        return Usage(
+            prompt_tokens=reported.prompt_tokens, completion_tokens=reported.completion_tokens
+        )
+    except ValueError as exc:
+        raise ExtractionError(
+            "invalid_json", f"LLM response unusable: {exc}", transient=False
+        ) from exc
+
+
 class ResponseTooLarge(openai.OpenAIError):
     """The answer exceeded the byte limit. An `OpenAIError`, so the SDK does not retry it."""
 
@@ -224,6 +238,10 @@ class OpenAIExtractor:
         price_currency: str = "USD",
         limiter: Limiter | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        vision: VisionMode = "auto",
+        max_images: int = 8,
+        max_image_pixels: int = 2_500_000,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
     ) -> None:
         if not api_key:
             # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
@@ -252,6 +270,10 @@ class OpenAIExtractor:
         self.price_currency = price_currency
         self.limiter: Limiter = limiter or Unlimited()
         self.max_response_bytes = max_response_bytes
+        self.vision: VisionMode = vision
+        self.max_images = max_images
+        self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
         self._client: AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -311,114 +333,123 @@ class OpenAIExtractor:
         return extraction.invoice, extraction.usage
 
     async def extract_document(
-        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+        self,
+        text: str,
+        *,
+        pages: int | None = None,
+        invoice_key: str | None = None,
+        images: Sequence[bytes] = (),
     ) -> Extraction:
         """Extract one invoice. ``invoice_key`` travels as ``X-Invoice-Key`` (for tracing
-        and per-invoice request counting), percent-encoded because headers are ASCII."""
+        and per-invoice request counting), percent-encoded because headers are ASCII.
+        ``images`` (PNG pages) go as ``image_url`` data-URL parts of the user turn."""
         sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
+        pictures, notes = page_images(
+            images,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_image_bytes,
+        )
         headers = {INVOICE_KEY_HEADER: quote(invoice_key, safe="/")} if invoice_key else None
-        attempts = [0]
-        token = _ATTEMPTS.set(attempts)
-        usage = Usage()
-        turns: list[dict[str, str]] = [{"role": "user", "content": user_message(sent, len(sent))}]
-        try:
-            for round_ in range(self.repair_attempts + 1):
-                content, call_usage = await self._complete(turns, headers)
-                usage += call_usage
-                try:
-                    invoice, notes = parse_answer(content, strict=self.mode == "json_schema")
-                    break
-                except ExtractionError as exc:
-                    if round_ == self.repair_attempts:
-                        raise
-                    log.info("repairing answer for %s: %s", invoice_key, exc)
-                    turns += [
-                        {"role": "assistant", "content": content},
-                        {"role": "user", "content": repair_message(exc)},
-                    ]
-        except ExtractionError as exc:
-            charge(exc, attempts[0], usage, self.price)
-            raise
-        finally:
-            _ATTEMPTS.reset(token)
-        return llm_extraction(
-            invoice,
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            price=self.price,
-            price_currency=self.price_currency,
-            attempts=attempts[0],
-            repaired=len(turns) > 1,
-            truncation=truncation,
-            notes=notes,
+        chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, headers)
+        return await converse(
+            self, chat, truncation=truncation, invoice_key=invoice_key, notes=notes
         )
 
     def _system_prompt(self) -> str:
         return SYSTEM_PROMPT if self.mode == "json_schema" else schema_instructions()
 
     async def _complete(
-        self, turns: list[dict[str, str]], headers: dict[str, str] | None
+        self,
+        turns: list[dict[str, Any]],
+        headers: dict[str, str] | None,
+        *,
+        image_tokens: int = 0,
     ) -> tuple[str, Usage]:
-        """One logical call (the SDK may retry it); steps down the format ladder."""
+        """One logical call (the SDK may retry it); steps down the format ladder.
+
+        ``image_tokens`` (the turns carry page images) adds to the rate-budget estimate.
+        """
         client = self._client_for_running_loop()
         while True:
             mode = self.mode
-            system = self._system_prompt()
-            messages: list[Any] = [{"role": "system", "content": system}, *turns]
-            extra: dict[str, Any] = {}
-            if mode in _RESPONSE_FORMATS:
-                extra["response_format"] = _RESPONSE_FORMATS[mode]
-            if self._max_output_tokens:
-                extra["max_tokens"] = self._max_output_tokens
-            estimate = estimate_tokens(system, *(t["content"] for t in turns)) + (
-                self._max_output_tokens or DEFAULT_OUTPUT_ESTIMATE
+            system = self._system_prompt() + (VISION_PROMPT if image_tokens else "")
+            estimate = (
+                estimate_tokens(system, *(_turn_text(t) for t in turns))
+                + image_tokens
+                + (self._max_output_tokens or DEFAULT_OUTPUT_ESTIMATE)
             )
+            messages: list[Any] = [{"role": "system", "content": system}, *turns]
             async with self.limiter.call(tokens=estimate) as permit:
-                try:
-                    async with asyncio.timeout(self._max_total_s):
-                        completion = await client.chat.completions.create(
-                            model=self.model,
-                            messages=messages,
-                            temperature=self._temperature,
-                            extra_headers=headers,
-                            **extra,
-                        )
-                except ResponseTooLarge as exc:
-                    raise ExtractionError("response_too_big", str(exc), transient=False) from exc
-                except TimeoutError as exc:
-                    raise ExtractionError(
-                        "timeout",
-                        f"LLM call (retries included) exceeded {self._max_total_s} s",
-                        transient=True,
-                    ) from exc
-                except openai.APIStatusError as exc:
-                    if self._may_step_down and _unsupported_format(exc) and mode == self.mode:
-                        following = _LADDER.index(mode) + 1
-                        if following < len(_LADDER):
-                            self.mode = _LADDER[following]
-                            log.warning(
-                                "%s rejected response_format %s (%s); using %s from now on",
-                                self._base_url,
-                                mode,
-                                exc.message,
-                                self.mode,
-                            )
-                            continue
-                    raise _map_api_error(exc) from exc
-                except openai.APIError as exc:
-                    raise _map_api_error(exc) from exc
-                reported = completion.usage
-                usage = (
-                    Usage(
-                        prompt_tokens=reported.prompt_tokens,
-                        completion_tokens=reported.completion_tokens,
-                    )
-                    if reported is not None
-                    else Usage()
-                )
+                completion = await self._create(client, mode, messages, headers)
+                if completion is None:
+                    continue  # the server refused the format; ask again one step down
+                usage = _reported_usage(completion)
                 permit.record(usage.total_tokens)
-            return self._content(completion), usage
+            try:
+                return self._content(completion), usage
+            except ExtractionError as exc:
+                exc.usage = usage  # answered and billed, but unusable
+                raise
+
+    async def _create(
+        self,
+        client: AsyncOpenAI,
+        mode: str,
+        messages: list[Any],
+        headers: dict[str, str] | None,
+    ) -> Any | None:
+        """One chat completion in ``mode``, errors mapped to `ExtractionError`; None
+        when the server rejected ``mode`` and the extractor stepped down from it."""
+        extra: dict[str, Any] = {}
+        if mode in _RESPONSE_FORMATS:
+            extra["response_format"] = _RESPONSE_FORMATS[mode]
+        if self._max_output_tokens:
+            extra["max_tokens"] = self._max_output_tokens
+        try:
+            async with asyncio.timeout(self._max_total_s):
+                return await client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=self._temperature,
+                    extra_headers=headers,
+                    **extra,
+                )
+        except ResponseTooLarge as exc:
+            raise ExtractionError("response_too_big", str(exc), transient=False) from exc
+        except TimeoutError as exc:
+            raise ExtractionError(
+                "timeout",
+                f"LLM call (retries included) exceeded {self._max_total_s} s",
+                transient=True,
+            ) from exc
+        except openai.APIStatusError as exc:
+            if self._stepped_down(mode, exc):
+                return None
+            raise _map_api_error(exc) from exc
+        except openai.APIError as exc:
+            raise _map_api_error(exc) from exc
+
+    def _stepped_down(self, mode: str, exc: openai.APIStatusError) -> bool:
+        """Step down the format ladder if ``exc`` rejects ``mode`` (once per mode, even
+        with many calls failing at once); whether the caller should ask again."""
+        if not (self._may_step_down and _unsupported_format(exc)):
+            return False
+        if mode != self.mode:
+            return True  # another call already stepped down from it
+        following = _LADDER.index(mode) + 1
+        if following >= len(_LADDER):
+            return False
+        self.mode = _LADDER[following]
+        log.warning(
+            "%s rejected response_format %s (%s); using %s from now on",
+            self._base_url,
+            mode,
+            exc.message,
+            self.mode,
+        )
+        return True
 
     @staticmethod
     def _content(completion: Any) -> str:
@@ -453,3 +484,56 @@ class OpenAIExtractor:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _turn_text(turn: Mapping[str, Any]) -> str:
+    content = turn["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+def _image_part(page: PageImage) -> dict[str, Any]:
+    data = base64.b64encode(page.png).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
+class _OpenAIChat:
+    """One invoice's chat-completions turns: the repair turn quotes the last answer.
+
+    Page images travel once, as ``image_url`` data-URL parts after the text of the
+    first user turn (gpt-4o-mini, Ollama llama3.2-vision and vLLM Qwen2-VL read them).
+    """
+
+    def __init__(
+        self,
+        extractor: OpenAIExtractor,
+        text: str,
+        pictures: Sequence[PageImage],
+        headers: dict[str, str] | None,
+    ) -> None:
+        self._extractor = extractor
+        self._headers = headers
+        content: str | list[dict[str, Any]] = text
+        if pictures:
+            content = [{"type": "text", "text": text}, *(_image_part(p) for p in pictures)]
+        self.turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        self._image_tokens = sum(p.tokens for p in pictures)
+        self._last = ""
+
+    @property
+    def strict(self) -> bool:
+        # Read after the call: a step down the format ladder relaxes it.
+        return self._extractor.mode == "json_schema"
+
+    async def ask(self) -> tuple[str, Usage]:
+        self._last, usage = await self._extractor._complete(
+            self.turns, self._headers, image_tokens=self._image_tokens
+        )
+        return self._last, usage
+
+    def add_repair(self, error: ExtractionError) -> None:
+        self.turns += [
+            {"role": "assistant", "content": self._last},
+            {"role": "user", "content": repair_message(error)},
+        ]

@@ -9,6 +9,7 @@ left as None, because a wrong value is worse than a missing one downstream.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,7 +18,7 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from invoiceflow.extractors import Extraction
-from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_amount, parse_date
+from invoiceflow.normalize import DATE_PATTERN, DecimalSeparator, parse_date, read_amount
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
 _I: Final = re.IGNORECASE
@@ -35,6 +36,22 @@ _INVOICE_NUMBER: Final = (
     r"facture\s+n[°o]\.?",
     r"num[ée]ro\s+de\s+facture",
     r"factuur\s*(?:nummer|nr\.?)",
+    r"credit\s*(?:note|memo)\s*(?:no\.?|nr\.?|number|#)",
+    r"gutschrifts?[\s-]*(?:nummer|nr\.?)",
+    r"(?:avoir|creditnota|creditfactuur)\s*(?:n[°o]\.?|nr\.?|nummer)",
+    # The number after the document title: "Rechnung Nr. 123", "Handelsrechnung (380)
+    # 05.03.2018 Nr. 471102", "Gutschrift Nr. GS-1". Bounded, so no backtracking blow-up.
+    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift|avoir|credit\s*note)"
+    r"(?:\s*\(\d{3}\))?(?:\s+\d{1,2}[./-]\d{1,2}[./-]\d{2,4})?"
+    r"\s+(?:nr\.?|no\.?|n[°o]\.?|number|nummer|#)",
+    # A bare "Number:" only at the start of a line.
+    r"^(?:nummer|number|num[ée]ro)\s*:",
+)
+# "Zu Rechnung Nr. 2026-1187", "Original invoice no. ...": another document's number.
+_REFERENCE_QUALIFIER: Final = re.compile(
+    r"(?:\bzu|\bzur|\bzum|original|orig\.|urspr[üu]ngliche\w*|related|bez[üu]glich|betreft"
+    r"|referring\s+to|against|\bfor|d['\u2019]origine|bij)\s*(?:der\s+|the\s+|de\s+la\s+)?$",
+    _I,
 )
 _INVOICE_DATE: Final = (
     r"invoice\s+date",
@@ -52,6 +69,21 @@ _INVOICE_DATE: Final = (
     r"datum\s+factuur",
     # "Datum:" (German, Dutch); compounds such as "Fälligkeitsdatum:" never match here.
     r"datum\s*:",
+    r"(?:bill|document|beleg)\s*date",
+    r"belegdatum",
+    r"rechnungs\s+datum",  # OCR splits compounds
+    r"factuur\s+datum",
+    # "Date 05/03/2026", "Datum 3 maart 2026": a bare label right before a date.
+    r"(?<!due )(?<!order )(?<!delivery )(?<!shipping )(?<!service )(?<!payment )"
+    r"(?:date|datum)(?=\s+\d)",
+    # A label alone on its line, the value on the next one.
+    r"^(?:date|datum|dated|issued)\s*:?$",
+    # "Handelsrechnung (380) 05.03.2018 Nr. 471102": the date right after the title.
+    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)(?:\s*\(\d{3}\))?"
+    r"(?=\s+\d{1,2}[./-]\d{1,2}[./-]\d{2,4})",
+    # "Zürich, 31. Januar 2026": place and date alone on a line (German/French letters).
+    r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+)?"
+    r"(?=(?:\d{1,2}\.?\s*[A-Za-zÀ-ÿ]{3,10}\.?\s+\d{4}|\d{1,2}[./]\d{1,2}[./]\d{2,4})$)",
 )
 _DUE_DATE: Final = (
     r"due\s+date",
@@ -68,6 +100,8 @@ _DUE_DATE: Final = (
     r"vervaldatum",
     r"te\s+betalen\s+voor",
     r"uiterste\s+betaaldatum",
+    r"date\s+due",
+    r"vervaldag",
 )
 _PO_NUMBER: Final = (
     r"p\.?\s?o\.?\s*(?:number|no\.?|nr\.?|#)",
@@ -154,52 +188,125 @@ _CUSTOMER_QUALIFIER_AFTER: Final = re.compile(r"^[\s.]*(?:client|klant|kunde|cus
 
 # Totals, tried in this order: the specific labels must win over "Total" and "VAT".
 TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total"]
-_TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
-    (field, re.compile(rf"^\s*(?:{pattern})(?![\w-])", _I))
-    for field, pattern in (
-        (
-            "amount_due",
-            r"amount\s+(?:due|payable)|balance(?:\s+due)?|total\s+(?:due|payable)"
-            r"|please\s+pay|amount\s+to\s+pay"
-            r"|zahlbetrag|offener\s+betrag|zu\s+zahlen|restbetrag"
-            r"|net\s+[àa]\s+payer|montant\s+d[ûu]|reste\s+[àa]\s+payer"
-            r"|nog\s+te\s+betalen|openstaand\s+bedrag|te\s+betalen(?!\s+(?:voor|bij))",
-        ),
-        (
-            "paid",
-            r"amount\s+paid|less\s+(?:deposit|payments?)|paid|deposit|payments?\s+received"
-            r"|prepaid|prepayment"
-            r"|abz[üu]glich\s+anzahlung|anzahlung|bereits\s+bezahlt"
-            r"|acompte(?:\s+vers[ée])?|d[ée]j[àa]\s+pay[ée]"
-            r"|reeds\s+betaald|aanbetaling|betaald",
-        ),
-        (
-            "subtotal",
-            r"sub-?\s?total|net\s+(?:amount|total)|total\s+net"
-            r"|total\s+(?:excl\.?|excluding|before)\s*(?:tax|vat|gst)?|amount\s+before\s+tax"
-            r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
-            r"|total\s+ht|sous-?\s?total|montant\s+ht"
-            r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag",
-        ),
-        (
-            "total",
-            r"total\s+(?:incl\.?|including)\s*(?:tax|vat|gst)?"
-            r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
-            r"|totaal\s+incl\.?(?:\s*btw)?",
-        ),
-        (
-            "tax_total",
-            r"(?:total\s+)?(?:vat|tax|sales\s+tax|gst|hst|pst|qst|mwst|ust|moms|mva"
-            r"|tva|btw|iva)",
-        ),
-        (
-            "total",
-            r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"
-            r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag"
-            r"|montant\s+total|totaalbedrag|totaal",
-        ),
-    )
+_TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
+    (
+        "amount_due",
+        r"amount\s+(?:due|payable)|balance(?:\s+due)?|total\s+(?:amount\s+)?(?:due|payable)"
+        r"|please\s+pay|amount\s+to\s+(?:be\s+)?pa(?:y|id)|total\s+to\s+pay"
+        r"|zahlbetrag|offener\s+betrag|zu\s+zahlen(?:der\s+betrag)?|restbetrag"
+        r"|net\s+[àa]\s+payer|montant\s+[àa]\s+payer|total\s+[àa]\s+payer|montant\s+d[ûu]"
+        r"|reste\s+[àa]\s+payer"
+        r"|nog\s+te\s+betalen|openstaand\s+bedrag|(?:totaal\s+)?te\s+(?:betalen|voldoen)"
+        r"(?!\s+(?:voor|bij|binnen))",
+    ),
+    (
+        "paid",
+        r"amount\s+paid|less\s+(?:deposit|payments?)|paid|deposit|payments?\s+received"
+        r"|prepaid|prepayment"
+        r"|abz[üu]glich\s+anzahlung|anzahlung|bereits\s+bezahlt"
+        r"|acompte(?:\s+vers[ée])?|d[ée]j[àa]\s+pay[ée]"
+        r"|reeds\s+betaald|aanbetaling|betaald",
+    ),
+    (
+        "subtotal",
+        r"sub-?\s?total|net\s+(?:amount|total)|total\s+net"
+        r"|total\s+(?:excl\.?|excluding|before|exkl\.?|hors|ohne|zonder)\s*"
+        r"(?:tax(?:es)?|vat|gst|mwst|ust|tva|btw)?"
+        r"|amount\s+before\s+tax|goods\s+total|total\s+goods"
+        r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
+        r"|gesamtbetrag\s+der\s+positionen|summe\s+(?:der\s+)?positionen|warenwert"
+        r"|total\s+ht|sous-?\s?total|montant\s+ht"
+        r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag|maatstaf\s+van\s+heffing",
+    ),
+    (
+        "total",
+        r"total\s+(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?"
+        r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
+        r"|totaal\s+incl\.?(?:\s*btw)?|factuur\s*totaal|factuurbedrag"
+        r"|total\s+credit|credit\s+total|gutschriftsbetrag|montant\s+de\s+l['\u2019]avoir",
+    ),
+    (
+        "tax_total",
+        r"(?:total\s+)?(?:vat|tax|sales\s+tax|gst|hst|pst|qst|mwst|ust|moms|mva"
+        r"|tva|btw|iva|umsatzsteuer|mehrwertsteuer)",
+    ),
+    (
+        "total",
+        r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"
+        r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag"
+        r"|montant\s+total|totaalbedrag|totaal",
+    ),
 )
+_TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
+    (field, re.compile(rf"^\s*(?:{pattern})(?![\w-])", _I)) for field, pattern in _TOTAL_PATTERNS
+)
+# The same labels anywhere in a line ("Thank you! TOTAL $ 2,375.50", a summary box to the
+# right of other text); there only trusted when nothing but an amount follows.
+_TOTAL_LABEL_INLINE: Final = re.compile(
+    r"(?<![\w-])(?:"
+    + "|".join(f"(?P<t{i}>{pattern})" for i, (_, pattern) in enumerate(_TOTAL_PATTERNS))
+    + r")(?![\w-])",
+    _I,
+)
+_INLINE_FIELDS: Final[dict[str, TotalField]] = {
+    f"t{i}": field for i, (field, _) in enumerate(_TOTAL_PATTERNS)
+}
+_ENDS_WITH_AMOUNT: Final = re.compile(r"\d\s?(?:[A-Z]{3}|[$€£])?\s*$")
+_ONLY_AN_AMOUNT: Final = re.compile(
+    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
+    r"-?\d[\d.,'\u2019 ]{0,20}\s?(?:[A-Z]{3}|[$€£])?\s*"
+)
+
+# --- label rows: a table header of labels with the values in the row below ---------------
+# "Factuurnummer Factuurdatum Vervaldatum Klantnummer" / "2026-00412 14-01-2026 ...".
+# Each cell label is matched whole; longer alternatives come first.
+_CELL_LABELS: Final[tuple[tuple[str, str], ...]] = (
+    (
+        "invoice_number",
+        r"(?:invoice|bill|document|credit\s*note|rechnungs?|gutschrifts?|factuur|beleg)"
+        r"[\s-]*(?:no\.?|nr\.?|number|nummer|#)|num[ée]ro(?:\s+de\s+facture)?"
+        r"|n[°o]\s*(?:de\s+)?facture|facture\s+n[°o]|nummer|number|nr\.?|no\.?|n[°o]",
+    ),
+    (
+        "due_date",
+        r"due\s+date|date\s+due|payment\s+due|due|f[äa]llig(?:keitsdatum|\s+am)?"
+        r"|zahlbar\s+bis|vervaldatum|vervaldag|date\s+d['\u2019][ée]ch[ée]ance|[ée]ch[ée]ance",
+    ),
+    (
+        "invoice_date",
+        r"(?:invoice|bill|issue|document)\s+date|date\s+of\s+(?:issue|invoice)|date\s+de\s+facture"
+        r"|rechnungs\s?datum|factuur\s?datum|belegdatum|datum|date",
+    ),
+    (
+        "po_number",
+        r"p\.?\s?o\.?\s*(?:number|no\.?|#)?|(?:order|bestell)\s*(?:no\.?|nr\.?|number|nummer)"
+        r"|bestellnummer|ordernummer|your\s+(?:ref(?:erence)?|order)\.?|ihr\s+zeichen",
+    ),
+    (
+        "other",
+        r"(?:customer|client|account|kunden?|klant|debiteur)[\s-]*(?:no\.?|nr\.?|number|nummer|#|id)?"
+        r"|kundennr\.?|klantnummer|terms|page|seite|pagina|rep|ship\s+via|project|projekt"
+        r"|ref(?:erence|erenz|\.)?|r[ée]f[ée]rence|lieferdatum|delivery\s+date|currency|w[äa]hrung"
+        r"|devise|valuta|period|zeitraum|vat\s+(?:no\.?|number)|ust-?idnr\.?|btw-?nummer",
+    ),
+    *(
+        (field, r"(?:vat|tax|btw|tva|mwst|ust)\s*\d{1,2}(?:[.,]\d+)?\s?%|" + pattern)
+        if field == "tax_total"
+        else (field, pattern)
+        for field, pattern in _TOTAL_PATTERNS
+        if field != "paid"
+    ),
+)
+_RE_CELL_LABEL: Final = re.compile(
+    "(?:"
+    + "|".join(f"(?P<c{i}>{pattern})" for i, (_, pattern) in enumerate(_CELL_LABELS))
+    + r")(?![\w-])",
+    _I,
+)
+_CELL_FIELDS: Final = {f"c{i}": field for i, (field, _) in enumerate(_CELL_LABELS)}
+_CELL_GAP: Final = re.compile(r"[\s:|/]*")
+_HEADER_CELL_FIELDS: Final = frozenset(("invoice_number", "invoice_date", "due_date", "po_number"))
+
 
 # --- amounts and currencies --------------------------------------------------------------
 _AMOUNT: Final = re.compile(
@@ -248,6 +355,23 @@ _US_HINT: Final = re.compile(
 )
 
 
+# --- bounds that keep the extractor linear in its input -------------------------------------
+# Text extraction sometimes glues a whole page into one line; longer lines are split at a
+# space so every per-line regex sees bounded input.
+_MAX_LINE_CHARS: Final = 1_000
+# A label's value sits right after it: only this much of the line is looked at.
+_VALUE_WINDOW: Final = 160
+# A label repeated thousands of times ("Date: " x 8,000) must not cost thousands of
+# value scans: past these caps further occurrences are ignored (real invoices have a few).
+_MAX_MATCHES_PER_LINE: Final = 4
+_MAX_CANDIDATES_PER_LABEL: Final = 40
+# The longest real invoices run to a few thousand lines (~100 pages of ~5k characters);
+# beyond these the middle (line items) is skipped so the time stays bounded, and the
+# document is flagged for review. Header fields sit at the start, totals at the end.
+_MAX_LINES: Final = 20_000
+_MAX_CHARS: Final = 600_000
+
+
 @dataclass(frozen=True, slots=True)
 class _Line:
     index: int
@@ -265,68 +389,217 @@ class RulesExtractor:
     async def extract_document(
         self, text: str, *, pages: int | None = None, invoice_key: str | None = None
     ) -> Extraction:
-        return Extraction(invoice=extract_invoice(text), source="rules", extractor=self.name)
+        invoice, notes = extract_invoice_with_notes(text)
+        return Extraction(invoice=invoice, source="rules", extractor=self.name, notes=notes)
 
 
 def extract_invoice(text: str) -> Invoice:
     """Synchronous core of `RulesExtractor`: always returns a valid `Invoice`."""
-    lines = _lines(text)
+    return extract_invoice_with_notes(text)[0]
+
+
+def extract_invoice_with_notes(text: str) -> tuple[Invoice, tuple[str, ...]]:
+    """The `Invoice` plus review reasons (e.g. a number too large to be money was ignored)."""
+    notes: list[str] = []
+    return _extract(text, notes), tuple(notes)
+
+
+def _extract(text: str, notes: list[str]) -> Invoice:
+    lines = _ocr_fixed(_head_and_tail(_lines(text), notes))
     if not lines:
         return Invoice()
 
     vendor_tax_id = _vendor_tax_id(lines)
     totals, decimal = _totals(lines)
     header_index, columns = _table_header(lines)
-    items = _line_items(lines, header_index, columns, decimal)
+    items = _line_items(lines, header_index, columns, decimal, notes)
     item_lines = {index for index, _ in items}
     if item_lines:
         # An item description such as "Tax return preparation" must not count as a tax line.
         totals, decimal = _totals([ln for ln in lines if ln.index not in item_lines], decimal)
 
+    rows = _label_rows(lines)
+    totals = _with_row_totals(totals, rows)
+    decimal = decimal or _decimal_separator(totals.values())
     dayfirst = _dayfirst(lines, vendor_tax_id)
     currency = _currency(lines, totals, vendor_tax_id)
-    invoice_number = _labeled_token(lines, _RE_INVOICE_NUMBER)
+    invoice_number = _labeled_token(
+        lines,
+        _RE_INVOICE_NUMBER,
+        rows.get("invoice_number", ()),
+        not_after=_REFERENCE_QUALIFIER,
+    )
     # The first letterhead line is only a plausible vendor if this is an invoice at all.
     is_invoice = bool(invoice_number or vendor_tax_id or totals or items)
+    amounts = {
+        field: _amount(totals.get(field), decimal, notes)
+        for field in ("subtotal", "tax_total", "total", "amount_due")
+    }
+    if amounts["total"] is None and "paid" not in totals:
+        # Many invoices print only the payable amount ("Te betalen", "Balance due").
+        amounts["total"] = amounts["amount_due"]
     return Invoice(
         invoice_number=invoice_number,
-        invoice_date=_labeled_date(lines, _RE_INVOICE_DATE, dayfirst),
-        due_date=_labeled_date(lines, _RE_DUE_DATE, dayfirst),
+        invoice_date=_labeled_date(lines, _RE_INVOICE_DATE, dayfirst, rows.get("invoice_date", ())),
+        due_date=_labeled_date(lines, _RE_DUE_DATE, dayfirst, rows.get("due_date", ())),
         vendor_name=_vendor_name(lines, allow_unqualified=is_invoice),
         vendor_tax_id=vendor_tax_id,
         customer_name=_customer_name(lines),
-        po_number=_labeled_token(lines, _RE_PO_NUMBER),
+        po_number=_labeled_token(lines, _RE_PO_NUMBER, rows.get("po_number", ())),
         currency=currency,
-        subtotal=_amount(totals.get("subtotal"), decimal),
-        tax_total=_amount(totals.get("tax_total"), decimal),
-        total=_amount(totals.get("total"), decimal),
-        amount_due=_amount(totals.get("amount_due"), decimal),
         line_items=[item for _, item in items],
+        **amounts,
+        **_more_fields(lines, dayfirst, vendor_tax_id),
     )
 
 
 def _lines(text: str) -> list[_Line]:
+    if len(text) > 4 * _MAX_CHARS:  # far more than is read; skip the middle before splitting
+        text = text[: 2 * _MAX_CHARS] + "\n" + text[-2 * _MAX_CHARS :]
     cleaned = text.replace("\f", "\n").replace("\u00a0", " ").replace("\u202f", " ")
-    stripped = (re.sub(r"[ \t]+", " ", raw).strip() for raw in cleaned.splitlines())
-    return [_Line(i, line) for i, line in enumerate(line for line in stripped if line)]
+    stripped = (_SPACE_RUN.sub(" ", raw).strip() for raw in cleaned.splitlines())
+    return [_Line(i, line) for i, line in enumerate(_bounded(stripped)) if line]
+
+
+def _ocr_fixed(lines: list[_Line]) -> list[_Line]:
+    return [_Line(line.index, _OCR_DIGITS.sub(_ocr_digit_fix, line.text)) for line in lines]
+
+
+_SPACE_RUN: Final = re.compile(r"[ \t]+")
+# OCR reads 0 as O: a run of digits, O/o and separators, not touching a letter.
+_OCR_DIGITS: Final = re.compile(r"(?<![^\W\d_])[0-9Oo.,]+(?![^\W\d_])")
+
+
+def _ocr_digit_fix(match: re.Match[str]) -> str:
+    """ "1.19O,OO" -> "1.190,00", "RE-2O26" -> "RE-2026"; runs without a digit stay."""
+    run = match.group(0)
+    if ("O" not in run and "o" not in run) or not any(ch.isdigit() for ch in run):
+        return run
+    return run.replace("O", "0").replace("o", "0")
+
+
+def _head_and_tail(lines: list[_Line], notes: list[str]) -> list[_Line]:
+    """`lines` within `_MAX_LINES` / `_MAX_CHARS`: the start and the end of the text."""
+    total_chars = sum(len(line.text) for line in lines)
+    if len(lines) <= _MAX_LINES and total_chars <= _MAX_CHARS:
+        return lines
+
+    def within_budget(ordered: Iterable[_Line]) -> list[_Line]:
+        kept, chars = [], 0
+        for line in ordered:
+            chars += len(line.text)
+            if len(kept) >= _MAX_LINES // 2 or chars > _MAX_CHARS // 2:
+                break
+            kept.append(line)
+        return kept
+
+    head = within_budget(lines)
+    tail = within_budget(reversed(lines[len(head) :]))[::-1]
+    notes.append(
+        f"text has {len(lines)} lines and {total_chars} characters; the rules read only "
+        f"the first {len(head)} and the last {len(tail)} lines"
+    )
+    return head + tail
+
+
+def _bounded(lines: Iterable[str]) -> Iterator[str]:
+    """Each line, split at spaces into pieces of at most `_MAX_LINE_CHARS`."""
+    for line in lines:
+        start = 0
+        # Walk by index: slicing off the rest each time would copy it, quadratically.
+        while len(line) - start > _MAX_LINE_CHARS:
+            limit = start + _MAX_LINE_CHARS
+            cut = line.rfind(" ", start + _MAX_LINE_CHARS // 2, limit)
+            cut = cut if cut > 0 else limit
+            yield line[start:cut].strip()
+            start = cut
+        yield line[start:].strip()
 
 
 # --- labelled header fields ----------------------------------------------------------------
 
 
-def _label_values(lines: Sequence[_Line], label: re.Pattern[str]) -> Iterator[tuple[int, str]]:
+def _label_values(
+    lines: Sequence[_Line], label: re.Pattern[str], *, not_after: re.Pattern[str] | None = None
+) -> Iterator[tuple[int, str]]:
     """(position in `lines`, text after the label) for every label occurrence.
 
     A label with nothing after it takes the next line, for layouts that stack the value
-    under its label.
+    under its label. Bounded: at most `_MAX_CANDIDATES_PER_LABEL` occurrences, each
+    with a value of at most `_VALUE_WINDOW` characters.
     """
+    found = 0
     for pos, line in enumerate(lines):
-        for match in label.finditer(line.text):
-            rest = line.text[match.end() :].strip(" :#\t")
+        for match, _ in zip(label.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False):
+            before = line.text[max(0, match.start() - 30) : match.start()]
+            if not_after is not None and not_after.search(before):
+                continue  # e.g. "zu Rechnung Nr.": another document's number
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW].strip(" :#\t")
             if not rest and pos + 1 < len(lines):
-                yield pos, lines[pos + 1].text
+                yield pos, lines[pos + 1].text[:_VALUE_WINDOW]
             else:
                 yield pos, rest
+            found += 1
+            if found >= _MAX_CANDIDATES_PER_LABEL:
+                return
+
+
+def _row_labels(text: str) -> list[str] | None:
+    """The fields of a row of cell labels ("DATE INVOICE #"), or None if `text` is not one.
+
+    Words before the first label are another column (a two-column header: the vendor's
+    address on the left); after it, the row must be labels only.
+    """
+    fields: list[str] = []
+    pos = 0
+    while pos < len(text):
+        pos = _CELL_GAP.match(text, pos).end()  # type: ignore[union-attr]
+        match = _RE_CELL_LABEL.match(text, pos)
+        if match is not None and match.end() > pos:
+            fields.append(_CELL_FIELDS[match.lastgroup or ""])
+            pos = match.end()
+        elif fields:
+            return None
+        else:
+            space = text.find(" ", pos)
+            pos = len(text) if space < 0 else space
+    return fields if len(fields) >= 2 and len(fields) <= 8 else None
+
+
+_VALUE_CELL: Final = re.compile(
+    rf"{DATE_PATTERN.pattern}|\d{{1,3}}(?:[ .,'\u2019]\d{{3}})+(?:[.,]\d{{1,2}})?|\S+"
+)
+_CURRENCY_CELL: Final = re.compile(r"[A-Z]{3}|US\$|[$€£¥]", _I)
+
+
+def _cells(text: str) -> list[str]:
+    """Whitespace-separated cells of a value row, keeping "3 maart 2026" and "1 234,56" whole."""
+    return [
+        cell
+        for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])
+        if not _CURRENCY_CELL.fullmatch(cell := match.group(0).strip())
+    ]
+
+
+def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
+    """Values read from rows of cell labels, by field, in document order.
+
+    The values row is the next line; its last cells line up with the labels (columns on
+    the right of a two-column header). Totals rows must hold amounts only.
+    """
+    found: dict[str, list[str]] = {}
+    for pos, line in enumerate(lines[:-1]):
+        fields = _row_labels(line.text)
+        if fields is None:
+            continue
+        cells = _cells(lines[pos + 1].text)
+        if len(cells) < len(fields):
+            continue
+        amounts_only = all(_AMOUNT.fullmatch(cell) for cell in cells)
+        for field, cell in zip(fields, cells[-len(fields) :], strict=True):
+            if field in _HEADER_CELL_FIELDS or (field != "other" and amounts_only):
+                found.setdefault(field, []).append(cell)
+    return found
 
 
 def _cut_at_label(value: str) -> str:
@@ -336,18 +609,49 @@ def _cut_at_label(value: str) -> str:
     return value.split(" · ")[0].split(" | ")[0].strip(" :,;-\t")
 
 
-def _labeled_token(lines: Sequence[_Line], label: re.Pattern[str]) -> str | None:
-    for _, rest in _label_values(lines, label):
+def _labeled_token(
+    lines: Sequence[_Line],
+    label: re.Pattern[str],
+    cells: Sequence[str] = (),
+    *,
+    not_after: re.Pattern[str] | None = None,
+) -> str | None:
+    """The identifier after `label` (or else the first fitting cell of a label row)."""
+    for pos, rest in _label_values(lines, label, not_after=not_after):
         token = rest.split(" ")[0].strip(".,;:()") if rest else ""
-        # Identifiers always carry a digit; this rejects prose like "invoice number with".
-        if token and any(ch.isdigit() for ch in token) and _RE_ANY_LABEL.match(token) is None:
+        if _is_identifier(token):
+            if token == rest.rstrip(".,;:") and pos + 1 < len(lines):
+                # A number broken over two lines by OCR or a narrow cell: "6011" / "-2026-88".
+                follow = lines[pos + 1].text
+                if _CONTINUATION.fullmatch(follow):
+                    token += follow
             return token
-    return None
+    return next((cell for cell in cells if _is_identifier(cell)), None)
 
 
-def _labeled_date(lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool) -> dt.date | None:
-    for _, rest in _label_values(lines, label):
-        for match in DATE_PATTERN.finditer(rest):
+_SPACE_IN_NUMBER: Final = re.compile(r"(?<=[\d.]) (?=[\d.])")
+_CONTINUATION: Final = re.compile(r"[-/][\w/-]{1,30}")
+
+
+def _is_identifier(token: str) -> bool:
+    # Identifiers always carry a digit; this rejects prose like "invoice number with".
+    return (
+        bool(token)
+        and len(token) <= 40
+        and any(ch.isdigit() for ch in token)
+        and _RE_ANY_LABEL.match(token) is None
+    )
+
+
+def _labeled_date(
+    lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool, cells: Sequence[str] = ()
+) -> dt.date | None:
+    """The first date after `label` (or else in a label row's cell)."""
+    values = itertools.chain((rest for _, rest in _label_values(lines, label)), cells)
+    for value in values:
+        # OCR puts stray spaces into dates: "1 9. 0 2. 2026".
+        despaced = _SPACE_IN_NUMBER.sub("", value[:24])
+        for match in itertools.chain(DATE_PATTERN.finditer(value), DATE_PATTERN.finditer(despaced)):
             try:
                 return parse_date(match.group(0), dayfirst=dayfirst)
             except ValueError:
@@ -356,13 +660,12 @@ def _labeled_date(lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool
 
 
 def _customer_name(lines: Sequence[_Line]) -> str | None:
-    for pos, line in enumerate(lines):
-        for match in _RE_BILL_TO.finditer(line.text):
-            name = _cut_at_label(line.text[match.end() :])
-            if not name and pos + 1 < len(lines):
-                name = _cut_at_label(lines[pos + 1].text)
-            if name and any(ch.isalpha() for ch in name):
-                return name
+    for pos, rest in _label_values(lines, _RE_BILL_TO):
+        name = _cut_at_label(rest)
+        if not name and pos + 1 < len(lines):
+            name = _cut_at_label(lines[pos + 1].text[:_VALUE_WINDOW])
+        if name and any(ch.isalpha() for ch in name):
+            return name
     return None
 
 
@@ -401,8 +704,9 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
 
 def _vendor_tax_id(lines: Sequence[_Line]) -> str | None:
     for line in lines:
-        for match in _RE_TAX_ID.finditer(line.text):
-            rest = line.text[match.end() :]
+        matches = zip(_RE_TAX_ID.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False)
+        for match, _ in matches:
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW]
             if _CUSTOMER_QUALIFIER.search(
                 line.text[: match.start()]
             ) or _CUSTOMER_QUALIFIER_AFTER.match(rest):
@@ -429,15 +733,47 @@ def _totals(
     for line in lines:
         if _RE_TAX_ID.search(line.text):
             continue  # "VAT ID: DE123456789" is not a tax amount
-        for field, pattern in _TOTAL_LABELS:
-            match = pattern.match(line.text)
-            if match is None:
-                continue
-            amounts = _AMOUNT.findall(line.text[match.end() :])
-            if amounts:
-                found[field] = amounts[-1]
-            break
+        labelled = _total_on_line(line.text)
+        if labelled is not None:
+            found[labelled[0]] = labelled[1]
     return found, decimal or _decimal_separator(found.values())
+
+
+def _total_on_line(text: str) -> tuple[TotalField, str] | None:
+    """(field, printed amount) when `text` is a totals line.
+
+    A label at the start takes the last amount after it; a label further in (a summary
+    box beside other text) only counts when nothing but one amount follows it.
+    """
+    for field, pattern in _TOTAL_LABELS:
+        match = pattern.match(text)
+        if match is not None:
+            amounts = _AMOUNT.findall(text[match.end() :])
+            return (field, amounts[-1]) if amounts else None
+    if not _ENDS_WITH_AMOUNT.search(text):
+        return None
+    # The label sits right before the amount: only the end of the line is searched.
+    offset = max(0, len(text) - 90)
+    end = text[offset:]
+    matches = _TOTAL_LABEL_INLINE.finditer(end)
+    for match, _ in zip(matches, range(_MAX_MATCHES_PER_LINE), strict=False):
+        tail = end[match.end() :]
+        if len(tail) <= 40 and _ONLY_AN_AMOUNT.fullmatch(tail):
+            amounts = _AMOUNT.findall(tail)
+            if amounts:
+                return _INLINE_FIELDS[match.lastgroup or ""], amounts[-1]
+    return None
+
+
+def _with_row_totals(
+    totals: dict[TotalField, str], rows: dict[str, list[str]]
+) -> dict[TotalField, str]:
+    """`totals` completed from rows of total labels over a row of amounts."""
+    merged = dict(totals)
+    for field in ("subtotal", "tax_total", "total", "amount_due"):
+        if field not in merged and rows.get(field):
+            merged[field] = rows[field][-1]  # type: ignore[index]
+    return merged
 
 
 def _decimal_separator(amounts: Iterable[str]) -> DecimalSeparator | None:
@@ -447,14 +783,11 @@ def _decimal_separator(amounts: Iterable[str]) -> DecimalSeparator | None:
     return "," if votes[","] > votes["."] else "."
 
 
-def _amount(text: str | None, decimal: DecimalSeparator | None) -> Decimal | None:
+def _amount(text: str | None, decimal: DecimalSeparator | None, notes: list[str]) -> Decimal | None:
     if text is None:
         return None
-    try:
-        value = parse_amount(text, decimal=decimal)
-    except ValueError:
-        return None
-    return value if _fits_money(value) else None
+    value = read_amount(text, decimal=decimal, notes=notes)
+    return value if value is not None and _fits_money(value) else None
 
 
 def _fits_money(value: Decimal) -> bool:
@@ -499,6 +832,146 @@ def _currency(
                 if country:
                     return country
     return None
+
+
+# --- the fields the big invoice APIs share ------------------------------------------------
+
+
+def _more_fields(
+    lines: Sequence[_Line], dayfirst: bool, vendor_tax_id: str | None
+) -> dict[str, object]:
+    """document_type, iban, bic, payment_terms, customer_tax_id and the service period."""
+    start, end = _service_period(lines, dayfirst)
+    return {
+        "document_type": "credit_note" if _is_credit_note(lines) else None,
+        "iban": _iban(lines),
+        "bic": _labeled_value(lines, _RE_BIC_LABEL, _BIC),
+        "payment_terms": _payment_terms(lines),
+        "customer_tax_id": _customer_tax_id(lines, vendor_tax_id),
+        "service_period_start": start,
+        "service_period_end": end,
+    }
+
+
+# A credit note says so in its title, near the top; "invoice" documents stay None.
+_CREDIT_NOTE_TITLE: Final = re.compile(
+    r"^(?:credit\s*(?:note|memo)|gutschrift|rechnungskorrektur|stornorechnung|avoir"
+    r"|facture\s+d['\u2019]avoir|note\s+de\s+cr[ée]dit|creditnota|creditfactuur)(?![\w-])",
+    _I,
+)
+
+
+def _is_credit_note(lines: Sequence[_Line]) -> bool:
+    return any(_CREDIT_NOTE_TITLE.match(line.text) for line in lines[:25])
+
+
+_IBAN_START: Final = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?=\s?[A-Z0-9]{4})")
+_IBAN_GROUP: Final = re.compile(r"\s?([A-Z0-9]{1,4})(?![a-z])")
+
+
+def _iban(lines: Sequence[_Line]) -> str | None:
+    """The first IBAN-shaped run that passes the mod-97 check, without spaces.
+
+    Groups are added one at a time and the longest valid prefix wins, so text after
+    the IBAN ("· BIC ...") is never swallowed. An IBAN failing the check is left out.
+    """
+    for line in lines:
+        if "IBAN" not in line.text.upper() and not _IBAN_START.search(line.text):
+            continue
+        for match, _ in zip(_IBAN_START.finditer(line.text), range(4), strict=False):
+            compact, pos, best = match.group(0), match.end(), None
+            while len(compact) < 34 and (group := _IBAN_GROUP.match(line.text, pos)):
+                compact, pos = compact + group.group(1), group.end()
+                if len(compact) >= 15 and _mod97_ok(compact):
+                    best = compact
+            if best is not None:
+                return best
+    return None
+
+
+def _mod97_ok(iban: str) -> bool:
+    rotated = iban[4:] + iban[:4]
+    digits = "".join(str(int(ch, 36)) for ch in rotated)
+    return int(digits) % 97 == 1
+
+
+_RE_BIC_LABEL: Final = re.compile(r"(?<![\w])(?:bic|swift(?:[\s/-]*(?:bic|code))?)\s*[:.]?\s*", _I)
+_BIC: Final = re.compile(r"[A-Z]{4}[A-Z]{2}[A-Z0-9]{2}(?:[A-Z0-9]{3})?(?![A-Za-z0-9])")
+
+
+def _labeled_value(
+    lines: Sequence[_Line], label: re.Pattern[str], value: re.Pattern[str]
+) -> str | None:
+    for _, rest in _label_values(lines, label):
+        match = value.match(rest)
+        if match is not None:
+            return match.group(0)
+    return None
+
+
+_TERMS: Final = re.compile(
+    r"^(?:payment\s+terms|terms(?:\s+of\s+payment)?|zahlungsbedingungen|zahlungsziel"
+    r"|conditions\s+de\s+(?:paiement|r[èe]glement)|betalingstermijn|betalingsvoorwaarden)"
+    r"\s*:?\s*"
+    r"|^(?=(?:payable|payment\s+due|due)\s+within|zahlbar\s+(?:innerhalb|innert|sofort|bis)"
+    r"|net\s+\d{1,3}\s+days|paiement\s+[àa]|te\s+betalen\s+binnen|bitte\s+überweisen)",
+    _I,
+)
+
+
+def _payment_terms(lines: Sequence[_Line]) -> str | None:
+    for line in lines:
+        match = _TERMS.match(line.text)
+        if match is not None:
+            terms = line.text[match.end() : match.end() + 200].strip(" .;")
+            if terms:
+                return terms
+    return None
+
+
+def _customer_tax_id(lines: Sequence[_Line], vendor_tax_id: str | None) -> str | None:
+    """The buyer's VAT number: a tax-id label qualified as the customer's."""
+    for line in lines:
+        matches = zip(_RE_TAX_ID.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False)
+        for match, _ in matches:
+            rest = line.text[match.end() : match.end() + _VALUE_WINDOW]
+            qualified = _CUSTOMER_QUALIFIER.search(line.text[: match.start()])
+            after = _CUSTOMER_QUALIFIER_AFTER.match(rest)
+            if not (qualified or after):
+                continue
+            rest = rest[after.end() :] if after else rest
+            value = re.split(r"\s{2,}", _cut_at_label(rest.lstrip(" .:")))[0]
+            if (
+                sum(ch.isdigit() for ch in value) >= 5
+                and len(value) <= 32
+                and value != vendor_tax_id
+            ):
+                return value
+    return None
+
+
+_PERIOD_LABEL: Final = re.compile(
+    r"(?<![\w])(?:service\s+period|billing\s+period|period(?:\s+of\s+service)?"
+    r"|leistungszeitraum|abrechnungszeitraum|lieferzeitraum|zeitraum|p[ée]riode(?:\s+de\s+"
+    r"(?:facturation|prestation))?|factuurperiode|periode)\s*:?",
+    _I,
+)
+
+
+def _service_period(
+    lines: Sequence[_Line], dayfirst: bool
+) -> tuple[dt.date | None, dt.date | None]:
+    """Two dates after a period label: "Leistungszeitraum: 12.01.2026 - 23.01.2026"."""
+    for _, rest in _label_values(lines, _PERIOD_LABEL):
+        dates: list[dt.date] = []
+        for match in itertools.islice(DATE_PATTERN.finditer(rest), 4):
+            try:
+                dates.append(parse_date(match.group(0), dayfirst=dayfirst))
+            except ValueError:
+                continue
+        if len(dates) >= 2 and dates[0] <= dates[1]:
+            return dates[0], dates[1]
+    return None, None
 
 
 # --- dates -------------------------------------------------------------------------------
@@ -575,13 +1048,14 @@ def _line_items(
     header_pos: int | None,
     layout: tuple[tuple[Column, ...], bool],
     decimal: DecimalSeparator | None,
+    notes: list[str],
 ) -> list[tuple[int, LineItem]]:
     if header_pos is None:
         return []  # without a table header, arithmetic-looking prose is too risky
     columns, has_pos = layout
     items: list[tuple[int, LineItem]] = []
     for line in lines[header_pos + 1 :]:
-        item = _parse_item(line.text, columns, has_pos, decimal)
+        item = _parse_item(line.text, columns, has_pos, decimal, notes)
         if item is not None:
             items.append((line.index, item))
             continue
@@ -596,7 +1070,11 @@ _MAX_TOKENS_PER_NUMBER: Final = 3  # "1 234 567,89" spans three tokens
 
 
 def _parse_item(
-    text: str, columns: tuple[Column, ...], has_pos: bool, decimal: DecimalSeparator | None
+    text: str,
+    columns: tuple[Column, ...],
+    has_pos: bool,
+    decimal: DecimalSeparator | None,
+    notes: list[str],
 ) -> LineItem | None:
     """Read "<description> <n1> <n2> <n3>", where the numbers follow `columns`.
 
@@ -631,10 +1109,10 @@ def _parse_item(
             raw = " ".join(tokens[start:end])
             if column != "qty" and not _MONEY_TOKEN.fullmatch(raw.replace(" ", "")):
                 break
-            try:
-                values[column] = parse_amount(raw, decimal=decimal)
-            except ValueError:
+            value = read_amount(raw, decimal=decimal, notes=notes)
+            if value is None:
                 break
+            values[column] = value
         else:
             qty, unit, amount = values["qty"], values["unit"], values["amount"]
             if not (_fits_money(unit) and _fits_money(amount) and abs(qty) < Decimal(10) ** 9):
