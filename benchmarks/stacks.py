@@ -11,8 +11,9 @@ Figures per (stack, workers):
 - `orchestration_cpu_ms_per_invoice`: CPU of every stack process tree (Prefect server or
   replicas + services + Postgres + Redis + haproxy) and of the workers with their flow-run
   subprocesses, over the window, per invoice (S3 and LLM servers excluded);
-- `slot_wait_*`: a probe in this process takes the manifest lock (strict, as the flow
-  does) about once a second during the runs and records how long each take waited;
+- `slot_wait_*`: a probe in this process takes the manifest lock about once a second
+  during the runs (lease, 423 + Retry-After, as `concurrency()` does) and records how
+  long each take waited;
 - `llm_requests` vs N and `done` vs N: nothing lost, nothing billed twice.
 """
 
@@ -30,6 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
+
+import httpx
 
 from benchmarks.measure import CpuWindow, generate_pdfs, upload_pdfs
 from devtools.llm_server import LLMServerHandle
@@ -149,13 +153,14 @@ class SlotProbe:
             asyncio.run(self._probe())
 
     async def _probe(self) -> None:
-        from prefect.concurrency.asyncio import concurrency
+        from prefect.client.orchestration import get_client
 
-        while not self._stop.is_set():
-            asked = time.monotonic()
-            async with concurrency(LOCK, occupy=1, strict=True, lease_duration=60):
-                self.waits.append(time.monotonic() - asked)
-            await asyncio.sleep(1.0)
+        # Not `concurrency()`: its acquisition runs in a process-wide service thread
+        # whose client ignores this thread's settings (the stack being measured).
+        async with get_client() as client:
+            while not self._stop.is_set():
+                self.waits.append(await _take_manifest_slot(client))
+                await asyncio.sleep(1.0)
 
     def figures(self) -> dict[str, Any]:
         if not self.waits:
@@ -167,6 +172,25 @@ class SlotProbe:
             "slot_wait_p95_s": round(ordered[int(0.95 * (len(ordered) - 1))], 3),
             "slot_wait_max_s": round(ordered[-1], 3),
         }
+
+
+async def _take_manifest_slot(client: Any) -> float:
+    """Acquire and release the manifest lock the way `concurrency()` does (a 423 says
+    wait `Retry-After` and ask again); returns the seconds until it was granted."""
+    asked = time.monotonic()
+    while True:
+        try:
+            granted = await client.increment_concurrency_slots_with_lease(
+                names=[LOCK], slots=1, mode="concurrency", lease_duration=60
+            )
+            break
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:
+                raise
+            await asyncio.sleep(float(exc.response.headers.get("Retry-After", "1")))
+    waited = time.monotonic() - asked
+    await client.release_concurrency_slots_with_lease(UUID(granted.json()["lease_id"]))
+    return waited
 
 
 def _start_workers(target: Target, count: int) -> list[int]:
@@ -285,7 +309,9 @@ def print_rows(rows: list[dict[str, Any]], console: Any) -> None:
     for column in columns:
         table.add_column(column.replace("_", " "), justify="left" if column == "stack" else "right")
     for row in rows:
-        table.add_row(*(str(row.get(c, "-")) for c in columns))
+        done = sum(1 for state in row["states"] if state == "COMPLETED")
+        shown = {**row, "states": f"{done}/{len(row['states'])} completed"}
+        table.add_row(*(str(shown.get(c, "-")) for c in columns))
     console.print(table)
 
 
