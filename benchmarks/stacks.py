@@ -79,7 +79,7 @@ def started(kind: str, workdir: Path) -> Iterator[Target]:
         servers = {k: v for k, v in prod.pids.items() if k != "s3"}
         yield Target(kind, prod.env(), prod.s3_endpoint, prod.bucket, servers, state)
     finally:
-        prodstack.down_production(state)
+        prodstack.purge(state)
 
 
 def _cli(target: Target, *args: str) -> None:

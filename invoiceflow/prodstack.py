@@ -570,3 +570,15 @@ def restart_replicas(
 
 
 HAPROXY_RISE_S = 3.0
+
+
+def purge(state_dir: Path) -> None:
+    """Stop the stack and delete all its state, Postgres data included (tests, benches).
+    The data may live outside the state dir when the postgres user cannot reach it."""
+    down_production(state_dir)
+    secrets_file = state_dir / "secrets.json"
+    if secrets_file.exists():
+        data = Path(json.loads(secrets_file.read_text())["postgres_data"])
+        if data.parent.name.startswith("invoiceflow-postgres-"):
+            shutil.rmtree(data.parent, ignore_errors=True)
+    shutil.rmtree(state_dir, ignore_errors=True)

@@ -83,8 +83,7 @@ def prod() -> Iterator[prodstack.ProductionStack]:
         prodstack.down_production(state)
         if LOGS.parent.exists():
             shutil.copytree(state / "logs", LOGS / "stack-logs", dirs_exist_ok=True)
-        shutil.rmtree(Path(info.postgres_data).parent, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
+        prodstack.purge(state)
 
 
 @pytest.fixture(scope="module")
