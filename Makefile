@@ -29,6 +29,7 @@ help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
 	@echo "make test   lint, then run the whole test suite against real local servers"
 	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
+	@echo "            STACK=production: embedded vs production stack, 1/2/3 workers"
 	@echo "make down   stop the local stack"
 	@echo "make deploy create work pool, lock, blocks and the prefect.yaml deployments"
 	@echo "             (on PREFECT_API_URL, else on the local stack)"
@@ -114,8 +115,13 @@ test: lint system-deps
 test-production: sync system-deps
 	INVOICEFLOW_PRODUCTION_INVOICES=600 $(UV) run pytest -m production $(PYTEST_ARGS)
 
+# make bench STACK=production: embedded vs production stack, BENCH_WORKERS workers each.
+STACK ?= embedded
+BENCH_WORKERS ?= 1,2,3
+
 bench: sync
-	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C)
+	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C) \
+		--stack $(STACK) $(if $(filter production,$(STACK)),--workers $(BENCH_WORKERS))
 
 clean: down
 	rm -rf .invoiceflow .pytest_cache
