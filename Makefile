@@ -5,6 +5,8 @@ PYTEST_ARGS ?=
 N ?= 1000
 L ?= 2
 C ?= 32
+SAT_N ?= 5000
+SAT_C ?= 256
 
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export UV_LINK_MODE = copy
@@ -22,14 +24,15 @@ POOL ?=
 REPLICAS ?= 2
 WORKERS ?= 2
 
-.PHONY: help sync system-deps run up down status deploy worker test lint format bench clean \
-	stack-prod provision test-production
+.PHONY: help sync system-deps run up down status deploy worker test lint format bench \
+	bench-saturation clean stack-prod provision test-production
 
 help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
 	@echo "make test   lint, then run the whole test suite against real local servers"
 	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
 	@echo "            STACK=production: embedded vs production stack, 1/2/3 workers"
+	@echo "make bench-saturation  seed vs pipeline CPU-bound (N=$(SAT_N) L=$(L) C=$(SAT_C))"
 	@echo "make down   stop the local stack"
 	@echo "make deploy create work pool, lock, blocks and the prefect.yaml deployments"
 	@echo "             (on PREFECT_API_URL, else on the local stack)"
@@ -122,6 +125,10 @@ BENCH_WORKERS ?= 1,2,3
 bench: sync
 	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C) \
 		--stack $(STACK) $(if $(filter production,$(STACK)),--workers $(BENCH_WORKERS))
+
+# Seed and pipeline side by side where CPU, not LLM latency, is the bound (issue 13).
+bench-saturation: sync
+	$(UV) run python -m benchmarks.saturation --n $(SAT_N) --latency $(L) --concurrency $(SAT_C)
 
 clean: down
 	rm -rf .invoiceflow .pytest_cache

@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from invoiceflow import defaults
+
 ContenderName = Literal["seed", "naive", "pipeline"]
 RESULT_PREFIX = "BENCH-RESULT "
 API_KEY_ENV = "BENCH_LLM_API_KEY"
@@ -61,9 +63,9 @@ class ContenderSpec(BaseModel):
     s3_endpoint: str
     llm_base_url: str
     # Prefect contenders: block and lock names on the bench's own server
-    bucket_block: str = "invoiceflow-bucket"
-    extractor_block: str = "invoiceflow-extractor"
-    manifest_lock: str = "invoiceflow-manifest"
+    bucket_block: str = defaults.BUCKET_BLOCK
+    extractor_block: str = defaults.EXTRACTOR_BLOCK
+    manifest_lock: str = defaults.MANIFEST_LOCK
     flow_overrides: dict[str, Any] = {}
 
 
@@ -80,6 +82,9 @@ class ContenderReport(BaseModel):
     import_wall_s: float = 0.0
     import_cpu_s: float = 0.0
     peak_rss_mb: float
+    # time.monotonic() when the run started (after imports): on Linux the same clock as
+    # the LLM server's, so the harness can tell when the first LLM call arrived.
+    started_monotonic: float = 0.0
     summary: dict[str, Any] = {}
     store_writes: int | None = None
     store_lock_acquisitions: int | None = None
@@ -246,20 +251,12 @@ def run_flow(spec: ContenderSpec) -> dict[str, Any]:
         summary = asyncio.run(process_invoices(params))
     finally:
         _flush_prefect()
-    out: dict[str, Any] = {
-        "summary": summary.model_dump(include={"processed", "done", "failed"})
-        if hasattr(summary, "model_dump")
-        else {},
+    return {
+        "summary": summary.model_dump(include={"processed", "done", "failed"}),
+        # Counted by the flow's ManifestStore where the slot is taken: exact, unlike
+        # Prefect's batched, eventually consistent `concurrency-limit.acquired` events.
+        "store_lock_acquisitions": summary.lock_acquisitions,
     }
-    # Forward-compatible hook: if the flow's summary ever reports its ManifestStore
-    # counters, they are the exact slot count (see README, "slot acquisitions").
-    for name in ("writes", "lock_acquisitions", "conflicts"):
-        for attr in (f"manifest_{name}", name):
-            value = getattr(summary, attr, None)
-            if isinstance(value, int):
-                out[f"store_{name}"] = value
-                break
-    return out
 
 
 def _flush_prefect() -> None:
@@ -304,6 +301,7 @@ def measure(spec: ContenderSpec) -> ContenderReport:
         error = f"import failed: {type(exc).__name__}: {exc}"[:2000]
     before = _Usage.now()
     start = time.perf_counter()
+    started_monotonic = time.monotonic()
     import_cpu_s = before.user + before.system - import_usage.user - import_usage.system
     try:
         if error is not None:
@@ -327,6 +325,7 @@ def measure(spec: ContenderSpec) -> ContenderReport:
         import_wall_s=start - import_start,
         import_cpu_s=import_cpu_s,
         peak_rss_mb=peak_kb / 1024,
+        started_monotonic=started_monotonic,
         error=error,
         **detail,
     )

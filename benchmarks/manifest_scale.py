@@ -5,7 +5,7 @@
 
 Starts moto's S3 server on a free port, writes a manifest of `entries` realistic `done`
 entries, then times group commits through the real `ManifestStore` (asyncio.Lock,
-conditional write): 1 and 1000 new claims (what `select` commits), and 1 and 16
+conditional write): 1 and 1000 new claims (what `claim` commits), and 1 and 16
 invoices claimed and finished with the pipeline's own done update (`RecordDone`,
 which looks for a duplicate invoice at commit time). Each is timed
 
@@ -42,7 +42,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from invoiceflow import stack
+from invoiceflow import defaults, stack
 from invoiceflow.manifest import (
     Claim,
     ManifestEntry,
@@ -57,9 +57,9 @@ from invoiceflow.storage import S3Store, make_s3_client
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "bench-manifest-scale.json"
 UpdateKind = Literal["claim", "done"]
-MANIFEST_KEY = "manifest.json"
+MANIFEST_KEY = defaults.MANIFEST_KEY
 TARGET_COMMIT_S = 1.0
-# Claims: what `select` commits. Done: what finishing invoices commits; at C=32, L=2 s
+# Claims: what `claim` commits. Done: what finishing invoices commits; at C=32, L=2 s
 # about 16 invoices finish per second, i.e. per default 1 s commit interval.
 DEFAULT_BATCHES: tuple[tuple[UpdateKind, int], ...] = (
     ("claim", 1),
@@ -166,7 +166,7 @@ def _done_update(key: str, i: int) -> Update:
     }
     transition = Transition(key, 1, Status.done, fields)
     try:
-        from invoiceflow.validate import RecordDone
+        from invoiceflow.duplicates import RecordDone
     except ImportError:
         return transition
     return RecordDone(transition)

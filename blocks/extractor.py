@@ -136,11 +136,47 @@ class ExtractorBlock(Block):
         description="Provider token budget (prompt + completion, images included), across runs.",
     )
 
+    # --- provider batches (llm_mode="batch") -----------------------------------------
+    batch_max_requests: int = Field(
+        default=50_000,
+        ge=1,
+        le=50_000,
+        description="Requests per provider batch (OpenAI allows 50,000); more are split.",
+    )
+    batch_max_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        ge=1024,
+        le=200 * 1024 * 1024,
+        description="Bytes per batch input file (OpenAI allows 200 MB); more are split.",
+    )
+    batch_completion_window: Literal["24h"] = Field(
+        default="24h", description="How long the provider may take to answer a batch."
+    )
+    batch_role_arn: str | None = Field(
+        default=None,
+        title="Batch role ARN",
+        description="Bedrock batch inference: the IAM role Bedrock assumes to read the batch "
+        "input and write its output in `batch_s3_uri`.",
+    )
+    batch_s3_uri: str | None = Field(
+        default=None,
+        title="Batch S3 URI",
+        description="Bedrock batch inference: s3://bucket/prefix/ for the JSONL input and "
+        "the output of each job.",
+    )
+    control_endpoint_url: str | None = Field(
+        default=None,
+        title="Bedrock control endpoint URL",
+        description="Bedrock control-plane endpoint override (batch jobs), like endpoint_url "
+        "for the runtime.",
+    )
+
     # --- prices --------------------------------------------------------------------------
     prices: dict[str, TokenPrice] = Field(
         default_factory=dict,
-        description="Model name -> price per million input/output tokens. A model without "
-        "an entry gets no cost (unknown), never zero.",
+        description="Model name -> price per million input/output tokens, and optionally "
+        "cached-input, cache-write and batch prices (each defaults to the full price). A "
+        "model without an entry gets no cost (unknown), never zero.",
     )
     price_currency: str = Field(default="USD", description="ISO 4217 code of the prices.")
 
@@ -217,7 +253,45 @@ class ExtractorBlock(Block):
             vision=self.vision,
             max_images=self.max_images,
             max_image_pixels=self.max_image_pixels,
+            batch_max_requests=self.batch_max_requests,
+            batch_max_bytes=self.batch_max_bytes,
+            batch_completion_window=self.batch_completion_window,
         )
+
+    def batch_mode(self, extractor: Extractor) -> tuple[Any, Any]:
+        """(batch extractor, batch provider) for `llm_mode="batch"` over ``extractor``
+        (this block's `build`); `ValueError` when this block cannot batch."""
+        if self.kind == "openai":
+            from invoiceflow.extractors.openai_batch import OpenAIBatches
+
+            return extractor, OpenAIBatches(extractor)  # type: ignore[arg-type]
+        if self.kind != "bedrock":
+            raise ValueError("the rules extractor makes no LLM calls to batch")
+        if not (self.batch_role_arn and self.batch_s3_uri):
+            raise ValueError("Bedrock batch mode needs batch_role_arn and batch_s3_uri")
+        from invoiceflow.extractors.bedrock_batch import BedrockBatches, BedrockBatchExtractor
+        from invoiceflow.extractors.openai_batch import BatchLimits
+
+        session = self._boto3_session()
+        region = self.region_name or session.region_name
+        provider = BedrockBatches(
+            extractor,  # type: ignore[arg-type]
+            control_client=session.client(
+                "bedrock", region_name=region, endpoint_url=self.control_endpoint_url
+            ),
+            s3_client=session.client("s3", region_name=region),
+            s3_uri=self.batch_s3_uri,
+            role_arn=self.batch_role_arn,
+            limits=BatchLimits(
+                max_requests=self.batch_max_requests, max_bytes=self.batch_max_bytes
+            ),
+        )
+        return BedrockBatchExtractor(extractor), provider  # type: ignore[arg-type]
+
+    def _boto3_session(self) -> Any:
+        import boto3
+
+        return self.aws_credentials.get_boto3_session() if self.aws_credentials else boto3.Session()
 
     def _bedrock_client(self) -> Any:
         import boto3

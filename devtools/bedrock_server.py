@@ -21,6 +21,11 @@ speaks Bedrock instead:
   20 a request, 3.75 MB and 8,000 px a side each; `devtools.images`), a breach
   answered 400 ValidationException; accepted ones are recorded in ``_stats``
   ``images`` and billed as input tokens.
+* Prompt caching as Converse does it: the system text before a ``cachePoint`` block,
+  once it is 1,024 tokens or more, is written to the cache by the first request
+  (``cacheWriteInputTokens``) and read by every later one (``cacheReadInputTokens``);
+  ``inputTokens`` then leaves those tokens out. ``_stats`` ``cached_tokens`` /
+  ``cached_by_key`` count the reads.
 * ``by_key`` counts ``requestMetadata.invoice_key`` (decoded from the extractor's
   ``=XX`` escaping), so retries of one invoice are countable.
 
@@ -46,6 +51,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from devtools.bedrock_batches import BedrockJobs
 from devtools.images import BEDROCK_RULES, ImageRejected, decode_bedrock_image
 from devtools.llm_server import (
     INVOICE_OPEN,
@@ -116,7 +122,19 @@ def decode_metadata(value: str) -> str:
 
 
 class BedrockServer(LLMServer):
-    """Converse endpoint on top of `LLMServer`'s state, faults and control endpoints."""
+    """Converse endpoint on top of `LLMServer`'s state, faults and control endpoints,
+    plus batch inference jobs (`devtools.bedrock_batches`)."""
+
+    def reset(self) -> None:
+        super().reset()
+        # Reset in place: the routes are bound to this object.
+        if hasattr(self, "jobs"):
+            self.jobs.reset()
+        else:
+            self.jobs = BedrockJobs(self, self.config.s3_endpoint)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.jobs.stats()}
 
     def _sigv4_error(self, request: Request) -> JSONResponse | None:
         match = _CREDENTIAL.search(request.headers.get("authorization", ""))
@@ -209,11 +227,16 @@ class BedrockServer(LLMServer):
         prompt_chars = sum(len(_block_text(b)) for b in system) + sum(
             len(_message_text(m)) for m in messages
         )
+        prompt_tokens = math.ceil(prompt_chars / 4) + sum(image.tokens for image in images)
+        read, written = self._cache_point(system, key)
+        # Like Converse: inputTokens leaves out what was read from or written to the cache.
         usage = {
-            "inputTokens": math.ceil(prompt_chars / 4) + sum(image.tokens for image in images),
+            "inputTokens": prompt_tokens - read - written,
             "outputTokens": math.ceil(answer_chars / 4),
         }
-        usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"]
+        usage["totalTokens"] = prompt_tokens + usage["outputTokens"]
+        if read or written:
+            usage |= {"cacheReadInputTokens": read, "cacheWriteInputTokens": written}
         return "200", JSONResponse(
             {
                 "output": {"message": {"role": "assistant", "content": content}},
@@ -223,6 +246,21 @@ class BedrockServer(LLMServer):
             },
             headers={"x-amzn-RequestId": str(uuid.uuid4())},
         )
+
+    def _cache_point(self, system: list[Any], key: str | None) -> tuple[int, int]:
+        """(read, written) cache tokens: the system text before a ``cachePoint`` block is
+        cached once it reaches the minimum; without a cache point nothing is."""
+        marks = [
+            i for i, block in enumerate(system) if isinstance(block, dict) and "cachePoint" in block
+        ]
+        if not marks:
+            return 0, 0
+        static = "".join(_block_text(b) for b in system[: marks[0]])
+        read, written = self.prompt_cache.static_hit(static)
+        self.cached_tokens += read
+        if read and key is not None:
+            self.cached_by_key[key] += read
+        return read, written
 
     async def _scripted(
         self, last_user: str, invoice_text: str
@@ -239,6 +277,7 @@ class BedrockServer(LLMServer):
     def asgi_app(self) -> ASGIApp:
         routes = [
             Route("/model/{model_id:path}/converse", self.converse, methods=["POST"]),
+            *self.jobs.routes(),
             Route("/_stats", self.get_stats, methods=["GET"]),
             Route("/_control/faults", self.control_faults, methods=["POST"]),
             Route("/_control/answers", self.control_answers, methods=["POST"]),

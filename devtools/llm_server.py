@@ -6,6 +6,14 @@ It speaks just enough of the OpenAI HTTP API for the official SDK:
   (``prompt_tokens`` = ceil(chars of all messages / 4), ``completion_tokens`` =
   ceil(chars of the answer / 4)) and the request's ``model`` echoed back.
 * ``GET /v1/models`` lists the single pseudo model.
+* the Files and Batches APIs (``/v1/files``, ``/v1/batches``): see
+  `devtools.openai_batches`; batch lines are answered like online requests.
+
+Prompt cache
+    Like OpenAI: a prompt prefix (the text of the messages in order) of at least 1,024
+    tokens seen before is served from the cache, in 128-token steps, and reported as
+    ``usage.prompt_tokens_details.cached_tokens`` (`PromptCache`). ``_stats``
+    ``cached_tokens`` / ``cached_by_key`` count what was served from it.
 
 Both require ``Authorization: Bearer <token>``; a missing or empty token gets 401, and
 if the server was given ``api_key`` the token must equal it. Tests use this to prove
@@ -125,6 +133,7 @@ from devtools.images import (
     check_images,
     decode_data_url,
 )
+from devtools.openai_batches import BatchAPI
 from invoiceflow.schema import Invoice
 
 log = logging.getLogger(__name__)
@@ -246,6 +255,8 @@ class LLMServerConfig:
     response_formats: Sequence[str] | None = None
     # Images a request may carry (None: the API's own limit, see devtools.images).
     max_images: int | None = None
+    # S3 (e.g. moto) the Bedrock server's batch jobs read their input from and write to.
+    s3_endpoint: str | None = None
 
     def fault_plan(self) -> FaultPlan:
         return FaultPlan.model_validate(
@@ -400,6 +411,55 @@ class _ResetConnection(Response):
         await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-', "more_body": True})
 
 
+# OpenAI's prompt cache: prefixes of at least 1,024 tokens, matched in 128-token steps.
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
+CHARS_PER_TOKEN = 4
+
+
+class PromptCache:
+    """Prompt prefixes the server has seen, the way providers cache them.
+
+    A prefix counts from ``CACHE_MIN_TOKENS`` on, in steps of ``CACHE_STEP_TOKENS``
+    (OpenAI's documented granularity); tokens are the server's chars/4. A prompt is
+    stored when it arrives, so the second request with the same static prefix is a
+    hit even while the first is still being answered (real caches fill slightly later;
+    tests need a deterministic rule). Never expires; `LLMServer.reset` empties it.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+
+    def tokens_hit(self, text: str, *, store: bool = True) -> int:
+        """Tokens of the longest stored prefix of ``text`` (0 below the minimum)."""
+        step = CACHE_STEP_TOKENS * CHARS_PER_TOKEN
+        digest = hashlib.sha1()
+        hit, pos, new = 0, 0, []
+        for end in range(CACHE_MIN_TOKENS * CHARS_PER_TOKEN, len(text) + 1, step):
+            digest.update(text[pos:end].encode())
+            pos = end
+            prefix = digest.digest()  # hashlib's digest() leaves the state usable
+            if prefix in self._seen:
+                hit = end
+            new.append(prefix)
+        if store:
+            self._seen.update(new)
+        return hit // CHARS_PER_TOKEN
+
+    def static_hit(self, static: str) -> tuple[int, int]:
+        """(read, written) tokens for an explicitly marked static part (Bedrock's
+        ``cachePoint``): read when seen before, written the first time, nothing when
+        shorter than the minimum."""
+        tokens = len(static) // CHARS_PER_TOKEN
+        if tokens < CACHE_MIN_TOKENS:
+            return 0, 0
+        key = b"static:" + hashlib.sha1(static.encode()).digest()
+        if key in self._seen:
+            return tokens, 0
+        self._seen.add(key)
+        return 0, tokens
+
+
 class LLMServer:
     """The application state and endpoints. All state lives on the server's event loop
     (control calls arrive over HTTP too), so no locking is needed."""
@@ -429,6 +489,15 @@ class LLMServer:
         self.response_headers: dict[str, str] = {}
         self.max_images: int | None = self.config.max_images
         self.images: list[ReceivedImage] = []
+        self.prompt_cache = PromptCache()
+        # Reset in place: the routes are bound to this object.
+        if hasattr(self, "batch_api"):
+            self.batch_api.reset()
+        else:
+            self.batch_api = BatchAPI(self)
+        # Prompt tokens served from the cache, by invoice key (None: no key header).
+        self.cached_by_key: Counter[str] = Counter()
+        self.cached_tokens = 0
         self.in_flight = 0
         self.max_in_flight = 0
         # Request-seconds spent inside the server, and the window they fell in, so a
@@ -456,6 +525,9 @@ class LLMServer:
             "first_start": self.first_start,
             "last_end": self.last_end,
             "images": [image.as_dict() for image in self.images],
+            "cached_tokens": self.cached_tokens,
+            "cached_by_key": dict(self.cached_by_key),
+            **self.batch_api.stats(),
         }
 
     def _enter(self) -> float:
@@ -643,14 +715,37 @@ class LLMServer:
                 extra_headers=rule.headers if rule else None,
             )
 
+        cached = self._cache_lookup(messages, key)
         await self._sleep_latency()
+        return "200", JSONResponse(
+            await self._completion(body, user_message, images, cached),
+            headers={"x-request-id": uuid.uuid4().hex, **self.response_headers},
+        )
+
+    def _cache_lookup(self, messages: list[Any], key: str | None) -> int:
+        """Cached prompt tokens of a request, recorded per key (see `PromptCache`)."""
+        cached = self.prompt_cache.tokens_hit("".join(_message_text(m) for m in messages))
+        self.cached_tokens += cached
+        if cached and key is not None:
+            self.cached_by_key[key] += cached
+        return cached
+
+    async def _completion(
+        self, body: Any, user_message: str, images: list[ReceivedImage], cached: int
+    ) -> dict[str, Any]:
+        """The chat.completion object answering ``body`` (online and batch lines)."""
+        messages = _messages(body)
         content, refusal = await self._answer(user_message, _invoice_text(body, user_message))
         prompt_chars = sum(len(_message_text(m)) for m in messages)
         answer_chars = len(content if content is not None else refusal or "")
         prompt_tokens = _tokens(prompt_chars) + sum(image.tokens for image in images)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(answer_chars)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        completion = {
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": _tokens(answer_chars),
+            "total_tokens": prompt_tokens + _tokens(answer_chars),
+            "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
+        }
+        return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -666,8 +761,6 @@ class LLMServer:
             ],
             "usage": usage,
         }
-        headers = {"x-request-id": uuid.uuid4().hex, **self.response_headers}
-        return "200", JSONResponse(completion, headers=headers)
 
     async def models(self, request: Request) -> Response:
         self.models_requests += 1
@@ -727,6 +820,7 @@ class LLMServer:
         routes = [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            *self.batch_api.routes(),
             Route("/_stats", self.get_stats, methods=["GET"]),
             Route("/_control/faults", self.control_faults, methods=["POST"]),
             Route("/_control/answers", self.control_answers, methods=["POST"]),
@@ -850,6 +944,23 @@ class LLMServerHandle:
             "response_headers": dict(response_headers) if response_headers is not None else None,
         }
         self._call("POST", "/_control/config", payload)
+
+    def configure_batches(
+        self,
+        *,
+        delay_s: float | None = None,
+        fail: Sequence[str] | None = None,
+        expire: bool | None = None,
+        max_requests: int | None = None,
+    ) -> dict[str, Any]:
+        """Batch API behaviour (`devtools.openai_batches`): answer ``delay_s`` after
+        creation, fail lines matching a ``fail`` needle, ``expire`` batches instead of
+        answering them, refuse batches over ``max_requests``. Partial update."""
+        update = {"delay_s": delay_s, "fail": list(fail) if fail is not None else None,
+                  "expire": expire, "max_requests": max_requests}  # fmt: skip
+        return self._call(
+            "POST", "/_control/batches", {k: v for k, v in update.items() if v is not None}
+        )
 
     def images(self, key: str | None = None) -> list[dict[str, Any]]:
         """The images requests carried (of invoice ``key`` only, if given), in order."""

@@ -473,13 +473,25 @@ def reconcile(
         float,
         typer.Option(
             help="Minutes after which an unfinished claim counts as abandoned and is "
-            "released (0 releases every claim: only when no run is active)."
+            "released. Claims of runs Prefect reports ended are released at once, of "
+            "runs it reports running never (0 releases every other claim)."
         ),
     ] = 15,
     prune: Annotated[bool, typer.Option(help="Remove entries whose source is gone.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Report what would change; write nothing.")] = (
         False
     ),
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a manifest that cannot be read (invalid JSON, wrong format, too "
+            "large): copy it to <manifest-key>.broken-<timestamp> first, keep what still "
+            "decodes, and rebuild this prefix's entries from the results."
+        ),
+    ] = False,
+    max_manifest_bytes: Annotated[
+        int, typer.Option(help="A larger manifest counts as unreadable (as in the flow).")
+    ] = 256 * 1024 * 1024,
 ) -> None:
     """Repair the manifest from the result objects and the source listing.
 
@@ -493,7 +505,9 @@ def reconcile(
     from flows.params import ProcessInvoicesParams
 
     _use_local_stack(state_dir)
-    folders = ProcessInvoicesParams(source_prefix=prefix, results_prefix=results_prefix)
+    folders = ProcessInvoicesParams(
+        source_prefix=prefix, results_prefix=results_prefix, manifest_key=manifest_key
+    )
     try:
         report = asyncio.run(
             _reconcile(
@@ -505,6 +519,8 @@ def reconcile(
                 release_claims_after=dt.timedelta(minutes=release_claims_after),
                 prune=prune,
                 dry_run=dry_run,
+                rebuild=rebuild,
+                max_manifest_bytes=max_manifest_bytes,
             )
         )
     except Exception as exc:  # a missing lock or an unreadable manifest: say what to do
@@ -520,14 +536,17 @@ def reconcile(
     console.print(table)
     verb = "would change" if dry_run else "changed"
     console.print(f"{verb} {report.changes} entries; {report.unchanged} already consistent")
+    if report.backup_key:
+        console.print(f"the replaced manifest was copied to {report.backup_key}")
 
 
 async def _reconcile(
-    bucket_block: str, manifest_key: str, lock: str, **options: Any
+    bucket_block: str, manifest_key: str, lock: str, max_manifest_bytes: int, **options: Any
 ) -> ReconcileReport:
     from prefect_aws import S3Bucket
 
     from flows.lock import check_manifest_lock, manifest_lock
+    from flows.runs import flow_run_liveness
     from invoiceflow.manifest import ManifestStore
     from invoiceflow.reconcile import reconcile
     from invoiceflow.storage import S3Store
@@ -535,8 +554,8 @@ async def _reconcile(
     await check_manifest_lock(lock)
     bucket = await S3Bucket.load(bucket_block)
     s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
-    store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock))
-    return await reconcile(store, **options)
+    store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock), max_bytes=max_manifest_bytes)
+    return await reconcile(store, runs=flow_run_liveness, **options)
 
 
 def _local_extractor(extractor: str, base_url: str | None, model: str):

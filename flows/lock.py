@@ -1,9 +1,22 @@
-"""The manifest lock: a Prefect global concurrency limit of size one, taken strictly."""
+"""The manifest lock: a Prefect global concurrency limit of size one, taken strictly.
+
+Prefect runs the body with no lock at all when the limit is inactive (any `strict`: the
+server increments only active limits and still answers with the limit, see
+`prefect/server/api/concurrency_limits_v2.py`, `_acquire_concurrency_slots`), and raises
+a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`, see
+`prefect/concurrency/_asyncio.py`, `aacquire_concurrency_slots_with_lease`).
+`manifest_lock` turns both into a wait: it retries with backoff while the limit is
+missing or inactive, and after a bounded time raises `ManifestLockLost` naming the
+command that restores it, so no run ever crashes on Prefect's raw error.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -14,10 +27,18 @@ from prefect.client.schemas.actions import (
 from prefect.concurrency.asyncio import concurrency
 from prefect.exceptions import ObjectNotFound
 
-DEFAULT_LOCK = "invoiceflow-manifest"
+from invoiceflow import defaults
+from invoiceflow.manifest import ManifestLockLost
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCK = defaults.MANIFEST_LOCK
 # The server rejects leases shorter than 60 s; a commit takes well under a second, and
 # the conditional write catches the rare writer that outlives its lease anyway.
 LEASE_SECONDS = 60
+# How long a commit keeps retrying a missing or inactive limit before the run gives up
+# on the manifest (an operator recreating a deleted limit has this long).
+LOCK_WAIT_SECONDS = 120.0
 
 
 class ManifestLockError(RuntimeError):
@@ -66,10 +87,93 @@ async def ensure_manifest_lock(name: str) -> None:
             )
 
 
-def manifest_lock(name: str) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
-    """The lock factory `ManifestStore` takes: one strict slot of `name` per commit."""
+def manifest_lock(
+    name: str, *, wait_s: float = LOCK_WAIT_SECONDS
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
+    """The lock factory `ManifestStore` takes: one strict slot of `name` per commit.
 
-    def acquire() -> contextlib.AbstractAsyncContextManager[Any]:
-        return concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS)
+    A slot that cannot be taken because the limit is missing or inactive is retried
+    with backoff for up to `wait_s`, then `ManifestLockLost` is raised.
+    """
+    return _ManifestLock(name, wait_s).hold
 
-    return acquire
+
+# Checking that the limit is still active costs an API read (~40-100 ms here, loaded);
+# at most this often. A limit disabled in between leaves the writes of this window
+# without the slot, but never unguarded: every manifest write is also If-Match.
+VERIFY_EVERY_S = 5.0
+
+
+class _ManifestLock:
+    def __init__(self, name: str, wait_s: float) -> None:
+        self.name = name
+        self.wait_s = wait_s
+        self._verified_at: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        slot = await self._take()
+        try:
+            yield
+        finally:
+            # The release must not turn a durable commit into a failure: a limit deleted
+            # while held cannot be released, and its lease expires on its own.
+            try:
+                await slot.__aexit__(None, None, None)
+            except Exception as exc:
+                log.warning("releasing the manifest slot of %r failed: %s", self.name, exc)
+
+    async def _take(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """An entered strict slot of the active limit, waiting up to `wait_s` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        delay = 0.2
+        while True:
+            slot = concurrency(self.name, occupy=1, strict=True, lease_duration=LEASE_SECONDS)
+            try:
+                await slot.__aenter__()
+            except Exception as exc:  # ConcurrencySlotAcquisitionError: missing, or the API
+                problem = f"{type(exc).__name__}: {exc}"
+                self._verified_at = None
+            else:
+                problem = await self._problem(loop.time())
+                if problem is None:
+                    return slot
+                await slot.__aexit__(None, None, None)  # an inactive limit held nothing
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ManifestLockLost(_lost_message(self.name, self.wait_s, problem))
+            pause = min(delay * random.uniform(0.5, 1.0), remaining)  # jittered: runs differ
+            log.warning(
+                "manifest lock %r unavailable (%s); retrying in %.1fs", self.name, problem, pause
+            )
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 10.0)
+
+    async def _problem(self, now: float) -> str | None:
+        if self._verified_at is not None and now - self._verified_at < VERIFY_EVERY_S:
+            return None
+        problem = await _lock_problem(self.name)
+        self._verified_at = None if problem else now
+        return problem
+
+
+async def _lock_problem(name: str) -> str | None:
+    """Why holding a slot of `name` does not serialize writers, or None if it does."""
+    try:
+        async with get_client() as client:
+            limit = await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        return "the limit was deleted"
+    if not limit.active:
+        return "the limit is inactive, which Prefect treats as no lock"
+    return None
+
+
+def _lost_message(name: str, wait_s: float, problem: str) -> str:
+    return (
+        f"could not take the manifest lock {name!r} for {wait_s:.0f}s ({problem}); "
+        f"no further manifest writes. Restore it with: prefect gcl create {name} --limit 1 "
+        f"(if it was deleted) or: prefect gcl update {name} --enable (if it was disabled); "
+        "then run the flow again."
+    )

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from flows.lock import LOCK_WAIT_SECONDS
+from invoiceflow import defaults
+from invoiceflow.documents import DocumentLimits
+from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MANIFEST_BYTES,
+    key_collisions,
+)
+
+DOCUMENT_DEFAULTS = DocumentLimits()
 
 
 class ProcessInvoicesParams(BaseModel):
     source_prefix: str = Field(
-        default="incoming/",
+        default=defaults.SOURCE_PREFIX,
         title="Source prefix",
         description="S3 prefix (folder) holding the invoice PDFs, e.g. `incoming/2026-11/`.",
     )
@@ -19,6 +32,13 @@ class ProcessInvoicesParams(BaseModel):
         description="`new`: not yet done (new, changed, or failed transiently). "
         "`failed`: every failed invoice, permanent failures included. "
         "`all`: everything under the prefix again (re-bills the LLM).",
+    )
+    llm_mode: Literal["online", "batch"] = Field(
+        default="online",
+        title="LLM mode",
+        description="`online`: call the LLM now. `batch`: send the LLM requests as a "
+        "provider batch (about half price, answered within 24 h; OpenAI-compatible "
+        "extractors); the collect-batches deployment records the answers.",
     )
     max_llm_concurrency: int = Field(
         default=8,
@@ -37,34 +57,34 @@ class ProcessInvoicesParams(BaseModel):
         "is not the bottleneck.",
     )
     results_prefix: str = Field(
-        default="results/",
+        default=defaults.RESULTS_PREFIX,
         title="Results prefix",
         description="Where one JSON result per invoice is written.",
     )
     manifest_key: str = Field(
-        default="manifest.json",
+        default=defaults.MANIFEST_KEY,
         title="Manifest key",
         description="The S3 object recording every invoice's status.",
     )
     bucket_block: str = Field(
-        default="invoiceflow-bucket",
+        default=defaults.BUCKET_BLOCK,
         title="S3 bucket block",
         description="Name of the saved prefect-aws S3Bucket block.",
     )
     extractor_block: str = Field(
-        default="invoiceflow-extractor",
+        default=defaults.EXTRACTOR_BLOCK,
         title="Extractor block",
         description="Name of the saved Invoice Extractor block (rules or an LLM).",
     )
     failure_notification_block: str = Field(
-        default="custom-webhook/invoiceflow-on-failure",
+        default=defaults.FAILURE_NOTIFICATION_BLOCK,
         title="Notify on failure",
         description="Notification block told when the run fails, as `type/name`, e.g. "
         "`custom-webhook/invoiceflow-on-failure` or `slack-webhook/ops`. Nobody is "
         "notified while that block is not saved; empty turns notification off.",
     )
     manifest_lock: str = Field(
-        default="invoiceflow-manifest",
+        default=defaults.MANIFEST_LOCK,
         title="Manifest lock",
         description="Global concurrency limit (size 1) serializing manifest writes.",
     )
@@ -83,6 +103,40 @@ class ProcessInvoicesParams(BaseModel):
         title="Manifest commit batch",
         description="Most status updates written in one manifest commit.",
     )
+    max_attempts: int = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        le=100,
+        title="Max attempts per invoice",
+        description="Attempts, across runs, after which an invoice that keeps failing "
+        "transiently (or whose runs keep dying on it) stops being retried: it becomes "
+        "`gave_up`, permanent, with its last error kept.",
+    )
+    claim_timeout_s: float = Field(
+        default=DEFAULT_CLAIM_TIMEOUT.total_seconds(),
+        ge=1,
+        le=86_400,
+        title="Claim timeout (s)",
+        description="A claim whose run Prefect does not know is taken over after this "
+        "long without renewal. Live runs renew their claims well within it; claims of "
+        "runs Prefect reports ended are taken over at once, of runs it reports live never.",
+    )
+    manifest_lock_wait_s: float = Field(
+        default=LOCK_WAIT_SECONDS,
+        ge=0,
+        le=3600,
+        title="Manifest lock wait (s)",
+        description="How long a manifest write keeps retrying a deleted or disabled "
+        "manifest lock before the run stops with the command that restores it.",
+    )
+    max_manifest_bytes: int = Field(
+        default=DEFAULT_MAX_MANIFEST_BYTES,
+        ge=1024,
+        le=4 * 1024**3,
+        title="Max manifest size (bytes)",
+        description="A larger manifest object stops the run before any work, with the "
+        "command that rebuilds it (`invoiceflow reconcile --rebuild`).",
+    )
     max_pdf_bytes: int = Field(
         default=20_000_000,
         ge=1,
@@ -97,6 +151,30 @@ class ProcessInvoicesParams(BaseModel):
         title="Max pages per PDF",
         description="PDFs with more pages fail permanently as `too_many_pages`.",
     )
+    document_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        title="Document worker processes",
+        description="Processes reading documents (pypdf, attachments, OCR, the rules "
+        "extractor) at once. Each is killed and replaced when it runs past a budget.",
+    )
+    document_time_limit_s: float = Field(
+        default=DOCUMENT_DEFAULTS.time_limit_s,
+        ge=1,
+        le=3600,
+        title="Time per document (s)",
+        description="Wall clock for reading one document; past it the worker is killed and "
+        "the invoice fails permanently as `too_slow`.",
+    )
+    document_memory_limit_mb: int = Field(
+        default=DOCUMENT_DEFAULTS.memory_limit_mb,
+        ge=128,
+        le=65_536,
+        title="Memory per document worker (MB)",
+        description="Address-space limit (RLIMIT_AS) of each document worker; a document "
+        "that needs more fails permanently as `too_large`.",
+    )
 
     @field_validator("source_prefix", "results_prefix")
     @classmethod
@@ -105,6 +183,31 @@ class ProcessInvoicesParams(BaseModel):
         if ".." in value.split("/"):
             raise ValueError("prefix must not contain '..'")
         return value if not value or value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _keys_cannot_collide(self) -> ProcessInvoicesParams:
+        problems = key_collisions(self.source_prefix, self.results_prefix, self.manifest_key)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def claim_timeout(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.claim_timeout_s)
+
+    @property
+    def claim_renewal_s(self) -> float:
+        """How often the run renews its claims: a fifth of the timeout, at most a minute."""
+        return min(60.0, self.claim_timeout_s / 5)
+
+    def document_limits(self) -> DocumentLimits:
+        """The budgets for reading one document, from these parameters."""
+        return DocumentLimits(
+            max_bytes=self.max_pdf_bytes,
+            max_pages=self.max_pages,
+            time_limit_s=self.document_time_limit_s,
+            memory_limit_mb=self.document_memory_limit_mb,
+        )
 
     def chunk_size(self, n: int) -> int:
         if self.invoices_per_task:

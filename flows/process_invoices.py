@@ -1,8 +1,9 @@
 """Process the invoice PDFs under an S3 prefix into one JSON result each.
 
-invoices = list_invoices(prefix)           # claim new ones in the manifest
-parsed   = parse_invoices.map(chunks)      # pypdf, on the thread pool
-results  = extract_invoices(parsed)        # async LLM calls, bounded concurrency
+invoices = claim_invoices(prefix)          # claim new ones in the manifest
+parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
+results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
+(llm_mode="batch": LLM requests go out as provider batches; collect-batches records them)
 every status change is group-committed to the manifest under a slot of size one
 """
 
@@ -11,29 +12,44 @@ from __future__ import annotations
 import asyncio
 
 from prefect import flow, unmapped
+from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.collect_batches import batch_queue, collect_after_online_run
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
-from flows.tasks import extract_when_parsed, list_invoices, open_pipeline, parse_invoices
+from flows.tally import RunTally
+from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
 from invoiceflow.pipeline import chunked
 
 
+# Parse threads only download and wait on the document worker processes (which do the
+# CPU work, off this process's GIL), so a few of them keep the pool busy.
 @flow(
     name="process-invoices",
-    task_runner=ThreadPoolTaskRunner(max_workers=1),
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
     on_failure=[notify_failure],
 )
 async def process_invoices(
     params: ProcessInvoicesParams = ProcessInvoicesParams(),
 ) -> RunSummary:
+    # Outcomes are tallied as invoices finish; none is kept to the end (issue 13 #4).
+    tally = RunTally(get_run_logger())
     async with open_pipeline(params) as pipeline:
-        invoices = await list_invoices(pipeline, params.selection)
+        queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
+        invoices = await claim_invoices(pipeline, params.selection)
         chunks = chunked(invoices, params.chunk_size(len(invoices)))
-        parsed = parse_invoices.map(chunks, unmapped(pipeline))
-        results = await asyncio.gather(*(extract_when_parsed(p, pipeline) for p in parsed))
-    return await summarize(params, [o for chunk in results for o in chunk])
+        parsing = list(parse_invoices.map(chunks, unmapped(pipeline)))
+        await asyncio.gather(
+            *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
+        )
+        if queue is not None:  # batch mode: send the queued LLM requests as batches
+            for outcome in await queue.submit():
+                tally.add(outcome)
+        else:  # an online run also collects finished provider batches
+            await collect_after_online_run(pipeline, params)
+    return await summarize(params, tally, lock_acquisitions=pipeline.lock_acquisitions)
 
 
 if __name__ == "__main__":

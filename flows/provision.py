@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from blocks.extractor import ExtractorBlock
 from flows.lock import DEFAULT_LOCK, ensure_manifest_lock
 from invoiceflow.samples import generate_corpus
-from invoiceflow.storage import S3Store
+from invoiceflow.storage import S3_CLIENT_SETTINGS, S3Store
 
 AWS_BLOCK = "invoiceflow-aws"
 BUCKET_BLOCK = "invoiceflow-bucket"
@@ -30,8 +30,7 @@ LOCAL_KEY = "invoiceflow-local"  # moto accepts any key; boto3 wants one to sign
 
 # botocore's standard retry mode handles 5xx / SlowDown / throttling / resets.
 S3_CLIENT_CONFIG = {
-    "retries": {"mode": "standard", "max_attempts": 8},
-    "max_pool_connections": 64,
+    **S3_CLIENT_SETTINGS,  # the one retry configuration (invoiceflow/storage.py)
     "s3": {"addressing_style": "path"},
 }
 

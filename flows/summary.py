@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-from decimal import Decimal
+from collections.abc import Iterable
 
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from flows.params import ProcessInvoicesParams
+from flows.tally import RunTally
 from invoiceflow.manifest import Status
-from invoiceflow.pipeline import InvoiceOutcome, run_totals
+from invoiceflow.pipeline import InvoiceOutcome
 
 
 class InvoicesFailed(RuntimeError):
@@ -28,11 +27,22 @@ class RunSummary(BaseModel):
     tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: served from the provider's prompt cache (billed at its price).
+    cached_tokens: int = 0
     # LLM cost from the extractor block's price table (None: no price for the model).
     cost: str | None = None
     duplicates: int = 0
     # Sum of invoice totals per currency, as decimal strings (money is never a float).
     totals: dict[str, str] = {}
+    # Done invoices by where their fields came from: llm, rules, einvoice.
+    by_source: dict[str, int] = {}
+    # Claimed but let go unfinished: the claim passed to another run, or the manifest
+    # could not be written (the run then fails; the next run records their results).
+    skipped: int = 0
+    # Batch mode: sent in a provider batch; collect-batches records them later.
+    submitted: int = 0
+    # The manifest store's own count of lock (slot) acquisitions in this run.
+    lock_acquisitions: int = 0
 
 
 TABLE_COLUMNS = (
@@ -48,38 +58,38 @@ TABLE_COLUMNS = (
 )
 
 
-async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome]) -> RunSummary:
-    logger = get_run_logger()
-    for o in outcomes:
-        logger.log(*_log_line(o))
-    counts = Counter(o.status for o in outcomes)
-    llm = run_totals(outcomes)
-    totals: dict[str, Decimal] = {}
-    for o in outcomes:
-        if o.status is Status.done and o.invoice is not None and o.invoice.total is not None:
-            currency = o.invoice.currency or "?"
-            totals[currency] = totals.get(currency, Decimal(0)) + o.invoice.total
+async def summarize(
+    params: ProcessInvoicesParams,
+    outcomes: RunTally | Iterable[InvoiceOutcome],
+    *,
+    lock_acquisitions: int = 0,
+) -> RunSummary:
+    """The run's summary and artifacts, from a `RunTally` the run fed as invoices
+    finished (or from outcomes, which are then logged here)."""
+    tally = outcomes if isinstance(outcomes, RunTally) else RunTally.of(outcomes, get_run_logger())
+    counts = tally.statuses
     summary = RunSummary(
-        processed=len(outcomes),
+        processed=tally.finished,
         done=counts[Status.done],
         failed=counts[Status.failed],
-        failures={
-            o.key: f"{o.error_kind}: {o.error_message}"
-            for o in outcomes
-            if o.status is Status.failed
-        },
-        needs_review=sum(1 for o in outcomes if _needs_review(o)),
-        tokens=sum(_tokens(o) or 0 for o in outcomes),
-        prompt_tokens=llm.prompt_tokens,
-        completion_tokens=llm.completion_tokens,
-        cost=str(llm.cost) if llm.cost is not None else None,
-        duplicates=llm.duplicates,
-        totals={currency: str(total) for currency, total in sorted(totals.items())},
+        failures=tally.failures,
+        needs_review=tally.needs_review,
+        tokens=tally.prompt_tokens + tally.completion_tokens,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        cached_tokens=tally.cached_tokens,
+        cost=str(tally.cost) if tally.cost is not None else None,
+        duplicates=tally.duplicates,
+        totals={currency: str(total) for currency, total in sorted(tally.totals.items())},
+        by_source=dict(tally.by_source),
+        skipped=tally.observed - tally.finished - counts[Status.submitted],
+        submitted=counts[Status.submitted],
+        lock_acquisitions=lock_acquisitions,
     )
-    if outcomes:
+    if tally.rows:
         await acreate_table_artifact(
             key="invoices",
-            table=[_row(o) for o in outcomes],
+            table=tally.rows,
             description=f"Invoices processed from `{params.source_prefix}`",
         )
     await acreate_markdown_artifact(
@@ -95,68 +105,6 @@ async def summarize(params: ProcessInvoicesParams, outcomes: list[InvoiceOutcome
     return summary
 
 
-def _log_line(o: InvoiceOutcome) -> tuple[int, str]:
-    """One line per invoice outcome. Only fields and our own error text: no secrets."""
-    if o.status is Status.done and o.invoice is not None:
-        inv = o.invoice
-        review = " [needs review]" if _needs_review(o) else ""
-        tokens = _tokens(o)
-        used = f" ({tokens} tokens)" if tokens else ""
-        return (
-            logging.INFO,
-            f"done {o.key}: {inv.vendor_name} {inv.total} {inv.currency}{used}{review}",
-        )
-    kind = "transient" if o.transient else "permanent"
-    return logging.WARNING, f"failed {o.key} ({kind}): {o.error_kind}: {o.error_message}"
-
-
-# The LLM engineer is adding review flags, usage and cost to the outcome; read them when
-# they are there, so the columns fill in without this module changing.
-def _needs_review(o: InvoiceOutcome) -> bool | None:
-    for source in (o, o.invoice):
-        value = getattr(source, "needs_review", None)
-        if value is not None:
-            return bool(value)
-    return None
-
-
-def _tokens(o: InvoiceOutcome) -> int | None:
-    usage = getattr(o, "usage", None)
-    if not usage:
-        return None
-    if isinstance(usage, dict):
-        if "total_tokens" in usage:
-            return int(usage["total_tokens"])
-        return int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-    total = getattr(usage, "total_tokens", None)
-    return int(total) if total is not None else None
-
-
-def _cost(o: InvoiceOutcome) -> str:
-    cost = getattr(o, "cost", None)
-    if cost is None:
-        return ""
-    currency = getattr(o, "cost_currency", None) or ""
-    return f"{cost} {currency}".strip()
-
-
-def _row(o: InvoiceOutcome) -> dict[str, str]:
-    inv = o.invoice
-    review = _needs_review(o)
-    tokens = _tokens(o)
-    return {
-        "invoice": o.key,
-        "status": o.status.value,
-        "vendor": (inv.vendor_name or "") if inv else "",
-        "total": str(inv.total) if inv and inv.total is not None else "",
-        "currency": (inv.currency or "") if inv else "",
-        "needs_review": "" if review is None else ("yes" if review else "no"),
-        "tokens": "" if tokens is None else str(tokens),
-        "cost": _cost(o),
-        "error": f"{o.error_kind}: {o.error_message}" if o.error_kind else "",
-    }
-
-
 def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
     lines = [
         f"# invoiceflow run over `{params.source_prefix}`",
@@ -165,9 +113,17 @@ def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:
         f"- done: **{s.done}**",
         f"- failed: **{s.failed}**",
         f"- needs review: **{s.needs_review}**",
-        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, {s.completion_tokens} out)",
+        f"- LLM tokens: **{s.tokens}** ({s.prompt_tokens} in, of which {s.cached_tokens} "
+        f"cached; {s.completion_tokens} out)",
         f"- duplicates: **{s.duplicates}**",
     ]
+    if s.by_source:
+        by = ", ".join(f"{source} {n}" for source, n in sorted(s.by_source.items()))
+        lines.append(f"- fields from: **{by}**")
+    if s.submitted:
+        lines.append(f"- submitted in provider batches: **{s.submitted}**")
+    if s.skipped:
+        lines.append(f"- skipped (claim lost or not recorded): **{s.skipped}**")
     if s.tokens:
         lines.append(f"- LLM cost: **{s.cost if s.cost is not None else 'unknown (no price)'}**")
     if s.totals:

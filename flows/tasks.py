@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -26,15 +23,17 @@ from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
 from flows.progress import expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
+from flows.runs import flow_run_liveness
+from flows.s3 import s3_store
+from flows.tally import RunTally
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
-    InvoiceOutcome,
     InvoicePipeline,
     ParsedDoc,
     PipelineConfig,
     WorkItem,
 )
-from invoiceflow.storage import S3Store
+from invoiceflow.sandbox import DocumentWorkers
 
 T = TypeVar("T")
 
@@ -46,8 +45,9 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
     await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
-    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
-    store = ManifestStore(s3, params.manifest_key, lock=manifest_lock(params.manifest_lock))
+    s3 = s3_store(bucket)
+    lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
+    store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
     # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
     limiter = await provider_limiter(
         extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
@@ -57,22 +57,32 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
-        max_concurrency=params.max_llm_concurrency,
-        max_pdf_bytes=params.max_pdf_bytes,
-        max_pages=params.max_pages,
+        limits=params.document_limits(),
+        claim_timeout=params.claim_timeout,
+        max_attempts=params.max_attempts,
     )
     try:
         # One sync API client for every sync task run of this flow: otherwise each
         # parse task on the thread pool builds its own client and SSL context
         # (~100 ms CPU each, upstream PR #19106). httpx.Client is thread-safe.
-        with SyncClientContext.get_or_create():
+        with (
+            SyncClientContext.get_or_create(),
+            # Untrusted document work runs in these processes, under the run's budgets.
+            DocumentWorkers(params.document_workers, config.limits) as workers,
+        ):
             async with (
                 tracking_progress(),
                 GroupCommitter(
-                    store, max_batch=params.max_commit_batch, max_wait_s=params.commit_interval_s
+                    store,
+                    max_batch=params.max_commit_batch,
+                    max_wait_s=params.commit_interval_s,
+                    run_id=config.run_id,  # renews this run's claims while it lives
+                    renew_every_s=params.claim_renewal_s,
                 ) as committer,
             ):
-                yield InvoicePipeline(s3, committer, extractor, config, finished_flow_runs)
+                yield InvoicePipeline(
+                    s3, committer, extractor, config, flow_run_liveness, read=workers.read
+                )
     finally:
         aclose = getattr(extractor, "aclose", None)
         if aclose is not None:
@@ -81,29 +91,11 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
             await limiter.aclose()  # provider slots go back to the other runs now
 
 
-async def finished_flow_runs(run_ids: set[str]) -> set[str]:
-    """Which of these flow runs have ended (completed, failed, crashed, cancelled).
-
-    A claim held by such a run will never be finished by it, so the pipeline takes it
-    over. Unknown ids (another server, deleted runs) are not assumed dead.
-    """
-    ids = []
-    for run_id in run_ids:
-        with contextlib.suppress(ValueError):
-            ids.append(uuid.UUID(run_id))
-    if not ids:
-        return set()
-    async with get_client() as client:
-        runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
-        )
-    return {str(r.id) for r in runs if r.state is not None and r.state.is_final()}
-
-
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
 @task(cache_policy=NO_CACHE)
-async def list_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
-    items = await pipeline.select(selection)
+async def claim_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
+    """List the prefix and claim, in the manifest, the invoices this run processes."""
+    items = await pipeline.claim(selection)
     expect(len(items))  # the progress artifact's 100%
     return items
 
@@ -115,18 +107,32 @@ def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[Par
 
 @task(cache_policy=NO_CACHE)
 async def extract_invoices(
-    docs: list[ParsedDoc], pipeline: InvoicePipeline
-) -> list[InvoiceOutcome]:
-    async def extract_and_count(doc: ParsedDoc) -> InvoiceOutcome:
-        return observe(await pipeline.extract(doc))
+    docs: list[ParsedDoc], pipeline: InvoicePipeline, tally: RunTally
+) -> int:
+    """Finish each parsed invoice; its outcome goes into the run's tally (and progress)
+    as it arrives, not into a list kept to the end of the run."""
 
-    return list(await asyncio.gather(*(extract_and_count(doc) for doc in docs)))
+    async def extract_and_count(doc: ParsedDoc) -> None:
+        tally.add(observe(await pipeline.process(doc)))
+
+    await asyncio.gather(*(extract_and_count(doc) for doc in docs))
+    return len(docs)
 
 
 async def extract_when_parsed(
-    parsed: PrefectFuture[list[ParsedDoc]], pipeline: InvoicePipeline
-) -> list[InvoiceOutcome]:
-    return await extract_invoices(await resolved(parsed), pipeline)
+    parsing: list[PrefectFuture[list[ParsedDoc]] | None],
+    index: int,
+    pipeline: InvoicePipeline,
+    tally: RunTally,
+) -> int:
+    """Extract chunk `index` once parsed. Its future leaves `parsing` first, so the
+    chunk's documents (text, page images) are freed when the chunk is done, not when
+    the run is."""
+    future, parsing[index] = parsing[index], None
+    assert future is not None
+    docs = await resolved(future)
+    del future
+    return await extract_invoices(docs, pipeline, tally)
 
 
 async def resolved(future: PrefectFuture[T]) -> T:

@@ -222,7 +222,8 @@ DATE_PATTERN: Final = re.compile(
     r"(?P<iso>\d{4}-\d{1,2}-\d{1,2})"
     r"|(?P<ymd>\d{4}[./]\d{1,2}[./]\d{1,2})"
     r"|(?P<num>\d{1,2}[./-]\d{1,2}[./-]\d{2,4})"
-    rf"|(?P<dmy>\d{{1,2}}(?:er|st|nd|rd|th)?\.?[ -]{_MONTH_WORD}[\s,-]{{0,3}}\d{{4}})"
+    rf"|(?P<dmy>\d{{1,2}}(?:er|st|nd|rd|th)?\.?[ -]{_MONTH_WORD}"
+    r"(?:[\s,-]{0,3}\d{4}|-\d{2}(?!\d)))"
     rf"|(?P<mdy>{_MONTH_WORD} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}})"
 )
 
@@ -264,7 +265,7 @@ def parse_date(text: str, *, dayfirst: bool = True) -> dt.date:
         if month is None or len(numbers) != 2:
             raise ValueError(f"unknown month in {text!r}")
         day, year = numbers
-        return dt.date(year, month, day)
+        return dt.date(_full_year(year), month, day)
     except (ValueError, IndexError) as exc:
         raise ValueError(f"invalid date {token!r}: {exc}") from exc
 

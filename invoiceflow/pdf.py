@@ -82,16 +82,24 @@ def parse_pdf(data: bytes, *, max_bytes: int = 20_000_000, max_pages: int = 50) 
     Raises `PdfError` (and nothing else) when the document is empty, not a PDF, too
     large, corrupt, password-protected, has no or too many pages, or has no text layer.
     """
+    reader, page_count = open_pdf(data, max_bytes=max_bytes, max_pages=max_pages)
+    texts = [page_text(reader, index) for index in range(page_count)]
+    if not any(has_text_layer(text) for text in texts):
+        raise PdfError("needs_ocr", f"none of the {page_count} page(s) has a text layer")
+    return ParsedPdf(text=PAGE_SEPARATOR.join(texts), pages=page_count)
+
+
+def open_pdf(data: bytes, *, max_bytes: int, max_pages: int) -> tuple[PdfReader, int]:
+    """(reader, page count) after the size, header, encryption and page-count checks."""
     size = len(data)
     if size == 0:
         raise PdfError("empty", "the file is empty (0 bytes)")
     if size > max_bytes:
         raise PdfError("too_large", f"the file has {size} bytes, the limit is {max_bytes}")
-    if _MAGIC not in data[:_HEADER_WINDOW]:
+    if not is_pdf(data):
         raise PdfError(
             "not_pdf", f"no {_MAGIC.decode()} header in the first {_HEADER_WINDOW} bytes"
         )
-
     reader = _open(data)
     page_count = _page_count(reader)
     if page_count == 0:
@@ -100,11 +108,30 @@ def parse_pdf(data: bytes, *, max_bytes: int = 20_000_000, max_pages: int = 50) 
         raise PdfError(
             "too_many_pages", f"the document has {page_count} pages, the limit is {max_pages}"
         )
+    return reader, page_count
 
-    texts = [_page_text(reader, index) for index in range(page_count)]
-    if not any(_has_text_layer(text) for text in texts):
-        raise PdfError("needs_ocr", f"none of the {page_count} page(s) has a text layer")
-    return ParsedPdf(text=PAGE_SEPARATOR.join(texts), pages=page_count)
+
+def is_pdf(data: bytes) -> bool:
+    return _MAGIC in data[:_HEADER_WINDOW]
+
+
+def text_operator_count(reader: PdfReader, page_count: int) -> int:
+    """Text-showing operators (Tj, TJ, ', ") in the pages' content streams, approximately.
+
+    pypdf's `extract_text` is superlinear in these (5 MB of them on one page took
+    111 s), so callers refuse documents with too many before extracting. Counted per
+    page, as extraction works per page even when pages share one stream. Form XObjects
+    are not counted: the caller's wall-clock limit still covers those.
+    """
+    total = 0
+    for index in range(page_count):
+        try:
+            contents = reader.pages[index].get_contents()
+            data = contents.get_data() if contents is not None else b""
+        except Exception:
+            continue  # extraction itself reports the damage as PdfError
+        total += data.count(b"Tj") + data.count(b"TJ") + data.count(b"'") + data.count(b'"')
+    return total
 
 
 def _open(data: bytes) -> PdfReader:
@@ -140,7 +167,8 @@ def _page_count(reader: PdfReader) -> int:
         raise PdfError("corrupt", f"cannot read the page tree: {_describe(exc)}") from exc
 
 
-def _page_text(reader: PdfReader, index: int) -> str:
+def page_text(reader: PdfReader, index: int) -> str:
+    """The text layer of page ``index`` (0-based); raises PdfError."""
     try:
         return reader.pages[index].extract_text() or ""
     except LimitReachedError as exc:
@@ -153,7 +181,7 @@ def _page_text(reader: PdfReader, index: int) -> str:
         ) from exc
 
 
-def _has_text_layer(text: str) -> bool:
+def has_text_layer(text: str) -> bool:
     return sum(ch.isalnum() for ch in text) >= _MIN_TEXT_CHARS_PER_PAGE
 
 

@@ -1,52 +1,119 @@
-"""The per-invoice work of a run, free of Prefect: select, parse, extract, record.
+"""The per-invoice work of a run, free of Prefect: claim, parse, extract, record.
 
-The flow wires these steps into tasks; the benchmark's seed contender and the tests
-call them directly. Every status change goes through the run's `GroupCommitter`, so the
+One invoice travels through these steps, each a small method below:
+
+    claim     `claim`            list the prefix, claim what this run should process
+    parse     `parse`            download the source; a worker process reads it
+                                 (`DocumentWorkers.read`: text, OCR, e-invoice XML)
+    -------   `process`, under one boundary, for each parsed invoice:
+    reuse     `_written_result`  a result already written for this source and ETag? done
+    start     `_start`           `processing`, committed: is the claim still this run's?
+    extract   `_extract`         the extractor (LLM, rules) or the e-invoice XML
+    validate  `validate_extraction`
+    write     `_write_result`    results/<invoice>.json
+    record    `_record_done`     the `done` entry, duplicate check at commit time
+
+Any exception in any step becomes that invoice's `failed` entry (`failure_of` says
+which kind, whether a retry may help, and what it cost); it never fails the run or the
+other invoices. Every status change goes through the run's `GroupCommitter`, so the
 manifest is written once per batch, under the lock, conditionally.
+
+This module must not import Prefect: the flow wires these steps into tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 
-from invoiceflow.extractors import (
-    DocumentExtractor,
-    Extraction,
-    ExtractionError,
-    ExtractionSource,
-    Extractor,
-)
-from invoiceflow.extractors.einvoice import read_einvoice
+from invoiceflow.documents import DocumentError, DocumentLimits, ReadDocument, read_document
+from invoiceflow.duplicates import RecordDone, duplicate_reason
+from invoiceflow.extractors import DocumentExtractor, Extraction, ExtractionError, ExtractionSource
 from invoiceflow.manifest import (
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
     Claim,
     GroupCommitter,
     Outcome,
+    RunLiveness,
+    RunLookup,
     Selection,
     Snapshot,
     Status,
     Transition,
     Update,
+    claim_holders,
+    done_fields,
 )
-from invoiceflow.pdf import PdfError, parse_pdf
+from invoiceflow.redact import redact
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import S3Store, invoice_id, result_key
-from invoiceflow.validate import RecordDone, duplicate_reason, validate_extraction
+from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Given run ids holding claims, which of those runs have ended (supplied by the flow).
-FinishedRuns = Callable[[set[str]], Awaitable[Iterable[str]]]
+# Longest error message kept in the manifest; the run log has the rest.
+MAX_MESSAGE_CHARS = 500
+
+
+class RecordingStopped(Exception):
+    """The manifest cannot be written any more; see `InvoicePipeline._commit`."""
+
+
+class InvoiceFailed(Exception):
+    """One invoice cannot be finished: a kind, a readable message, and whether to retry."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        transient: bool = False,
+        usage: Usage | None = None,
+        cost: Decimal | None = None,
+    ) -> None:
+        # Built from exceptions a provider's answer may have filled (an echoed API key):
+        # masked here, before it reaches the manifest, the logs or the run's summary.
+        message = redact(message)
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.transient = transient
+        # A failed LLM call is billed too.
+        self.usage = usage if usage is not None and usage.total_tokens else None
+        self.cost = cost if self.usage is not None else None
+
+
+def failure_of(exc: Exception) -> InvoiceFailed:
+    """The one place that says what an exception means for its invoice.
+
+    Known failures keep their kind and retry rule. Anything else is a bug or an input
+    nobody foresaw: `internal_error`, permanent, so a rerun does not bill it again and
+    again; `selection="failed"` retries it after a fix.
+    """
+    if isinstance(exc, InvoiceFailed):
+        return exc
+    if isinstance(exc, ExtractionError):
+        return InvoiceFailed(
+            exc.kind, str(exc), transient=exc.transient, usage=exc.usage, cost=exc.cost
+        )
+    if isinstance(exc, DocumentError):  # unreadable, or over a time or memory budget
+        return InvoiceFailed(exc.kind, exc.message, transient=exc.transient)
+    if isinstance(exc, BotoCoreError | ClientError):  # after botocore's own retries
+        return InvoiceFailed("s3_error", f"S3 request failed: {exc}", transient=True)
+    return InvoiceFailed("internal_error", f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -58,18 +125,18 @@ class WorkItem:
     size: int
     attempt: int
     invoice_id: str
+    # selection="all": extract again even when a result for this source exists.
+    reprocess: bool = False
 
 
 @dataclass(frozen=True)
 class ParsedDoc:
+    """What the parse stage hands on: the read document, or why there is none."""
+
     item: WorkItem
-    text: str = ""
-    pages: int = 0
-    error_kind: str | None = None
-    error_message: str | None = None
-    transient: bool = False
-    # Read from the PDF's embedded e-invoice XML: no extractor call needed.
-    einvoice: Extraction | None = None
+    document: ReadDocument | None = None
+    # Raised while downloading or reading; `process` turns it into the invoice's failure.
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +156,11 @@ class InvoiceOutcome:
     needs_review: bool = False
     duplicate_of: str | None = None
 
+    @property
+    def finished(self) -> bool:
+        """False when this run let the invoice go (its claim was lost): not counted."""
+        return self.status in (Status.done, Status.failed)
+
 
 @dataclass(frozen=True)
 class RunTotals:
@@ -97,6 +169,8 @@ class RunTotals:
     invoices: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: read from the provider's prompt cache.
+    cached_tokens: int = 0
     cost: Decimal | None = None
     needs_review: int = 0
     duplicates: int = 0
@@ -105,12 +179,13 @@ class RunTotals:
 
 def run_totals(outcomes: Iterable[InvoiceOutcome]) -> RunTotals:
     """Failed invoices count too: their tokens were billed."""
-    items = list(outcomes)
+    items = [o for o in outcomes if o.finished]
     costs = [o.cost for o in items if o.cost is not None]
     return RunTotals(
         invoices=len(items),
         prompt_tokens=sum(o.usage.get("prompt_tokens", 0) for o in items),
         completion_tokens=sum(o.usage.get("completion_tokens", 0) for o in items),
+        cached_tokens=sum(o.usage.get("cached_tokens", 0) for o in items),
         cost=sum(costs, Decimal(0)) if costs else None,
         needs_review=sum(o.needs_review for o in items),
         duplicates=sum(o.duplicate_of is not None for o in items),
@@ -123,11 +198,14 @@ class PipelineConfig:
     source_prefix: str
     results_prefix: str
     run_id: str
-    max_concurrency: int = 8
-    max_pdf_bytes: int = 20_000_000
-    max_pages: int = 50
+    # Budgets for reading one document (size, pages, time, memory, OCR, vision).
+    limits: DocumentLimits = field(default_factory=DocumentLimits)
     # Read embedded Factur-X/ZUGFeRD/XRechnung XML instead of calling the extractor.
     einvoice_fast_path: bool = True
+    # A claim of a run the orchestrator cannot vouch for is taken over after this long.
+    claim_timeout: dt.timedelta = DEFAULT_CLAIM_TIMEOUT
+    # Attempts across runs before an invoice that keeps failing transiently gives up.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 def chunked(items: list[T], size: int) -> list[list[T]]:
@@ -141,6 +219,8 @@ def needs_claim(snapshot: Snapshot, key: str, etag: str, selection: Selection) -
     here; every other case is decided by `Claim.apply` under the lock.
     """
     raw = snapshot.entries.get(key)
+    if raw is not None and raw["status"] == Status.submitted:
+        return False  # in a provider batch: claimable by nobody
     return not (
         raw is not None
         and raw["source_etag"] == etag
@@ -154,278 +234,353 @@ class InvoicePipeline:
         self,
         s3: S3Store,
         committer: GroupCommitter,
-        extractor: Extractor,
+        extractor: DocumentExtractor,
         config: PipelineConfig,
-        finished_runs: FinishedRuns | None = None,
+        runs: RunLookup | None = None,
+        read: Callable[[bytes, str], ReadDocument] | None = None,
     ) -> None:
         self.s3 = s3
         self.committer = committer
         self.extractor = extractor
         self.config = config
-        self.finished_runs = finished_runs
-        self._llm_slots = asyncio.Semaphore(config.max_concurrency)
-        self._unfinished = 0  # claimed by select() and not yet recorded as done/failed
+        self.runs = runs
+        # The flow passes `DocumentWorkers.read` (a bounded process pool enforcing the
+        # time and memory budgets); without one, the same reader runs in this process.
+        self.read = read or functools.partial(read_document, limits=config.limits)
+        # The first manifest commit failure; from then on no invoice is started.
+        self.stopped: Exception | None = None
+        # Batch mode (invoiceflow.batch): called instead of the extractor once an invoice
+        # is `processing`; queues its request for a provider batch.
+        self.defer: Callable[[ParsedDoc], InvoiceOutcome] | None = None
 
-    async def select(self, selection: Selection = "new") -> list[WorkItem]:
+    @property
+    def lock_acquisitions(self) -> int:
+        """Manifest lock acquisitions so far, counted by the store where they happen."""
+        return self.committer.store.lock_acquisitions
+
+    async def _commit(self, update: Update) -> Outcome:
+        """Submit `update` and wait until it is durable.
+
+        Once a commit has failed (the manifest lock is gone, the manifest cannot be
+        written), the run starts no more invoices: their results could not be recorded.
+        What is in flight finishes and keeps its result, which the next run records
+        without an extractor call. The committer re-raises the failure when it closes.
+        """
+        if self.stopped is not None:
+            raise RecordingStopped(f"not recorded: {self.stopped}")
+        try:
+            return await self.committer.submit(update)
+        except Exception as exc:
+            self.stopped = self.stopped or exc
+            raise RecordingStopped(f"not recorded: {exc}") from exc
+
+    # -- claim -------------------------------------------------------------------------
+
+    async def claim(self, selection: Selection = "new") -> list[WorkItem]:
         """List PDFs under the prefix and claim the ones this run should process."""
         prefix = self.config.source_prefix
         listed = await asyncio.to_thread(lambda: list(self.s3.list_pdfs(prefix)))
         snapshot = await self.committer.store.read()
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
-        abandoned = await self._abandoned_runs(snapshot, [o.key for o in candidates])
+        runs = await self._claim_holders(snapshot, [o.key for o in candidates])
         outcomes = await self.committer.submit_many(
-            Claim(o.key, o.etag, self.config.run_id, selection, abandoned_runs=abandoned)
+            Claim(
+                o.key,
+                o.etag,
+                self.config.run_id,
+                selection,
+                stale_after=self.config.claim_timeout,
+                abandoned_runs=runs.ended,
+                live_runs=runs.live,
+                max_attempts=self.config.max_attempts,
+            )
             for o in candidates
         )
         items = [
-            WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key))
+            WorkItem(o.key, o.etag, o.size, out.attempt, invoice_id(o.key), selection == "all")
             for o, out in zip(candidates, outcomes, strict=True)
             if out.applied
         ]
-        self._unfinished = len(items)
+        # Each claimed invoice submits updates until `process` returns for it; once all
+        # of them wait on a commit, the committer stops waiting out its batch window.
+        self.committer.add_producers(len(items))
         return items
 
-    async def _record_final(self, update: Update) -> Outcome:
-        """Queue an invoice's final status; after the run's last one, commit at once."""
-        acknowledged = self.committer.submit_nowait(update)
-        self._unfinished -= 1
-        if self._unfinished == 0:
-            self.committer.flush()  # nothing else is coming: don't wait out the batch
-        return await acknowledged
+    async def _claim_holders(self, snapshot: Snapshot, keys: list[str]) -> RunLiveness:
+        """What the orchestrator says about other runs holding claims on `keys`.
 
-    async def _abandoned_runs(self, snapshot: Snapshot, keys: list[str]) -> frozenset[str]:
-        """Other runs holding claims on `keys` that the orchestrator says have ended.
-
-        Their claims are dead (a crashed or killed run never finishes them), so this run
-        takes them over now instead of after the stale-claim timeout.
+        Claims of runs that have ended are taken over now, claims of live runs never;
+        only for runs it cannot tell about does the claim timeout decide.
         """
-        holders = {
-            raw["run_id"]
-            for key in keys
-            if (raw := snapshot.entries.get(key)) is not None
-            and raw["status"] in (Status.pending, Status.processing)
-            and raw.get("run_id") not in (None, self.config.run_id)
-        }
-        if not holders or self.finished_runs is None:
-            return frozenset()
-        return frozenset(await self.finished_runs(holders))
+        holders = claim_holders(snapshot.entries, keys) - {self.config.run_id}
+        if not holders or self.runs is None:
+            return RunLiveness()
+        return await self.runs(holders)
+
+    # -- parse (blocking: runs on a worker thread) -------------------------------------
 
     def parse(self, item: WorkItem) -> ParsedDoc:
-        """Download and parse one PDF. Blocking: run it on a worker thread."""
+        """Download one source and read it; any error travels on to `process`."""
         try:
-            body, etag = self.s3.get(item.key, max_bytes=self.config.max_pdf_bytes)
-        except KeyError:
-            return ParsedDoc(
-                item,
-                error_kind="source_missing",
-                error_message=f"{item.key} disappeared before it was read",
-                transient=True,
-            )
-        except ValueError as exc:  # over max_bytes, reported by the S3 layer
-            return ParsedDoc(item, error_kind="too_large", error_message=str(exc))
-        except (BotoCoreError, ClientError) as exc:
-            # S3 still failing after botocore's retries: fail this invoice (a rerun
-            # retries it) instead of the run, which would strand every claim it holds.
-            return ParsedDoc(
-                item,
-                error_kind="s3_error",
-                error_message=f"reading {item.key} failed: {exc}",
-                transient=True,
-            )
-        einvoice = read_einvoice(body) if self.config.einvoice_fast_path else None
-        text, pages = "", 0
-        try:
-            parsed = parse_pdf(
-                body, max_bytes=self.config.max_pdf_bytes, max_pages=self.config.max_pages
-            )
-            text, pages = parsed.text, parsed.pages
-        except PdfError as exc:
-            if einvoice is None:  # a scanned hybrid e-invoice still has its XML
-                return ParsedDoc(item, error_kind=exc.kind, error_message=str(exc))
-        if etag != item.etag:
-            return ParsedDoc(
-                item,
-                error_kind="source_changed",
-                error_message=f"{item.key} changed while being processed",
-                transient=True,
-            )
-        return ParsedDoc(item, text=text, pages=pages, einvoice=einvoice)
+            document = self.read(self._download(item), item.key)
+        except Exception as exc:
+            return ParsedDoc(item, error=exc)
+        return ParsedDoc(item, document=document)
 
     def parse_many(self, items: list[WorkItem]) -> list[ParsedDoc]:
         return [self.parse(item) for item in items]
 
-    async def extract(self, doc: ParsedDoc) -> InvoiceOutcome:
-        """Extract one parsed invoice, validate it, write its result, record the outcome."""
-        item = doc.item
-        if doc.error_kind:
-            return await self._fail(
-                doc.item, doc.error_kind, doc.error_message or "", doc.transient
+    def _download(self, item: WorkItem) -> bytes:
+        try:
+            body, etag = self.s3.get(item.key, max_bytes=self.config.limits.max_bytes)
+        except KeyError:
+            raise InvoiceFailed(
+                "source_missing", f"{item.key} disappeared before it was read", transient=True
+            ) from None
+        except ValueError as exc:  # over max_bytes, reported by the S3 layer
+            raise InvoiceFailed("too_large", str(exc)) from None
+        except (BotoCoreError, ClientError) as exc:
+            raise InvoiceFailed(
+                "s3_error", f"reading {item.key} failed: {exc}", transient=True
+            ) from None
+        if etag != item.etag:
+            raise InvoiceFailed(
+                "source_changed", f"{item.key} changed while being processed", transient=True
             )
-        if doc.einvoice is not None:
-            extraction = doc.einvoice  # exact values from the XML; no slot, no call
+        return body
+
+    # -- process: one boundary around the rest of the invoice's path -------------------
+
+    async def process(self, doc: ParsedDoc) -> InvoiceOutcome:
+        """Finish one parsed invoice: `done` with its result, or `failed` with a reason.
+
+        Never raises (cancellation aside): whatever happens is this invoice's outcome.
+        """
+        try:
+            try:
+                return await self._process(doc)
+            except RecordingStopped:
+                raise
+            except Exception as exc:
+                return await self._record_failure(doc.item, failure_of(exc))
+        except RecordingStopped as stopped:
+            return InvoiceOutcome(
+                doc.item.key, Status.pending, False, error_kind="not_recorded",
+                error_message=str(stopped),
+            )  # fmt: skip
+        finally:
+            self.committer.producer_done()
+
+    async def _process(self, doc: ParsedDoc) -> InvoiceOutcome:
+        item = doc.item
+        if (written := await self._written_result(item)) is not None:
+            return await self._record_done(item, written, billed=False)
+        if doc.error is not None:
+            raise doc.error
+        document = doc.document
+        assert document is not None  # a ParsedDoc has a document or an error
+        einvoice = document.einvoice if self.config.einvoice_fast_path else None
+        if einvoice is not None:
+            extraction = einvoice  # exact values from the XML; no extractor call
+        elif (lost := await self._start(item)) is not None:
+            return lost
+        elif self.defer is not None:
+            return self.defer(doc)  # batch mode: its request goes into a provider batch
         else:
-            async with self._llm_slots:
-                # Fire-and-forget: monotonic transitions make a late `processing`
-                # harmless, and not waiting for its commit keeps the LLM slot busy.
-                _background(
-                    self.committer.submit_nowait(
-                        Transition(
-                            item.key,
-                            item.attempt,
-                            Status.processing,
-                            {"extractor": self.extractor.name},
-                        )
-                    )
-                )
-                try:
-                    extraction = await self._call_extractor(doc)
-                except ExtractionError as exc:
-                    return await self._fail(
-                        item, exc.kind, str(exc), exc.transient, usage=exc.usage, cost=exc.cost
-                    )
-                except Exception as exc:  # a bug or an unexpected library error: retryable
-                    log.exception("extractor crashed on %s", item.key)
-                    return await self._fail(
-                        item, "internal_error", f"{type(exc).__name__}: {exc}", True
-                    )
-        validated = validate_extraction(extraction, doc.text)
-        invoice = validated.invoice
-        used_tokens = extraction.source == "llm"
-        key = result_key(self.config.results_prefix, item.invoice_id)
-        result = ExtractionResult(
-            source_key=item.key,
-            source_etag=item.etag,
-            extractor=extraction.extractor,
-            pages=doc.pages,
-            invoice=invoice,
-            extracted_at=dt.datetime.now(dt.UTC),
-            source=extraction.source,
-            model=extraction.model,
-            einvoice_format=extraction.einvoice_format,
-            usage=extraction.usage if used_tokens else None,
-            cost=extraction.cost,
-            cost_currency=extraction.cost_currency,
-            needs_review=validated.needs_review,
-            review_reasons=list(validated.reasons),
-            truncation=extraction.truncation,
+            extraction = await self._extract(item, document)
+        return await self._finish(doc, extraction)
+
+    async def finish(self, doc: ParsedDoc, extraction: Extraction | Exception) -> InvoiceOutcome:
+        """Validate, write and record an extraction obtained elsewhere (a provider batch's
+        output line), or record why there is none: the same steps and the same
+        per-invoice boundary as `process`. Never raises (cancellation aside)."""
+        try:
+            try:
+                if isinstance(extraction, Exception):
+                    raise extraction
+                return await self._finish(doc, extraction)
+            except RecordingStopped:
+                raise
+            except Exception as exc:
+                return await self._record_failure(doc.item, failure_of(exc))
+        except RecordingStopped as stopped:
+            return InvoiceOutcome(
+                doc.item.key, Status.submitted, False, error_kind="not_recorded",
+                error_message=str(stopped),
+            )  # fmt: skip
+        finally:
+            self.committer.producer_done()
+
+    async def _finish(self, doc: ParsedDoc, extraction: Extraction) -> InvoiceOutcome:
+        """validate -> write -> record, for an extraction from any source."""
+        item, document = doc.item, doc.document
+        assert document is not None  # a ParsedDoc has a document or an error
+        result = _result(item, document, extraction)
+        await self._write_result(item, result)
+        return await self._record_done(item, result, billed=True)
+
+    async def _written_result(self, item: WorkItem) -> ExtractionResult | None:
+        """A result an earlier attempt wrote for this very source (same key and ETag).
+
+        Found after a crash between the result write and the `done` commit, a lost
+        manifest lock, or a deleted manifest: recorded as done with no extractor call.
+        """
+        if item.reprocess:
+            return None
+        key = self._result_key(item)
+        try:
+            body, _ = await asyncio.to_thread(self.s3.get, key, max_bytes=8 * 1024 * 1024)
+            result = ExtractionResult.model_validate_json(body)
+        except KeyError:
+            return None
+        except (ValueError, ValidationError) as exc:  # not one of ours: overwrite it
+            log.warning("ignoring unreadable result %s: %s", key, exc)
+            return None
+        if (result.source_key, result.source_etag) != (item.key, item.etag):
+            return None  # from an older version of the source
+        return result
+
+    async def _start(self, item: WorkItem) -> InvoiceOutcome | None:
+        """Commit `processing`; the outcome to return if the claim is no longer ours.
+
+        Awaited before any extractor call, so an invoice whose claim another run took
+        over (or that reached a final state meanwhile) is never billed by this run.
+        """
+        outcome = await self._commit(
+            Transition(
+                item.key, item.attempt, Status.processing, {"extractor": self.extractor.name}
+            )
         )
+        if outcome.applied:
+            return None
+        log.warning("skipping %s: its claim is no longer this run's (%s)", item.key, outcome.reason)
+        return InvoiceOutcome(
+            item.key, Status.pending, False, error_kind="claim_lost", error_message=outcome.reason
+        )
+
+    async def _extract(self, item: WorkItem, document: ReadDocument) -> Extraction:
+        # Concurrency and rate limits are the extractor's own (its provider limiter).
+        # Page images go only to a vision model: a document has some only when the
+        # run's limits ask for them (`DocumentLimits.vision`).
+        images = {"images": document.images} if document.images else {}
+        return await self.extractor.extract_document(
+            document.text, pages=document.pages, invoice_key=item.key, **images
+        )
+
+    def _result_key(self, item: WorkItem) -> str:
+        return result_key(self.config.results_prefix, item.invoice_id)
+
+    async def _write_result(self, item: WorkItem, result: ExtractionResult) -> None:
+        key = self._result_key(item)
         try:
             await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
         except (BotoCoreError, ClientError) as exc:  # after botocore's retries
-            return await self._fail(item, "s3_error", f"writing {key} failed: {exc}", True)
-        # The duplicate check runs at commit time, under the manifest lock.
+            raise InvoiceFailed(
+                "s3_error", f"writing {key} failed: {exc}", transient=True
+            ) from None
+
+    async def _record_done(
+        self, item: WorkItem, result: ExtractionResult, *, billed: bool
+    ) -> InvoiceOutcome:
+        """Commit `done`; the duplicate check runs at commit time, under the lock.
+
+        `billed` is False for a result an earlier run wrote (and paid for).
+        """
+        key = self._result_key(item)
         update = RecordDone(
-            Transition(
-                item.key,
-                item.attempt,
-                Status.done,
-                {
-                    "result_key": key,
-                    "extractor": extraction.extractor,
-                    "vendor_name": invoice.vendor_name,
-                    "total": str(invoice.total) if invoice.total is not None else None,
-                    "currency": invoice.currency,
-                    "invoice_number": invoice.invoice_number,
-                    "vendor_tax_id": invoice.vendor_tax_id,
-                    "source": extraction.source,
-                    "model": extraction.model,
-                    "tokens_in": extraction.usage.prompt_tokens if used_tokens else None,
-                    "tokens_out": extraction.usage.completion_tokens if used_tokens else None,
-                    "cost": str(extraction.cost) if extraction.cost is not None else None,
-                    "truncated": extraction.truncation is not None,
-                    "needs_review": validated.needs_review,
-                    "review_reasons": list(validated.reasons[:5]) or None,
-                    "duplicate_of": None,
-                    "error_kind": None,
-                    "error_message": None,
-                    "transient": None,
-                },
-            )
+            Transition(item.key, item.attempt, Status.done, done_fields(result, key))
         )
-        outcome = await self._record_final(update)
-        if (duplicate := update.duplicate_of) is not None:
-            result = result.model_copy(
-                update={
-                    "duplicate_of": duplicate,
-                    "needs_review": True,
-                    "review_reasons": [*result.review_reasons, duplicate_reason(duplicate)],
-                }
-            )
-            await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
+        outcome = await self._commit(update)
+        if (duplicate := update.duplicate_of) is not None and result.duplicate_of != duplicate:
+            result = await self._mark_duplicate(item, result, duplicate)
+        used_tokens = billed and result.usage is not None
         return InvoiceOutcome(
             item.key,
             Status.done,
             outcome.applied,
-            invoice,
+            result.invoice,
             key,
-            usage=_usage_dict(extraction.usage) if used_tokens else {},
-            cost=extraction.cost,
-            cost_currency=extraction.cost_currency,
-            source=extraction.source,
-            needs_review=result.needs_review,
+            usage=_usage_dict(result.usage) if used_tokens else {},
+            cost=result.cost if billed else None,
+            cost_currency=result.cost_currency if billed else None,
+            source=result.source,
+            needs_review=result.needs_review or duplicate is not None,
             duplicate_of=duplicate,
         )
 
-    async def _call_extractor(self, doc: ParsedDoc) -> Extraction:
-        extractor = self.extractor
-        if isinstance(extractor, DocumentExtractor):
-            return await extractor.extract_document(
-                doc.text, pages=doc.pages, invoice_key=doc.item.key
-            )
-        with_usage = getattr(extractor, "extract_with_usage", None)
-        if with_usage is not None:
-            invoice, usage = await with_usage(doc.text, invoice_key=doc.item.key)
-            return Extraction(
-                invoice, "llm", extractor.name, usage=Usage.model_validate(_usage_dict(usage))
-            )
-        return Extraction(await extractor.extract(doc.text), "rules", extractor.name)
+    async def _mark_duplicate(
+        self, item: WorkItem, result: ExtractionResult, duplicate: str
+    ) -> ExtractionResult:
+        """Say in the result object too what the manifest already records.
 
-    async def _fail(
-        self,
-        item: WorkItem,
-        kind: str,
-        message: str,
-        transient: bool,
-        *,
-        usage: Usage | None = None,
-        cost: Decimal | None = None,
-    ) -> InvoiceOutcome:
-        log.warning("invoice %s failed (%s): %s", item.key, kind, message)
-        fields: dict[str, Any] = {
-            "error_kind": kind,
-            "error_message": message[:500],
-            "transient": transient,
-        }
-        if usage is not None and usage.total_tokens:
-            # A failed call is billed too.
-            fields |= {
-                "tokens_in": usage.prompt_tokens,
-                "tokens_out": usage.completion_tokens,
-                "cost": str(cost) if cost is not None else None,
+        Best effort: the invoice is done either way, and the manifest entry is the
+        record a person reviews.
+        """
+        marked = result.model_copy(
+            update={
+                "duplicate_of": duplicate,
+                "needs_review": True,
+                "review_reasons": [*result.review_reasons, duplicate_reason(duplicate)],
             }
-        outcome = await self._record_final(
-            Transition(item.key, item.attempt, Status.failed, fields)
         )
+        try:
+            await self._write_result(item, marked)
+        except InvoiceFailed as exc:
+            log.warning("%s is a duplicate of %s; %s", item.key, duplicate, exc.message)
+        return marked
+
+    async def _record_failure(self, item: WorkItem, failure: InvoiceFailed) -> InvoiceOutcome:
+        log.warning("invoice %s failed (%s): %s", item.key, failure.kind, failure.message)
+        fields: dict[str, Any] = {
+            "error_kind": failure.kind,
+            "error_message": failure.message[:MAX_MESSAGE_CHARS],
+            "transient": failure.transient,
+        }
+        if failure.usage is not None:
+            fields |= {
+                "tokens_in": failure.usage.prompt_tokens,
+                "tokens_out": failure.usage.completion_tokens,
+                "tokens_cached": failure.usage.cached_tokens,
+                "cost": str(failure.cost) if failure.cost is not None else None,
+            }
+        outcome = await self._commit(Transition(item.key, item.attempt, Status.failed, fields))
         return InvoiceOutcome(
             item.key,
             Status.failed,
             outcome.applied,
-            error_kind=kind,
-            error_message=message,
-            transient=transient,
-            usage=_usage_dict(usage) if usage is not None and usage.total_tokens else {},
-            cost=cost,
+            error_kind=failure.kind,
+            error_message=failure.message,
+            transient=failure.transient,
+            usage=_usage_dict(failure.usage),
+            cost=failure.cost,
         )
 
 
-def _usage_dict(usage: Any) -> dict[str, int]:
+def _result(item: WorkItem, document: ReadDocument, extraction: Extraction) -> ExtractionResult:
+    """The validated result object of one invoice, every review reason included."""
+    validated = validate_extraction(extraction, document.text)
+    reasons = [*document.review_reasons, *validated.reasons]
+    return ExtractionResult(
+        source_key=item.key,
+        source_etag=item.etag,
+        extractor=extraction.extractor,
+        pages=document.pages,
+        invoice=validated.invoice,
+        extracted_at=dt.datetime.now(dt.UTC),
+        source=extraction.source,
+        model=extraction.model,
+        einvoice_format=extraction.einvoice_format,
+        usage=extraction.usage if extraction.source == "llm" else None,
+        cost=extraction.cost,
+        cost_currency=extraction.cost_currency,
+        needs_review=bool(reasons),
+        review_reasons=reasons,
+        truncation=extraction.truncation,
+        read_as="einvoice" if extraction.source == "einvoice" else document.read_as,
+    )
+
+
+def _usage_dict(usage: Usage | None) -> dict[str, int]:
     if usage is None:
         return {}
-    if hasattr(usage, "model_dump"):
-        usage = usage.model_dump()
-    return {k: int(v) for k, v in dict(usage).items() if isinstance(v, int)}
-
-
-def _background(fut: asyncio.Future[Any]) -> None:
-    # The committer re-raises commit failures on close; don't also warn per future.
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return {k: int(v) for k, v in usage.model_dump().items() if isinstance(v, int)}

@@ -12,9 +12,11 @@ result matches source  entry becomes ``done`` from the result (missing, not done
 (same key and ETag)    result key, or from an older source version) — a crash between
                        the result write and the manifest commit, or a lost manifest
 done, no such result   ``failed`` (transient, ``result_missing``): the next run redoes it
-claim never finished   ``failed`` (transient, ``abandoned``) when older than
-                       ``release_claims_after`` (default 15 minutes, the claim timeout)
-unreadable entry       dropped and rebuilt from the result, if any (a bad manual edit)
+claim never finished   ``failed`` (transient, ``abandoned``) when Prefect says its run
+                       has ended, or, for a run Prefect cannot tell about, when older
+                       than ``release_claims_after`` (default 15 minutes, the claim
+                       timeout). A claim of a run Prefect reports live is never released.
+malformed entry        dropped and rebuilt from the result, if any (a bad manual edit)
 source gone            reported; removed with ``prune``
 result without source  reported (never deleted)
 =====================  ==================================================================
@@ -25,6 +27,11 @@ Entries outside the prefix are never touched. Entries whose source changed since
 `Reconcile` is a manifest `Update`, so it is applied by `ManifestStore.commit`: under
 the manifest lock, to the manifest as it is at that moment, with one conditional write.
 A run that commits in between is therefore never overwritten, only reconciled.
+
+With ``rebuild``, an unreadable manifest (invalid JSON, wrong type or format, oversized,
+``entries`` not an object) is replaced instead: `ManifestStore.rebuild` first copies it
+to ``<key>.broken-<timestamp>`` and stops if that copy fails, keeps whatever entries
+still decode, and this update rebuilds the prefix's entries from the results.
 """
 
 from __future__ import annotations
@@ -40,7 +47,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from invoiceflow.manifest import ManifestEntry, ManifestStore, Outcome, Snapshot, Status
+from invoiceflow.manifest import (
+    LIVE,
+    ManifestEntry,
+    ManifestStore,
+    Outcome,
+    RunLiveness,
+    RunLookup,
+    Status,
+    claim_holders,
+    done_fields,
+)
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store, invoice_id, result_key
 
@@ -61,33 +78,6 @@ class FoundResult:
     extracted_at: dt.datetime
 
 
-def manifest_fields(result: ExtractionResult, key: str) -> dict[str, Any]:
-    """The manifest fields of a `done` entry, as the pipeline records them."""
-    inv = result.invoice
-    usage = result.usage if result.source == "llm" else None
-    return {
-        "result_key": key,
-        "extractor": result.extractor,
-        "vendor_name": inv.vendor_name,
-        "total": str(inv.total) if inv.total is not None else None,
-        "currency": inv.currency,
-        "invoice_number": inv.invoice_number,
-        "vendor_tax_id": inv.vendor_tax_id,
-        "source": result.source,
-        "model": result.model,
-        "tokens_in": usage.prompt_tokens if usage else None,
-        "tokens_out": usage.completion_tokens if usage else None,
-        "cost": str(result.cost) if result.cost is not None else None,
-        "truncated": result.truncation is not None,
-        "needs_review": result.needs_review,
-        "review_reasons": list(result.review_reasons[:5]) or None,
-        "duplicate_of": result.duplicate_of,
-        "error_kind": None,
-        "error_message": None,
-        "transient": None,
-    }
-
-
 @dataclass
 class ReconcileReport:
     """What a reconcile found and changed (key lists, sorted)."""
@@ -101,6 +91,8 @@ class ReconcileReport:
     orphaned_results: list[str] = field(default_factory=list)
     unreadable_results: list[str] = field(default_factory=list)
     unchanged: int = 0
+    # `rebuild`: where the replaced manifest object was copied (None: there was none).
+    backup_key: str | None = None
 
     @property
     def changes(self) -> int:
@@ -124,6 +116,7 @@ class ReconcileReport:
             "unreadable_results": self.unreadable_results,
             "unchanged": self.unchanged,
             "changes": self.changes,
+            "backup_key": self.backup_key,
         }
 
 
@@ -144,6 +137,8 @@ class Reconcile:
     unreadable_results: list[str] = field(default_factory=list)
     release_claims_after: dt.timedelta | None = dt.timedelta(minutes=15)
     prune: bool = False
+    runs: RunLiveness = field(default_factory=RunLiveness)
+    """What Prefect says about the runs holding claims under the prefix."""
     report: ReconcileReport = field(default_factory=ReconcileReport)
 
     @property
@@ -155,9 +150,14 @@ class Reconcile:
             orphaned_results=sorted(self.orphaned_results),
             unreadable_results=sorted(self.unreadable_results),
         )
+        malformed: dict[str, Any] = getattr(entries, "malformed", {})  # on manifest.Entries
+        for key in [k for k in malformed if k.startswith(self.source_prefix)]:
+            del malformed[key]  # set aside at decode: dropped here, rebuilt below
+            report.rebuilt_invalid.append(key)
         keys = set(self.listing) | {k for k in entries if k.startswith(self.source_prefix)}
-        for key in sorted(keys):
+        for key in sorted(keys | set(report.rebuilt_invalid)):
             self._reconcile_one(key, entries, now, report)
+        report.rebuilt_invalid.sort()
         self.report = report
         return Outcome(report.changes > 0, 0, "" if report.changes else "nothing to repair")
 
@@ -213,10 +213,7 @@ class Reconcile:
             what = "points at a result that is missing" if found is None else "has a stale result"
             self._fail(entries, key, entry, now, "result_missing", f"manifest said done but {what}")
             r.result_missing.append(key)
-        elif entry.status in (Status.pending, Status.processing) and (
-            self.release_claims_after is not None
-            and now - entry.updated_at >= self.release_claims_after
-        ):
+        elif entry.status in LIVE and self._abandoned(entry, now):
             message = (
                 f"claimed by run {entry.run_id} at {entry.updated_at:%Y-%m-%d %H:%M:%S}Z "
                 "and never finished (released by reconcile)"
@@ -225,6 +222,15 @@ class Reconcile:
             r.released_claims.append(key)
         else:
             r.unchanged += 1
+
+    def _abandoned(self, entry: ManifestEntry, now: dt.datetime) -> bool:
+        """A claim nobody will finish: its run ended, or it is unknown and timed out."""
+        if entry.run_id in self.runs.live:
+            return False
+        if entry.run_id in self.runs.ended:
+            return True
+        timeout = self.release_claims_after
+        return timeout is not None and now - entry.updated_at >= timeout
 
     @staticmethod
     def _fail(
@@ -273,7 +279,7 @@ def _read_result(s3: S3Store, key: str) -> FoundResult | None:
         key,
         result.source_key,
         result.source_etag,
-        manifest_fields(result, key),
+        done_fields(result, key),
         result.extracted_at,
     )
 
@@ -334,11 +340,16 @@ async def reconcile(
     release_claims_after: dt.timedelta | None = dt.timedelta(minutes=15),
     prune: bool = False,
     dry_run: bool = False,
+    rebuild: bool = False,
+    runs: RunLookup | None = None,
 ) -> ReconcileReport:
     """Plan from S3, then apply under the store's lock with one conditional write.
 
-    With `dry_run`, the repair is applied to a private copy of the manifest and
-    nothing is written.
+    `runs` tells which runs holding claims under the prefix have ended or are live
+    (the CLI asks Prefect); without it only `release_claims_after` decides. With
+    `rebuild`, the manifest is replaced even when unreadable, after a backup copy
+    (`ManifestStore.rebuild`). With `dry_run`, the repair is applied to a private copy
+    of the manifest and nothing is written.
     """
     update = await asyncio.to_thread(
         plan,
@@ -348,9 +359,16 @@ async def reconcile(
         release_claims_after=release_claims_after,
         prune=prune,
     )
+    if runs is not None:
+        entries = await asyncio.to_thread(store.salvage)
+        holders = claim_holders(entries, [k for k in entries if k.startswith(source_prefix)])
+        update.runs = await runs(holders) if holders else RunLiveness()
     if dry_run:
-        snap: Snapshot = await store.read()
-        update.apply(snap.entries, dt.datetime.now(dt.UTC))
+        copy = await asyncio.to_thread(store.salvage) if rebuild else (await store.read()).entries
+        update.apply(copy, dt.datetime.now(dt.UTC))
+    elif rebuild:
+        backup, _ = await store.rebuild(update)
+        update.report.backup_key = backup
     else:
         await store.commit([update])
     return update.report

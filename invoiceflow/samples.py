@@ -13,6 +13,7 @@ travel. `generate_corpus(..., varied=True)` mixes languages for `invoiceflow eva
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import random
@@ -35,6 +36,21 @@ Column = Literal["pos", "desc", "qty", "unit", "amount"]
 Language = Literal["en", "de", "fr", "nl"]
 EInvoiceFlavor = Literal["factur-x", "zugferd", "xrechnung-cii", "xrechnung-ubl"]
 LANGUAGES: Final[tuple[Language, ...]] = ("en", "de", "fr", "nl")
+# How the page is laid out. "classic" is what the generator always printed; the others
+# are layouts real invoices use that the classic one does not. `generate_corpus(varied=
+# True)` prints half of its invoices in one of them.
+Layout = Literal[
+    "classic", "two_column", "cells", "stacked", "title_number", "small_print", "boxed"
+]
+LAYOUTS: Final[tuple[Layout, ...]] = (
+    "classic",
+    "two_column",  # vendor block left, title and invoice details right, on the same lines
+    "cells",  # invoice details as a table: a row of labels, the values in the row below
+    "stacked",  # each value on the line under its label
+    "title_number",  # the number in the title: "Rechnung Nr. 2026-001"
+    "small_print",  # registered office / company register small print above the header
+    "boxed",  # totals in a summary box, notes on the same lines to its left
+)
 EINVOICE_FLAVORS: Final[tuple[EInvoiceFlavor, ...]] = (
     "factur-x",
     "zugferd",
@@ -564,6 +580,7 @@ class _Plan:
     tax_name: str = ""
     tax_id_label: str = ""
     einvoice: EInvoiceFlavor | None = None
+    layout: Layout = "classic"
 
 
 def _vendors(language: Language) -> tuple[_Vendor, ...]:
@@ -710,61 +727,97 @@ class _InvoicePdf(FPDF):
 
 
 def _render(plan: _Plan) -> bytes:
-    inv, vendor, style, words = plan.invoice, plan.vendor, plan.style, plan.words
     pdf = _InvoicePdf(plan)
-    pdf.set_title(f"Invoice {inv.invoice_number}")
-    pdf.set_author(vendor.name)
+    pdf.set_title(f"Invoice {plan.invoice.invoice_number}")
+    pdf.set_author(plan.vendor.name)
     pdf.add_page()
-    width = pdf.epw
-    bottom = pdf.h - 24  # keep clear of the footer
+    meta = _render_header(pdf, plan)
+    _render_details(pdf, plan, meta)
+    _render_items(pdf, plan)
+    _render_totals(pdf, plan)
+    _render_closing(pdf, plan)
+    return bytes(pdf.output())
 
-    def money(value: Decimal, *, with_currency: bool = False) -> str:
-        text = format_amount(value, style)
-        if not with_currency or plan.currency_mode == "label":
-            return text
-        code = inv.currency or ""
-        if plan.currency_mode == "symbol":
-            symbol = _SYMBOLS[code]
-            if code == "USD" and vendor.country != "US":
-                symbol = "US$"  # a bare "$" outside the US could be any dollar
-            return f"{text} {symbol}" if style != "en" else f"{symbol}{text}"
-        return f"{code} {text}"
 
-    def date(value: dt.date | None) -> str:
-        return _format_date(value, plan.date_format, words.months) if value else ""
+def _bottom(pdf: FPDF) -> float:
+    return pdf.h - 24  # keep clear of the footer
 
-    def line(text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
-        pdf.set_font("helvetica", "B" if bold else "", size)
-        pdf.cell(0, h, text, new_x="LMARGIN", new_y="NEXT")
 
-    # Header: title, vendor block.
-    if plan.title_first:
-        line(plan.title, size=18, bold=True, h=10)
-    line(vendor.name, size=14, bold=True, h=7)
-    for address_line in vendor.address:
-        line(address_line, size=9, h=4.5)
-    if not plan.vendor_tax_in_footer:
-        line(f"{plan.tax_id_label} {vendor.tax_id}", size=9, h=4.5)
-    if not plan.title_first:
-        pdf.ln(3)
-        line(plan.title, size=18, bold=True, h=10)
-    pdf.ln(4)
+def _line(pdf: FPDF, text: str, *, size: float = 10, bold: bool = False, h: float = 5.0) -> None:
+    pdf.set_font("helvetica", "B" if bold else "", size)
+    pdf.cell(0, h, text, new_x="LMARGIN", new_y="NEXT")
 
+
+def _money(plan: _Plan, value: Decimal, *, with_currency: bool = False) -> str:
+    text = format_amount(value, plan.style)
+    if not with_currency or plan.currency_mode == "label":
+        return text
+    code = plan.invoice.currency or ""
+    if plan.currency_mode == "symbol":
+        symbol = _SYMBOLS[code]
+        if code == "USD" and plan.vendor.country != "US":
+            symbol = "US$"  # a bare "$" outside the US could be any dollar
+        return f"{text} {symbol}" if plan.style != "en" else f"{symbol}{text}"
+    return f"{code} {text}"
+
+
+def _date(plan: _Plan, value: dt.date | None) -> str:
+    return _format_date(value, plan.date_format, plan.words.months) if value else ""
+
+
+def _meta(plan: _Plan) -> list[tuple[str, str]]:
+    """The invoice details as (label, value), in print order."""
+    inv = plan.invoice
     meta = [
         (plan.labels["number"], inv.invoice_number or ""),
-        (plan.labels["date"], date(inv.invoice_date)),
+        (plan.labels["date"], _date(plan, inv.invoice_date)),
     ]
     if inv.due_date:
-        meta.append((plan.labels["due"], date(inv.due_date)))
+        meta.append((plan.labels["due"], _date(plan, inv.due_date)))
     if inv.po_number:
         meta.append((plan.labels["po"], inv.po_number))
     if plan.currency_mode == "label":
-        meta.append((words.currency, inv.currency or ""))
+        meta.append((plan.words.currency, inv.currency or ""))
+    return meta
+
+
+def _render_header(pdf: FPDF, plan: _Plan) -> list[tuple[str, str]]:
+    """Title and vendor block; returns the invoice details still to print."""
+    vendor, meta = plan.vendor, _meta(plan)
+    if plan.layout == "small_print":
+        _small_print(pdf, plan)
+    if plan.layout == "two_column":
+        _two_column_header(pdf, plan, meta)
+        pdf.ln(4)
+        return []  # printed beside the vendor block
+    title = plan.title
+    if plan.layout == "title_number":
+        number_word = _TITLE_NUMBER_WORD[plan.words.currency]
+        title = f"{plan.title} {number_word} {plan.invoice.invoice_number}"
+        meta = meta[1:]
+    if plan.title_first:
+        _line(pdf, title, size=18, bold=True, h=10)
+    _line(pdf, vendor.name, size=14, bold=True, h=7)
+    for address_line in vendor.address:
+        _line(pdf, address_line, size=9, h=4.5)
+    if not plan.vendor_tax_in_footer:
+        _line(pdf, f"{plan.tax_id_label} {vendor.tax_id}", size=9, h=4.5)
+    if not plan.title_first:
+        pdf.ln(3)
+        _line(pdf, title, size=18, bold=True, h=10)
+    pdf.ln(4)
+    return meta
+
+
+def _render_details(pdf: FPDF, plan: _Plan, meta: list[tuple[str, str]]) -> None:
+    """The invoice details not printed yet, and the bill-to block."""
     customer_name, customer_address, customer_vat = plan.customer
     bill_to = [plan.labels["bill_to"], customer_name, customer_address]
     if plan.show_customer_vat:
-        bill_to.append(f"{words.customer_vat} {customer_vat}")
-
+        bill_to.append(f"{plan.words.customer_vat} {customer_vat}")
+    if plan.layout in ("cells", "stacked"):
+        (_meta_cells if plan.layout == "cells" else _meta_stacked)(pdf, meta)
+        meta = []
     pdf.set_font("helvetica", "", 10)
     if plan.two_column:
         # Bill-to on the left and invoice details on the right share rows, so the text
@@ -776,7 +829,7 @@ def _render(plan: _Plan) -> bytes:
                 pdf.set_font("helvetica", "B" if i == 1 else "", 10 if i < 2 else 8.5)
                 pdf.cell(90, 5, bill_to[i])
             if i < len(meta):
-                pdf.set_xy(pdf.l_margin + width - 80, top + i * 5)
+                pdf.set_xy(pdf.l_margin + pdf.epw - 80, top + i * 5)
                 pdf.set_font("helvetica", "", 10)
                 pdf.cell(35, 5, meta[i][0])
                 pdf.cell(45, 5, meta[i][1], align="R")
@@ -787,13 +840,14 @@ def _render(plan: _Plan) -> bytes:
             pdf.cell(0, 5, value, new_x="LMARGIN", new_y="NEXT")
         pdf.ln(4)
         for i, text in enumerate(bill_to):
-            line(text, bold=i == 1)
+            _line(pdf, text, bold=i == 1)
     pdf.ln(6)
 
-    # Line items.
+
+def _render_items(pdf: FPDF, plan: _Plan) -> None:
     fixed = sum(_COLUMN_WIDTHS[c] for c in plan.columns if c != "desc")
-    widths = {c: (width - fixed if c == "desc" else _COLUMN_WIDTHS[c]) for c in plan.columns}
-    row_h = plan.row_height
+    widths = {c: (pdf.epw - fixed if c == "desc" else _COLUMN_WIDTHS[c]) for c in plan.columns}
+    row_h, style = plan.row_height, plan.style
 
     def table_header() -> None:
         pdf.set_font("helvetica", "B", 9.5)
@@ -809,8 +863,8 @@ def _render(plan: _Plan) -> bytes:
 
     table_header()
     pdf.set_font("helvetica", "", 9.5)
-    for pos, item in enumerate(inv.line_items, start=1):
-        if pdf.get_y() + row_h > bottom:
+    for pos, item in enumerate(plan.invoice.line_items, start=1):
+        if pdf.get_y() + row_h > _bottom(pdf):
             pdf.add_page()
             table_header()
             pdf.set_font("helvetica", "", 9.5)
@@ -825,38 +879,49 @@ def _render(plan: _Plan) -> bytes:
             pdf.cell(widths[col], row_h, cells[col], align="L" if col in ("desc", "pos") else "R")
         pdf.ln(row_h)
 
-    # Totals block, kept on one page.
-    rate = format_amount(Decimal(plan.tax_rate), style, places=_places(plan.tax_rate))
+
+def _render_totals(pdf: FPDF, plan: _Plan) -> None:
+    """The totals block, kept on one page."""
+    inv, words = plan.invoice, plan.words
+    rate = format_amount(Decimal(plan.tax_rate), plan.style, places=_places(plan.tax_rate))
     tax_label = f"{plan.tax_name} {rate}{words.percent}"
     if plan.reverse_charge:
         tax_label += words.reverse_charge
     totals = [
-        (plan.labels["subtotal"], money(inv.subtotal or Decimal(0))),
-        (tax_label, money(inv.tax_total or Decimal(0))),
-        (plan.labels["total"], money(inv.total or Decimal(0), with_currency=True)),
+        (plan.labels["subtotal"], _money(plan, inv.subtotal or Decimal(0))),
+        (tax_label, _money(plan, inv.tax_total or Decimal(0))),
+        (plan.labels["total"], _money(plan, inv.total or Decimal(0), with_currency=True)),
     ]
     if inv.amount_due is not None:
         if plan.paid:
-            totals.append((plan.labels["paid"], money(-plan.paid)))
-        totals.append((plan.labels["amount_due"], money(inv.amount_due, with_currency=True)))
-    if pdf.get_y() + 4 + len(totals) * 6 + 20 > bottom:
+            totals.append((plan.labels["paid"], _money(plan, -plan.paid)))
+        due = _money(plan, inv.amount_due, with_currency=True)
+        totals.append((plan.labels["amount_due"], due))
+    if pdf.get_y() + 4 + len(totals) * 6 + 20 > _bottom(pdf):
         pdf.add_page()
     pdf.ln(4)
+    if plan.layout == "boxed":
+        _boxed_totals(pdf, plan, totals)
+        return
     for label, value in totals:
         bold = label in (plan.labels["total"], plan.labels["amount_due"])
         pdf.set_font("helvetica", "B" if bold else "", 10)
-        pdf.set_x(pdf.l_margin + width - 95)
+        pdf.set_x(pdf.l_margin + pdf.epw - 95)
         pdf.cell(55, 6, label)
         pdf.cell(40, 6, value, align="R", new_x="LMARGIN", new_y="NEXT")
 
+
+def _render_closing(pdf: FPDF, plan: _Plan) -> None:
+    """Payment terms, bank details, thanks; the e-invoice attachment if any."""
+    inv, words = plan.invoice, plan.words
     pdf.ln(6)
     if inv.due_date is None or inv.invoice_date is None:
-        line(words.terms_on_receipt, size=9, h=4.5)
+        _line(pdf, words.terms_on_receipt, size=9, h=4.5)
     else:
         days = (inv.due_date - inv.invoice_date).days
-        line(words.terms_days.format(days=days), size=9, h=4.5)
-    line("IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
-    line(words.thanks, size=9, h=4.5)
+        _line(pdf, words.terms_days.format(days=days), size=9, h=4.5)
+    _line(pdf, "IBAN DE89 3704 0044 0532 0130 00 - BIC COBADEFFXXX", size=9, h=4.5)
+    _line(pdf, words.thanks, size=9, h=4.5)
     if plan.einvoice is not None:
         name, xml = einvoice_xml(plan)
         pdf.embed_file(
@@ -868,7 +933,106 @@ def _render(plan: _Plan) -> bytes:
             creation_date=_PDF_EPOCH,
             modification_date=_PDF_EPOCH,
         )
-    return bytes(pdf.output())
+
+
+# --- layouts beyond the classic one -----------------------------------------------------------
+
+# The word between title and number in the "title_number" layout, keyed by the
+# language's currency label (one per language).
+_TITLE_NUMBER_WORD: Final = {
+    "Currency:": "No.",
+    "Währung:": "Nr.",
+    "Devise :": "N°",
+    "Valuta:": "nr.",
+}
+_SMALL_PRINT: Final = {
+    "Currency:": "Registered office: {address}. Registered in England and Wales, "
+    "company no. {reg}.",
+    "Währung:": "Sitz der Gesellschaft: {city} · Amtsgericht {city} HRB {reg} · Geschäftsführung: "
+    "A. Berger",
+    "Devise :": "Siège social : {address} · RCS {city} {reg} · Capital social 10 000",
+    "Valuta:": "Statutair gevestigd te {city} · KvK {reg}",
+}
+
+
+def _small_print(pdf: FPDF, plan: _Plan) -> None:
+    """Company register small print above the header, as many letterheads have it."""
+    vendor = plan.vendor
+    city = vendor.address[1].split(" ", 1)[-1] if " " in vendor.address[1] else vendor.address[1]
+    reg = str(int(hashlib.sha256(vendor.name.encode()).hexdigest()[:7], 16) % 10**8).zfill(8)
+    text = _SMALL_PRINT[plan.words.currency].format(
+        address=", ".join(vendor.address), city=city, reg=reg
+    )
+    pdf.set_font("helvetica", "", 6.5)
+    pdf.cell(0, 3.5, text, new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
+
+
+def _two_column_header(pdf: FPDF, plan: _Plan, meta: list[tuple[str, str]]) -> None:
+    """Vendor block on the left, title and invoice details on the right, sharing lines."""
+    vendor = plan.vendor
+    left = [vendor.name, *vendor.address]
+    if not plan.vendor_tax_in_footer:
+        left.append(f"{plan.tax_id_label} {vendor.tax_id}")
+    right: list[tuple[str, str]] = [(plan.title, ""), *meta]
+    top, right_x = pdf.get_y(), pdf.l_margin + pdf.epw - 85
+    for i in range(max(len(left), len(right))):
+        y = top + i * 6
+        if i < len(left):
+            pdf.set_xy(pdf.l_margin, y)
+            pdf.set_font("helvetica", "B" if i == 0 else "", 13 if i == 0 else 9)
+            pdf.cell(90, 6, left[i])
+        if i < len(right):
+            pdf.set_xy(right_x, y)
+            label, value = right[i]
+            pdf.set_font("helvetica", "B" if i == 0 else "", 14 if i == 0 else 9.5)
+            pdf.cell(40, 6, label)
+            pdf.cell(45, 6, value, align="R")
+    pdf.set_xy(pdf.l_margin, top + max(len(left), len(right)) * 6)
+
+
+def _meta_cells(pdf: FPDF, meta: list[tuple[str, str]]) -> None:
+    """Invoice details as a bordered table: labels in one row, values in the row below."""
+    if not meta:
+        return
+    width = pdf.epw / len(meta)
+    pdf.set_font("helvetica", "B", 8)
+    for label, _ in meta:
+        pdf.cell(width, 6, label.rstrip(" :"), border=1)
+    pdf.ln(6)
+    pdf.set_font("helvetica", "", 9)
+    for _, value in meta:
+        pdf.cell(width, 7, value, border=1)
+    pdf.ln(9)
+
+
+def _meta_stacked(pdf: FPDF, meta: list[tuple[str, str]]) -> None:
+    """Each label in small bold type with its value on the line below."""
+    for label, value in meta:
+        pdf.set_font("helvetica", "B", 8)
+        pdf.cell(0, 4, label.rstrip(" :"), new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font("helvetica", "", 10)
+        pdf.cell(0, 5, value, new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(3)
+
+
+def _boxed_totals(pdf: FPDF, plan: _Plan, totals: list[tuple[str, str]]) -> None:
+    """Totals in a framed box on the right; notes on the left share its lines."""
+    notes = [plan.words.thanks, "IBAN DE89 3704 0044 0532 0130 00"]
+    top, box_x = pdf.get_y(), pdf.l_margin + pdf.epw - 95
+    pdf.rect(box_x - 2, top - 1, 97, len(totals) * 6 + 2)
+    for i, (label, value) in enumerate(totals):
+        y = top + i * 6
+        if i < len(notes):
+            pdf.set_xy(pdf.l_margin, y)
+            pdf.set_font("helvetica", "I", 8.5)
+            pdf.cell(80, 6, notes[i])
+        pdf.set_xy(box_x, y)
+        bold = label in (plan.labels["total"], plan.labels["amount_due"])
+        pdf.set_font("helvetica", "B" if bold else "", 10)
+        pdf.cell(55, 6, label)
+        pdf.cell(40, 6, value, align="R")
+    pdf.set_xy(pdf.l_margin, top + len(totals) * 6)
 
 
 def _format_date(value: dt.date, pattern: str, months: Sequence[str] = _MONTHS_EN) -> str:
@@ -899,14 +1063,18 @@ def stated_fields(invoice: Invoice) -> Invoice:
 
 
 def generate_invoice(
-    seed: int, *, language: Language = "en", einvoice: EInvoiceFlavor | None = None
+    seed: int,
+    *,
+    language: Language = "en",
+    einvoice: EInvoiceFlavor | None = None,
+    layout: Layout = "classic",
 ) -> tuple[bytes, Invoice]:
     """One sample invoice: its PDF bytes and the ground truth printed on it.
 
     ``language`` picks the printed labels (and, for de/fr/nl, vendors and date formats
     of that language); ``einvoice`` also embeds the truth as e-invoice XML.
     """
-    plan = _plan(seed, language, einvoice)
+    plan = dataclasses.replace(_plan(seed, language, einvoice), layout=layout)
     return _render(plan), plan.invoice
 
 
@@ -926,7 +1094,8 @@ def generate_corpus(
     """Yield `n` sample invoices as (file stem, PDF bytes, ground truth).
 
     ``varied`` mixes English, German, French and Dutch invoices (the stem then ends in
-    the language, e.g. ``invoice-0007-fr``); ``einvoice_share`` of them also carry
+    the language, e.g. ``invoice-0007-fr``) and page layouts (half of them not the
+    classic one: ``invoice-0007-fr-cells``); ``einvoice_share`` of them also carry
     embedded e-invoice XML (stem suffix ``-factur-x``, ``-xrechnung-ubl``, ...).
     Without either, the corpus is the plain English one the tests have always used.
     """
@@ -934,6 +1103,7 @@ def generate_corpus(
         doc_seed = corpus_seed(seed, index)
         stem = f"invoice-{index:04d}"
         language: Language = "en"
+        layout: Layout = "classic"
         flavor: EInvoiceFlavor | None = None
         if varied or einvoice_share:
             # A generator of its own, so the invoice itself still comes from doc_seed.
@@ -941,11 +1111,19 @@ def generate_corpus(
             if varied:
                 language = pick.choice(LANGUAGES)
                 stem += f"-{language}"
+                layout = _corpus_layout(doc_seed)
+                stem += "" if layout == "classic" else f"-{layout}"
             if pick.random() < einvoice_share:
                 flavor = pick.choice(EINVOICE_FLAVORS)
                 stem += f"-{flavor}"
-        pdf, truth = generate_invoice(doc_seed, language=language, einvoice=flavor)
+        pdf, truth = generate_invoice(doc_seed, language=language, einvoice=flavor, layout=layout)
         yield stem, pdf, truth
+
+
+def _corpus_layout(doc_seed: int) -> Layout:
+    """Half classic, half one of the other layouts; drawn apart from the other choices."""
+    pick = random.Random(doc_seed ^ 0x1A70)
+    return "classic" if pick.random() < 0.5 else pick.choice(LAYOUTS[1:])
 
 
 def write_corpus(

@@ -179,8 +179,13 @@ class Usage(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    # All prompt tokens, cached ones included (OpenAI's convention).
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of prompt_tokens: read from the provider's prompt cache (billed at the cached price)
+    # and written to it (Bedrock's cacheWriteInputTokens, billed at the cache-write price).
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -190,6 +195,8 @@ class Usage(BaseModel):
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
         )
 
 

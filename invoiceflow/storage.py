@@ -20,6 +20,11 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+# Name endings a source listing takes (PDFs, and bare e-invoice XML).
+SOURCE_SUFFIXES = (".pdf", ".xml")
+# Every result object is `<results prefix><invoice id>.json` (see `result_key`).
+RESULT_SUFFIX = ".json"
+
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the object changed (412) or a write raced it (409)."""
@@ -37,31 +42,43 @@ class S3Object(tuple[bytes, str]):
         return self[1]
 
 
+# The one S3 client configuration: botocore's `standard` retry mode (5xx, SlowDown,
+# throttling, resets; exponential backoff with jitter) and a pool sized for fan-out. As
+# plain botocore `Config` keyword arguments, so blocks can store it too
+# (`flows.provision`), and `flows.s3.s3_store` lays it under a user's own block settings.
+S3_CLIENT_SETTINGS: dict[str, Any] = {
+    "retries": {"mode": "standard", "max_attempts": 8},
+    "max_pool_connections": 64,
+    "connect_timeout": 5,
+    "read_timeout": 30,
+}
+
+
+def client_config(*, endpoint_url: str | None = None, **overrides: Any) -> Config:
+    """`S3_CLIENT_SETTINGS` as a botocore `Config`, with path-style addressing for
+    S3-compatible endpoints (moto, MinIO), which keeps them working without DNS tricks."""
+    settings = {**S3_CLIENT_SETTINGS, **overrides}
+    if endpoint_url:
+        settings.setdefault("s3", {"addressing_style": "path"})
+    return Config(**settings)
+
+
 def make_s3_client(
     *,
     endpoint_url: str | None = None,
     region_name: str = "us-east-1",
     aws_access_key_id: str | None = None,
     aws_secret_access_key: str | None = None,
-    max_attempts: int = 8,
-    max_pool_connections: int = 64,
+    **config: Any,
 ) -> Any:
-    """A boto3 S3 client with botocore's standard retry mode and a pool sized for fan-out."""
-    config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=5,
-        read_timeout=30,
-        # Path-style keeps loopback endpoints (moto, MinIO) working without DNS tricks.
-        s3={"addressing_style": "path"} if endpoint_url else None,
-    )
+    """A boto3 S3 client with the shared configuration (`config` overrides parts of it)."""
     return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint_url,
         region_name=region_name,
         aws_access_key_id=aws_access_key_id,
         aws_secret_access_key=aws_secret_access_key,
-        config=config,
+        config=client_config(endpoint_url=endpoint_url, **config),
     )
 
 
@@ -161,6 +178,26 @@ class S3Store:
             raise
         return _clean_etag(resp["ETag"])
 
+    def etag(self, key: str) -> str:
+        """The object's current ETag; KeyError when it is absent."""
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                raise KeyError(key) from exc
+            raise
+        return _clean_etag(resp["ETag"])
+
+    def copy(self, source: str, dest: str, *, if_match: str) -> str:
+        """Server-side copy of `source` as it is at ETag `if_match` (any size)."""
+        resp = self.client.copy_object(
+            Bucket=self.bucket,
+            Key=dest,
+            CopySource={"Bucket": self.bucket, "Key": source},
+            CopySourceIfMatch=f'"{if_match}"',
+        )
+        return _clean_etag(resp["CopyObjectResult"]["ETag"])
+
     def ensure_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
@@ -202,7 +239,7 @@ def invoice_id(source_key: str, source_prefix: str = "") -> str:
 
 
 def result_key(results_prefix: str, inv_id: str) -> str:
-    key = posixpath.join(results_prefix, f"{inv_id}.json")
+    key = posixpath.join(results_prefix, f"{inv_id}{RESULT_SUFFIX}")
     if not key.startswith(results_prefix):  # defence in depth against traversal
         raise ValueError(f"unsafe result key {key!r}")
     return key

@@ -10,8 +10,9 @@ missing rather than assumed, the same vendor invoice number seen before).
   as 0.01" can make the model say so, but 0.01 is not printed on it, so it is dropped.
 * `check_invoice` — required fields, ISO 4217 currency present, line arithmetic,
   lines ≈ subtotal, subtotal + tax ≈ total, amount due ≤ total, due ≥ issue date.
-* `RecordDone` — the manifest update that also flags duplicates, decided at commit
-  time under the manifest lock, so two runs cannot both miss each other.
+
+Pure checks on one invoice: duplicates across invoices are decided against the
+manifest, in `invoiceflow.duplicates`. This module imports nothing from `manifest`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
-from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
 from invoiceflow.extractors import Extraction
-from invoiceflow.manifest import Outcome, Transition
 from invoiceflow.normalize import DATE_PATTERN, parse_amount, parse_date
 from invoiceflow.schema import ISO_4217, Invoice, LineItem
 
@@ -95,14 +93,16 @@ class Evidence:
             for decimal in (".", ",", None):
                 try:
                     self.amounts.add(abs(parse_amount(token, decimal=decimal)))  # type: ignore[arg-type]
-                except ValueError:
+                except (ValueError, ArithmeticError):
+                    # Not an amount, or too long to be money (a 29-digit tracking number
+                    # overflows Decimal's context: InvalidOperation is an ArithmeticError).
                     continue
         self.dates: set[dt.date] = set()
         for match in DATE_PATTERN.finditer(text):
             for dayfirst in (True, False):
                 try:
                     self.dates.add(parse_date(match.group(0), dayfirst=dayfirst))
-                except ValueError:
+                except (ValueError, OverflowError):
                     continue
         self.currencies = {c for c in _ISO_WORD.findall(text) if c in ISO_4217}
         for pattern, codes in _SYMBOL_FAMILIES:
@@ -260,105 +260,6 @@ def validate_extraction(
 def _show(value: object) -> str:
     text = str(value)
     return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-# --- duplicates ------------------------------------------------------------------------------
-
-
-def same_invoice(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Same vendor and same invoice number (manifest entry fields).
-
-    The vendor is the tax id when both sides have one, otherwise the name: an
-    extraction that missed the tax id must still match its twin.
-    """
-    number_a, number_b = a.get("invoice_number"), b.get("invoice_number")
-    if not number_a or not number_b or compact(number_a) != compact(number_b):
-        return False
-    tax_a, tax_b = a.get("vendor_tax_id"), b.get("vendor_tax_id")
-    if tax_a and tax_b:
-        return compact(tax_a) == compact(tax_b)
-    name_a, name_b = a.get("vendor_name"), b.get("vendor_name")
-    return bool(name_a and name_b) and fold(name_a) == fold(name_b)
-
-
-def find_duplicate(
-    entries: Mapping[str, Mapping[str, Any]], key: str, fields: Mapping[str, Any]
-) -> str | None:
-    """The first other finished entry for the same vendor invoice, if any."""
-    number = fields.get("invoice_number")
-    if not number:
-        return None
-    for other_key in _by_invoice_number(entries).get(compact(number), ()):
-        other = entries.get(other_key)
-        if (
-            other_key != key
-            and other is not None
-            and other.get("status") == "done"
-            and same_invoice(fields, other)
-        ):
-            return other_key
-    return None
-
-
-def _by_invoice_number(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Keys of done entries by compacted invoice number, built once per decoded manifest.
-
-    A scan per finished invoice made a commit O(batch x manifest): 0.65 s per update
-    at 100,000 entries. Stale keys are harmless because `find_duplicate` re-checks the
-    current entry.
-    """
-    indexes = getattr(entries, "indexes", None)  # present on manifest.Entries
-    if indexes is not None and "invoice_number" in indexes:
-        return indexes["invoice_number"]
-    index: dict[str, list[str]] = defaultdict(list)
-    for other_key, other in entries.items():
-        if other.get("status") == "done" and (number := other.get("invoice_number")):
-            index[compact(number)].append(other_key)
-    if indexes is not None:
-        indexes["invoice_number"] = index
-    return index
-
-
-@dataclass(frozen=True)
-class RecordDone:
-    """`Transition` to done that flags a duplicate of an earlier manifest entry.
-
-    Decided in `apply`, i.e. at commit time under the manifest lock, against the
-    manifest as it is then. ``duplicate_of`` tells the caller what the commit found.
-    """
-
-    transition: Transition
-    _found: list[str] = field(default_factory=list, compare=False, repr=False)
-
-    @property
-    def key(self) -> str:
-        return self.transition.key
-
-    @property
-    def duplicate_of(self) -> str | None:
-        return self._found[-1] if self._found else None
-
-    def apply(self, entries: dict[str, dict[str, Any]], now: dt.datetime) -> Outcome:
-        self._found.clear()  # a retried commit re-decides on the fresh manifest
-        fields = dict(self.transition.fields)
-        duplicate = find_duplicate(entries, self.key, fields)
-        if duplicate is not None:
-            reasons = list(fields.get("review_reasons") or [])
-            fields |= {
-                "duplicate_of": duplicate,
-                "needs_review": True,
-                "review_reasons": [*reasons, duplicate_reason(duplicate)],
-            }
-        outcome = replace(self.transition, fields=fields).apply(entries, now)
-        if outcome.applied and (number := fields.get("invoice_number")):
-            _by_invoice_number(entries)[compact(number)].append(self.key)
-        if duplicate is not None and outcome.applied:
-            self._found.append(duplicate)
-        return outcome
-
-
-def duplicate_reason(duplicate_of: str) -> str:
-    return f"duplicate of {duplicate_of} (same vendor and invoice number)"
 
 
 # --- IBAN and VAT breakdown (the fields e-invoices and the big invoice APIs share) -----------

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from ops_support import (
+from prefect.client.schemas.objects import FlowRun, StateType
+from support import (
     PROCESS_INVOICES,
     REPO_ROOT,
     client,
@@ -23,7 +24,6 @@ from ops_support import (
     upload_invoices,
     wait_for_final_state,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
 
 from devtools.llm_server import LLMServerHandle
 from invoiceflow import prodstack

@@ -1,6 +1,6 @@
 """Fault injection: bad input and failing infrastructure, end to end through the flow.
 
-Every case ends with `assert_invariants` (tests/faults_support.py): no lost manifest
+Every case ends with `assert_invariants` (tests/support.py): no lost manifest
 update, manifest and results agree, and nothing done was sent to the LLM again.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults_support import (
+from support import (
     MAX_PAGES,
     MAX_PDF_BYTES,
     OPERATOR_AGENT,
@@ -33,6 +33,7 @@ from faults_support import (
     flow_params,
     flow_run_state,
     good_invoices,
+    list_keys,
     manifest_entries,
     operator_s3,
     owner_only_encrypted_invoice,
@@ -41,6 +42,7 @@ from faults_support import (
     run_flow_by_engine,
     save_bucket_block,
     save_llm_block,
+    tracking_number_invoice,
     unique,
     upload,
     wait_until,
@@ -83,7 +85,7 @@ async def test_bad_inputs_fail_permanently_with_a_reason_and_are_not_retried(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
         max_pages=MAX_PAGES,
         max_pdf_bytes=MAX_PDF_BYTES,
     )
@@ -148,7 +150,7 @@ async def test_llm_429_500_and_timeouts_are_retried_and_a_rerun_bills_only_the_f
         prefix,
         await create_lock(unique("lock")),
         # Small timeout so a hung request costs seconds, not minutes; 4 SDK retries.
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, timeout_s=1.5, max_retries=4),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, timeout_s=1.5, max_retries=4),
     )
     llm.reset()
     plan = llm.set_faults(
@@ -217,7 +219,7 @@ async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
         params = flow_params(
             prefix,
             await create_lock(unique("lock")),
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
         )
         llm.reset()
@@ -254,7 +256,7 @@ async def test_s3_outage_beyond_the_retries_fails_the_invoice_not_the_run(
         params = flow_params(
             prefix,
             await create_lock(unique("lock")),
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             # Two attempts, so the outage outlasts the retries in a second, not ~35 s.
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket, max_attempts=2),
         )
@@ -330,7 +332,7 @@ async def test_three_concurrent_runs_on_overlapping_prefixes_and_an_out_of_band_
         common = {
             "manifest_key": f"manifests/{base.rstrip('/')}.json",
             "results_prefix": f"results/{base}",
-            "extractor_block": await save_llm_block(llm.base_url, API_KEY),
+            "extractor_block": save_llm_block(llm.base_url, API_KEY),
             "bucket_block": bucket_block,
             "max_llm_concurrency": 4,
         }
@@ -426,7 +428,7 @@ async def test_a_writer_that_lost_its_slot_is_stopped_by_if_match(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(proxy.url, local_stack.bucket),
         )
         manifest_path = f"/{local_stack.bucket}/{params['manifest_key']}"
@@ -537,7 +539,7 @@ async def test_flow_process_sigkilled_mid_run_then_retried(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             max_llm_concurrency=2,
         )
         run_id = await create_flow_run(params)
@@ -628,7 +630,7 @@ async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
         params = flow_params(
             prefix,
             lock,
-            extractor_block=await save_llm_block(llm.base_url, API_KEY),
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
             bucket_block=await save_bucket_block(own_stack.s3_endpoint, own_stack.bucket),
             max_llm_concurrency=2,
         )
@@ -677,3 +679,170 @@ async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
         f"Prefect restart: {len(done_before_restart)} of {len(listed)} done before it, "
         f"run ended {state.type.value}, pid {own_stack.prefect_pid} -> {restarted.prefect_pid}"
     )
+
+
+async def test_a_29_digit_token_fails_only_its_invoice_and_nothing_is_billed_twice(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    """Issue 11 break 1: `parse_amount` raised InvalidOperation in the evidence builder.
+
+    Before the fix, three runs in a row ended `InvalidOperation`: none of the 40 good
+    invoices reached `done`, results were left without a `done` entry, and each rerun
+    took over the crashed run's claims and billed them again.
+    """
+    prefix = unique("huge-number") + "/"
+    good = upload(s3, prefix, good_invoices(40, seed=59))
+    (bad,) = upload(s3, prefix, [("tracking.pdf", tracking_number_invoice())])
+    listed = good | {bad}
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
+    )
+    llm.reset()
+    outcomes = [await run_flow(params) for _ in range(3)]
+    by_key = llm.stats()["by_key"]
+    entries = manifest_entries(s3, params["manifest_key"])
+    done = {k for k in good if entries.get(k, {}).get("status") == "done"}
+    billed_twice = {k: n for k, n in by_key.items() if n > 1}
+    print(
+        f"29-digit token: runs ended {[type(o).__name__ for o in outcomes]}; "
+        f"{len(done)} of {len(good)} good done; bad {entries.get(bad)}; "
+        f"billed more than once: {billed_twice}"
+    )
+    report = assert_invariants(s3, params, listed)
+    assert report.done >= good
+    bad_entry = report.entries[bad]
+    assert bad_entry["status"] == "done" or (
+        bad_entry["error_kind"] == "internal_error" and bad_entry["transient"] is False
+    ), bad_entry
+    if bad_entry["status"] == "done":  # the token is ignored, never read as an amount
+        assert "12345678901234567890123456789" not in str(bad_entry.get("total"))
+    # Each invoice reached the LLM once over the three runs: nothing was re-billed.
+    assert by_key == {k: 1 for k in listed}, billed_twice
+    assert [getattr(o, "processed", None) for o in outcomes[1:]] == [0, 0], outcomes
+
+
+async def test_lock_deleted_mid_run_stops_both_runs_cleanly_and_the_retry_bills_nothing_twice(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    """Issue 11 break 7: `prefect gcl delete` mid-run crashed both runs with a raw
+    ConcurrencySlotAcquisitionError, left results without a `done` entry, and the retry
+    after the lock was recreated billed 33 invoices twice.
+    """
+    from prefect.client.orchestration import get_client
+
+    from flows.summary import RunSummary
+    from invoiceflow.manifest import ManifestLockLost
+
+    base = unique("lock-deleted") + "/"
+    docs = good_invoices(40, seed=61)
+    listed = upload(s3, f"{base}a/", docs[:20]) | upload(s3, f"{base}b/", docs[20:])
+    lock = await create_lock(unique("lock"))
+    common = {
+        "manifest_key": f"manifests/{base.rstrip('/')}.json",
+        "results_prefix": f"results/{base}",
+        "max_llm_concurrency": 2,
+        "manifest_lock_wait_s": 3,
+    }
+    # Two runs over two halves, one manifest and one lock, both busy when it goes;
+    # each with an extractor block of its own, so their provider-wide limits are apart.
+    runs = [
+        flow_params(
+            f"{base}{half}/",
+            lock,
+            **common,
+            extractor_block=save_llm_block(llm.base_url, API_KEY),
+        )
+        for half in ("a", "b")
+    ]
+    params = {**runs[0], "source_prefix": base}
+    llm.reset()
+    llm.configure(latency_s=0.5, jitter_s=0.1)
+
+    async def delete_lock_mid_run() -> set[str]:
+        def mid_run() -> bool:
+            entries = manifest_entries(s3, params["manifest_key"])
+            done = sum(e["status"] == "done" for e in entries.values())
+            return done >= 4 and len(entries) == len(listed) and done < len(listed) - 4
+
+        # Both runs have claimed their half (the second often waits for the manifest
+        # slot a busy first run keeps taking), and work is left.
+        await wait_until(mid_run, 120, 0.05)
+        async with get_client() as client:
+            await client.delete_global_concurrency_limit_by_name(lock)
+        return done_keys(s3, params["manifest_key"])
+
+    try:
+        *ends, done_at_delete = await asyncio.gather(
+            *(run_flow(p) for p in runs), delete_lock_mid_run()
+        )
+    finally:
+        llm.configure(latency_s=0.0, jitter_s=0.0)
+    by_key_before = llm.stats()["by_key"]
+    entries = manifest_entries(s3, params["manifest_key"])
+    results = list_keys(s3, params["results_prefix"])
+    done = {k for k, e in entries.items() if e["status"] == "done"}
+    print(
+        f"lock deleted mid-run: runs ended {[type(e).__name__ for e in ends]}; "
+        f"{len(done_at_delete)} done at the delete, {len(done)} done after; "
+        f"{len(results) - len(done)} results without a done entry; "
+        f"LLM calls {sum(by_key_before.values())} for {len(by_key_before)} invoices"
+    )
+    # A run that was mid-run stops with the command that restores the lock; one that
+    # had finished its half has its summary. Never Prefect's raw acquisition error.
+    lost = [e for e in ends if isinstance(e, ManifestLockLost)]
+    assert lost and all(e in lost or isinstance(e, RunSummary) for e in ends), ends
+    assert all(f"prefect gcl create {lock} --limit 1" in str(e) for e in lost)
+    # Nothing was extracted twice, even by two runs at once losing their lock.
+    assert all(n == 1 for n in by_key_before.values()), by_key_before
+
+    await create_lock(lock)
+    retry = await run_flow(params)  # over both halves
+    assert isinstance(retry, RunSummary), retry
+    by_key = llm.stats()["by_key"]
+    report = assert_invariants(s3, params, listed)
+    assert report.done == listed
+    double_billed = {k: n for k, n in by_key.items() if n > 1}
+    print(
+        f"after recreating the lock: retry processed {retry.processed}, "
+        f"{sum(by_key.values()) - sum(by_key_before.values())} new LLM calls, "
+        f"double-billed {len(double_billed)}"
+    )
+    assert not double_billed
+    assert by_key == {k: 1 for k in listed}
+
+
+async def test_a_deleted_manifest_makes_the_next_run_record_the_results_without_a_call(
+    s3: S3Store, llm: LLMServerHandle
+) -> None:
+    """Issue 11 break 8: a deleted manifest made the next run re-bill everything."""
+    prefix = unique("manifest-deleted") + "/"
+    listed = upload(s3, prefix, good_invoices(12, seed=71))
+    params = flow_params(
+        prefix,
+        await create_lock(unique("lock")),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
+    )
+    llm.reset()
+    first = await run_flow(params)
+    assert first.done == len(listed), first
+    before = llm.stats()["by_key"]
+    s3.client.delete_object(Bucket=s3.bucket, Key=params["manifest_key"])
+
+    again = await run_flow(params)
+    after = llm.stats()["by_key"]
+    print(
+        f"deleted manifest: rerun processed {again.processed}, done {again.done}, "
+        f"{sum(after.values()) - sum(before.values())} new LLM calls, tokens {again.tokens}"
+    )
+    assert (again.processed, again.done, again.tokens) == (len(listed), len(listed), 0), again
+    report = assert_invariants(
+        s3,
+        params,
+        listed,
+        done_before_retry=listed,
+        llm_by_key_before_retry=before,
+        llm_by_key_now=after,
+    )
+    assert report.done == listed

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
+from invoiceflow.evaluate import HEADER_FIELDS
 from invoiceflow.manifest import ManifestStore, Status
 from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult, Invoice
@@ -19,20 +20,6 @@ from invoiceflow.storage import S3Store, invoice_id
 
 pytestmark = pytest.mark.e2e
 
-HEADER_FIELDS = [
-    "invoice_number",
-    "invoice_date",
-    "due_date",
-    "vendor_name",
-    "vendor_tax_id",
-    "customer_name",
-    "po_number",
-    "currency",
-    "subtotal",
-    "tax_total",
-    "total",
-    "amount_due",
-]
 N_INVOICES = 60
 API_KEY = "sk-test-e2e-" + uuid.uuid4().hex
 

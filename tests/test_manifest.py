@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,245 @@ async def test_flush_cuts_the_batch_window_short(s3_store: S3Store) -> None:
         assert store.writes == 1
         committer.flush()  # with nothing queued: no empty commit
     assert store.writes == 1
+
+
+# -- claims that live as long as their run ---------------------------------------------
+
+
+async def test_another_runs_claim_is_taken_over_only_when_its_run_has_ended(
+    s3_store: S3Store,
+) -> None:
+    store = store_with(s3_store, asyncio.Lock())
+    await store.commit([claim("a.pdf", run="r1")])
+    expired = dt.timedelta(0)  # the claim timeout has long passed ...
+    # ... but Prefect says r1 is live: never taken over.
+    [live] = await store.commit(
+        [claim("a.pdf", run="r2", stale_after=expired, live_runs=frozenset({"r1"}))]
+    )
+    assert not live.applied and "still running" in live.reason
+    # Prefect says r1 ended: taken over at once, however fresh the claim.
+    [ended] = await store.commit([claim("a.pdf", run="r2", abandoned_runs=frozenset({"r1"}))])
+    assert ended.applied and ended.attempt == 2
+    # Prefect cannot tell about r2: only the timeout decides.
+    [fresh] = await store.commit([claim("a.pdf", run="r3")])
+    assert not fresh.applied and "claimed by run r2" in fresh.reason
+    [stale] = await store.commit([claim("a.pdf", run="r3", stale_after=expired)])
+    assert stale.applied and stale.attempt == 3
+
+
+async def test_the_committer_renews_its_runs_claims_so_they_never_look_abandoned(
+    s3_store: S3Store,
+) -> None:
+    store = store_with(s3_store, asyncio.Lock())
+    timeout = dt.timedelta(seconds=1.5)
+    async with GroupCommitter(store, max_wait_s=0.05, run_id="r1", renew_every_s=0.3) as mine:
+        await mine.submit_many([claim("a.pdf", run="r1"), claim("b.pdf", run="r1")])
+        await mine.submit(Transition("b.pdf", 1, Status.done))
+        await store.commit([claim("other.pdf", run="r9")])  # not r1's: never renewed
+        await asyncio.sleep(2.5)  # idle, longer than the timeout: renewals run alone
+        [taken] = await store.commit([claim("a.pdf", run="r2", stale_after=timeout)])
+        assert not taken.applied, taken.reason
+        assert mine.renewals >= 3
+    snap = store.read_sync()
+    a, b, other = snap.entry("a.pdf"), snap.entry("b.pdf"), snap.entry("other.pdf")
+    assert a is not None and b is not None and other is not None
+    assert a.updated_at - a.created_at >= dt.timedelta(seconds=2)  # renewed
+    assert b.status is Status.done and other.updated_at == other.created_at
+    await asyncio.sleep(timeout.total_seconds())  # the run is gone: no more renewals
+    [taken] = await store.commit([claim("a.pdf", run="r2", stale_after=timeout)])
+    assert taken.applied
+
+
+# -- attempt cap -----------------------------------------------------------------------
+
+
+async def test_transient_failures_give_up_after_max_attempts_keeping_the_last_error(
+    s3_store: S3Store,
+) -> None:
+    store = store_with(s3_store, asyncio.Lock())
+    for attempt in range(1, 4):
+        [c] = await store.commit([claim("a.pdf", run=f"r{attempt}", max_attempts=3)])
+        assert c.applied and c.attempt == attempt
+        failed = {"error_kind": "llm_timeout", "error_message": f"try {attempt}", "transient": True}
+        await store.commit([Transition("a.pdf", attempt, Status.failed, failed)])
+    [refused] = await store.commit([claim("a.pdf", run="r4", max_attempts=3)])
+    assert not refused.applied and refused.reason.startswith("gave up after 3 attempts")
+    entry = store.read_sync().entry("a.pdf")
+    assert entry is not None
+    assert (entry.status, entry.transient, entry.attempts) == (Status.gave_up, False, 3)
+    assert (entry.error_kind, entry.error_message) == ("llm_timeout", "try 3")
+    # Permanent for `new` runs; `failed` (an operator asking) tries once more.
+    [again] = await store.commit([claim("a.pdf", run="r5", max_attempts=3)])
+    assert not again.applied and "gave_up permanently" in again.reason
+    [forced] = await store.commit([claim("a.pdf", run="r6", selection="failed", max_attempts=3)])
+    assert forced.applied and forced.attempt == 4
+
+
+async def test_an_invoice_its_runs_keep_dying_on_gives_up(s3_store: S3Store) -> None:
+    store = store_with(s3_store, asyncio.Lock())
+    for run in ("r1", "r2"):
+        await store.commit([claim("poison.pdf", run=run, abandoned_runs=frozenset({"r1"}))])
+    [out] = await store.commit(
+        [claim("poison.pdf", run="r3", abandoned_runs=frozenset({"r2"}), max_attempts=2)]
+    )
+    assert not out.applied and out.changed
+    entry = store.read_sync().entry("poison.pdf")
+    assert entry is not None and entry.status is Status.gave_up
+    assert entry.error_kind == "abandoned" and "r2" in (entry.error_message or "")
+
+
+# -- bad data --------------------------------------------------------------------------
+
+MALFORMED = {
+    "other/str.pdf": "done",
+    "other/int-number.pdf": {
+        "status": "done",
+        "source_etag": "e",
+        "attempts": 1,
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z",
+        "invoice_number": 12345,
+        "vendor_name": "ACME",
+    },
+    "mine/touched.pdf": {"status": "finished?", "source_etag": "e1"},
+}
+
+
+def _put_manifest(s3: S3Store, doc: Any) -> None:
+    s3.put(KEY, doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+
+
+async def test_malformed_entries_are_set_aside_reported_and_kept_verbatim(
+    s3_store: S3Store,
+) -> None:
+    from invoiceflow.duplicates import RecordDone
+
+    _put_manifest(s3_store, {"format": 1, "revision": 3, "entries": MALFORMED})
+    store = store_with(s3_store, asyncio.Lock())
+    snap = store.read_sync()
+    assert snap.malformed == sorted(MALFORMED) == store.malformed
+    assert snap.entries == {} and snap.counts()["done"] == 0
+    async with GroupCommitter(store, max_wait_s=0.05) as committer:
+        # A run over mine/: claim, then a done commit whose duplicate check reads
+        # every done entry (an int invoice_number used to crash it).
+        [c, n] = await committer.submit_many([claim("mine/touched.pdf"), claim("mine/new.pdf")])
+        assert c.applied and n.applied
+        fields = {"invoice_number": "12345", "vendor_name": "ACME", "result_key": "r.json"}
+        done = RecordDone(Transition("mine/new.pdf", 1, Status.done, fields))
+        assert (await committer.submit(done)).applied and done.duplicate_of is None
+    entries = json.loads(s3_store.get(KEY).body)["entries"]
+    # Untouched ones are written back exactly as they were; the touched one was re-claimed.
+    assert {k: entries[k] for k in MALFORMED if k.startswith("other/")} == {
+        k: v for k, v in MALFORMED.items() if k.startswith("other/")
+    }
+    assert entries["mine/touched.pdf"]["status"] == "pending"
+    assert entries["mine/new.pdf"]["status"] == "done"
+    assert store.read_sync().malformed == ["other/int-number.pdf", "other/str.pdf"]
+
+
+UNREADABLE = {
+    "invalid JSON": b'{"format": 1, "entries": {',
+    "a list": b"[]",
+    "wrong format": {"format": 2, "entries": {}},
+    "no format": {"entries": {}},
+    "entries a list": {"format": 1, "entries": []},
+    "entries missing": {"format": 1},
+    "revision a string": {"format": 1, "revision": "7", "entries": {}},
+    "oversized": {"format": 1, "entries": {f"k{i}.pdf": {} for i in range(200)}},
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+async def test_an_unreadable_manifest_stops_everything_with_the_repair_command(
+    s3_store: S3Store, case: str
+) -> None:
+    from invoiceflow.manifest import ManifestUnreadable
+
+    _put_manifest(s3_store, UNREADABLE[case])
+    before = s3_store.get(KEY)
+    store = ManifestStore(s3_store, KEY, lock=asyncio.Lock, max_bytes=2000)
+    for attempt in (store.read_sync, lambda: asyncio.run(store.commit([claim("a.pdf")]))):
+        with pytest.raises(ManifestUnreadable) as raised:
+            await asyncio.to_thread(attempt)
+        assert f"invoiceflow reconcile --rebuild --manifest-key {KEY}" in str(raised.value)
+    assert s3_store.get(KEY) == before  # nothing written over it
+    assert store.writes == 0
+
+
+# -- one builder of a done entry -------------------------------------------------------
+
+
+def test_done_fields_is_what_reconcile_rebuilds_from_a_result(s3_store: S3Store) -> None:
+    from decimal import Decimal
+
+    from invoiceflow.manifest import done_fields
+    from invoiceflow.reconcile import _read_result
+    from invoiceflow.schema import ExtractionResult, Invoice, Usage
+
+    result = ExtractionResult(
+        source_key="in/a.pdf",
+        source_etag="e1",
+        extractor="openai:test",
+        pages=1,
+        invoice=Invoice(vendor_name="ACME", total=Decimal("9.50"), currency="EUR"),
+        extracted_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        source="llm",
+        usage=Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15),
+        needs_review=True,
+        review_reasons=["r1"],
+    )
+    s3_store.put("results/a.json", result.model_dump_json().encode())
+    found = _read_result(s3_store, "results/a.json")
+    assert found is not None
+    assert dict(found.fields) == done_fields(result, "results/a.json")
+    assert found.fields["tokens_in"] == 10 and found.fields["total"] == "9.50"
+
+
+# -- keys that cannot collide ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("source_prefix", ["", "incoming/"])
+@pytest.mark.parametrize("results_prefix", ["", "results/", "incoming/"])
+@pytest.mark.parametrize(
+    "manifest_key", ["manifest.json", "state/manifest.json", "incoming/manifest.json", "manifest"]
+)
+def test_no_result_or_backup_can_collide_with_the_manifest_or_a_source(
+    source_prefix: str, results_prefix: str, manifest_key: str
+) -> None:
+    """Every combination of empty prefixes: refused exactly when a collision is possible."""
+    from pydantic import ValidationError
+
+    from flows.params import ProcessInvoicesParams
+    from invoiceflow.manifest import BACKUP_INFIX
+    from invoiceflow.storage import SOURCE_SUFFIXES, invoice_id, result_key
+
+    names = ["manifest.pdf", "manifest.xml", "state/manifest.pdf", "incoming/manifest.pdf"]
+    names += [n.replace(".pdf", ".PDF") for n in names] + ["manifest.json.pdf", "a/b/c.pdf"]
+    sources = [source_prefix + n for n in names]
+    results = {result_key(results_prefix, invoice_id(s)) for s in sources}
+    backup = f"{manifest_key}{BACKUP_INFIX}20260101T000000000000Z"
+
+    def listed(key: str) -> bool:
+        return key.startswith(source_prefix) and key.lower().endswith(SOURCE_SUFFIXES)
+
+    # What can happen with these names (the hostile sources above are the witnesses).
+    collides = manifest_key in results or listed(manifest_key)
+    try:
+        params = ProcessInvoicesParams(
+            source_prefix=source_prefix, results_prefix=results_prefix, manifest_key=manifest_key
+        )
+    except ValidationError as exc:
+        assert "manifest key" in str(exc)
+        refused = True
+    else:
+        refused = False
+        assert params.results_prefix == results_prefix
+    if collides:
+        assert refused, (source_prefix, results_prefix, manifest_key)
+    if not refused:  # accepted: nothing can collide, backups included
+        assert manifest_key not in results and not listed(manifest_key)
+        assert backup not in results and not listed(backup)
+        assert not any(listed(r) for r in results)
+    # The reported break: results_prefix="" and a source manifest.pdf -> manifest.json.
+    if (results_prefix, manifest_key) == ("", "manifest.json") and source_prefix == "":
+        assert collides and refused

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from ops_support import (
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from support import (
     OUTPUT_DIR,
     PROCESS_INVOICES,
     REPO_ROOT,
@@ -30,20 +32,18 @@ from ops_support import (
     create_run,
     deploy_prefect_file,
     deploy_with_cli,
+    direct_s3,
     fail_llm_for,
     manifest_entries,
     pause_schedules,
     retry_like_the_ui,
     running_worker,
     runs_of,
-    s3_store,
-    save_llm_extractor,
+    save_llm_block,
     unique,
     upload_invoices,
     wait_for_final_state,
 )
-from prefect.client.schemas.objects import StateType
-from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
@@ -57,7 +57,7 @@ LOGS = OUTPUT_DIR / "ops"
 
 @pytest.fixture(scope="module")
 def s3(local_stack: stack.StackInfo) -> S3Store:
-    return s3_store(local_stack.s3_endpoint, local_stack.bucket)
+    return direct_s3(local_stack.s3_endpoint, local_stack.bucket)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,8 @@ def deployed(local_stack: stack.StackInfo) -> dict[str, Any]:
     # As deployed, before the pause below.
     schedules = {name: [s.schedule for s in d.schedules] for name, d in deployments.items()}
     pause_schedules(deployments[PROCESS_INVOICES].id)
+    with client() as c:  # collect-batches' 10-minute schedule would also feed the worker
+        pause_schedules(c.read_deployment_by_name("collect-batches/collect-batches").id)
     return {"deployments": deployments, "schedules": schedules}
 
 
@@ -162,7 +164,7 @@ def test_retry_through_the_api_does_not_rebill(
     prefix = unique("ops-retry") + "/"
     keys = upload_invoices(s3, prefix, 6, seed=12)
     faulty = keys[1:3]
-    block = save_llm_extractor(llm.base_url, API_KEY, unique("ops-llm"))
+    block = save_llm_block(llm.base_url, API_KEY, timeout_s=30, max_retries=0)
     params = run_params(prefix, extractor_block=block, max_llm_concurrency=4)
     llm.reset()
     llm.set_faults(fail_llm_for(faulty))
@@ -204,7 +206,7 @@ def test_reprocess_failed_takes_only_transient_failures(
     keys = upload_invoices(s3, prefix, 4, seed=13)
     broken = f"{prefix}not-a-pdf.pdf"
     s3.put(broken, b"this is not a PDF", content_type="application/pdf")
-    block = save_llm_extractor(llm.base_url, API_KEY, unique("ops-llm"))
+    block = save_llm_block(llm.base_url, API_KEY, timeout_s=30, max_retries=0)
     params = run_params(prefix, extractor_block=block)
     llm.reset()
     llm.set_faults(fail_llm_for(keys[:1]))

@@ -24,16 +24,6 @@ from typing import Any
 
 import httpx
 import pytest
-from ops_support import (
-    OUTPUT_DIR,
-    PROCESS_INVOICES,
-    REPO_ROOT,
-    client,
-    pause_schedules,
-    s3_store,
-    save_llm_extractor,
-    wait_for_final_state,
-)
 from prefect.settings import (
     PREFECT_API_AUTH_STRING,
     PREFECT_API_SSL_CERT_FILE,
@@ -54,6 +44,16 @@ from production_support import (
     wait_all,
     wait_for_share,
     wait_until,
+)
+from support import (
+    OUTPUT_DIR,
+    PROCESS_INVOICES,
+    REPO_ROOT,
+    client,
+    direct_s3,
+    pause_schedules,
+    save_llm_block,
+    wait_for_final_state,
 )
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
@@ -88,7 +88,7 @@ def prod() -> Iterator[prodstack.ProductionStack]:
 
 @pytest.fixture(scope="module")
 def s3(prod: prodstack.ProductionStack) -> S3Store:
-    return s3_store(prod.s3_endpoint, prod.bucket)
+    return direct_s3(prod.s3_endpoint, prod.bucket)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def deployed(prod: prodstack.ProductionStack) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def llm(prod: prodstack.ProductionStack) -> Iterator[LLMServerHandle]:
     with running_llm_server(api_key=API_KEY, latency_s=0.3, jitter_s=0.1) as handle:
-        save_llm_extractor(handle.base_url, API_KEY, "prod-llm")
+        # No SDK retries: every request the LLM counts is one billed attempt.
+        save_llm_block(handle.base_url, API_KEY, name="prod-llm", timeout_s=30, max_retries=0)
         yield handle
 
 

@@ -217,6 +217,115 @@ async def test_reconcile_racing_writers_loses_nothing(s3_store: S3Store) -> None
     assert {entries[k]["status"] for k in keys[10:]} == {"pending"}
 
 
+async def test_claims_of_runs_prefect_reports_live_are_never_released(
+    s3_store: S3Store,
+) -> None:
+    """`--release-claims-after 0` releases every claim, except those of live runs."""
+    from invoiceflow.manifest import RunLiveness
+
+    store = _store(s3_store)
+    live, ended, unknown = f"{SRC}live.pdf", f"{SRC}ended.pdf", f"{SRC}unknown.pdf"
+    for key, run in ((live, "run-live"), (ended, "run-ended"), (unknown, "run-unknown")):
+        await store.commit([Claim(key, _source(s3_store, key), run)])
+    asked: list[set[str]] = []
+
+    async def prefect_says(run_ids: set[str]) -> RunLiveness:
+        asked.append(run_ids)
+        return RunLiveness(ended=frozenset({"run-ended"}), live=frozenset({"run-live"}))
+
+    report = await reconcile(
+        store,
+        source_prefix=SRC,
+        results_prefix=RES,
+        release_claims_after=dt.timedelta(0),
+        runs=prefect_says,
+    )
+
+    assert asked == [{"run-live", "run-ended", "run-unknown"}]
+    assert report.released_claims == [ended, unknown]
+    snap = store.read_sync()
+    assert [snap.entry(k).status for k in (live, ended, unknown)] == [  # type: ignore[union-attr]
+        Status.pending,
+        Status.failed,
+        Status.failed,
+    ]
+    # With the default timeout, a fresh claim of a run Prefect cannot tell about stays.
+    fresh = f"{SRC}fresh.pdf"
+    await store.commit([Claim(fresh, _source(s3_store, fresh), "run-unknown")])
+    again = await reconcile(store, source_prefix=SRC, results_prefix=RES, runs=prefect_says)
+    assert again.released_claims == []
+
+
+BROKEN = {
+    "invalid JSON": b'{"format": 1, "entries": {"in/',
+    "a list": b'[{"in/inv-0.pdf": "done"}]',
+    "wrong format": b'{"format": 99, "entries": {}}',
+    "entries a list": b'{"format": 1, "entries": []}',
+    "oversized": b'{"format": 1, "entries": {}, "padding": "' + b"x" * 5000 + b'"}',
+    "malformed entries": None,  # readable, with bad entries under the prefix and elsewhere
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+async def test_rebuild_repairs_every_broken_manifest_and_rebills_nothing(
+    s3_store: S3Store, case: str
+) -> None:
+    from invoiceflow.manifest import BACKUP_INFIX, ManifestUnreadable
+
+    lock = asyncio.Lock()
+    store = ManifestStore(s3_store, "manifest.json", lock=lambda: lock, max_bytes=4000)
+    keys = [f"{SRC}inv-{i}.pdf" for i in range(4)]
+    etags = {k: _source(s3_store, k) for k in keys}
+    for key in keys:
+        await _done(store, key, etags[key], _result(s3_store, key, etags[key]))
+    if BROKEN[case] is None:
+        await _raw_edit(store, lambda e: e.update({keys[0]: "done", "other/x.pdf": 7}))
+    else:
+        s3_store.put(store.key, BROKEN[case])
+        with pytest.raises(ManifestUnreadable):
+            store.read_sync()
+    broken = s3_store.get(store.key).body
+
+    report = await reconcile(store, source_prefix=SRC, results_prefix=RES, rebuild=True)
+
+    assert report.backup_key is not None and report.backup_key.startswith(
+        f"manifest.json{BACKUP_INFIX}"
+    )
+    assert s3_store.get(report.backup_key).body == broken  # the evidence is kept
+    snap = store.read_sync()
+    assert {k: snap.entries[k]["status"] for k in keys} == dict.fromkeys(keys, "done")
+    if BROKEN[case] is None:
+        assert report.rebuilt_invalid == [keys[0]] and report.marked_done == []
+        assert snap.malformed == ["other/x.pdf"]  # another prefix's: kept for its owner
+    # Nothing done is claimed (billed) again by the next run.
+    outcomes = await store.commit([Claim(k, etags[k], "next-run") for k in keys])
+    assert [o.reason for o in outcomes] == ["already done"] * len(keys)
+
+
+async def test_rebuild_refuses_when_the_broken_manifest_cannot_be_copied(
+    s3_store: S3Store, s3_endpoint: str
+) -> None:
+    from devtools.s3_fault_proxy import running_s3_fault_proxy
+    from invoiceflow.manifest import ManifestBackupFailed
+    from invoiceflow.storage import make_s3_client
+
+    key = f"{SRC}a.pdf"
+    _result(s3_store, key, _source(s3_store, key))
+    s3_store.put("manifest.json", b"not json")
+    with running_s3_fault_proxy(s3_endpoint) as proxy:
+        proxy.add_rule(lambda r: r.method == "PUT" and BACKUP_MARK in r.path, "slowdown", times=-1)
+        client = make_s3_client(
+            endpoint_url=proxy.url, aws_access_key_id="x", aws_secret_access_key="x", max_attempts=1
+        )
+        store = _store(S3Store(client, s3_store.bucket))
+        with pytest.raises(ManifestBackupFailed, match="nothing was changed"):
+            await reconcile(store, source_prefix=SRC, results_prefix=RES, rebuild=True)
+    assert s3_store.get("manifest.json").body == b"not json"
+
+
+BACKUP_MARK = ".broken-"
+
+
 # -- end to end: real runs, the Prefect lock, the CLI ----------------------------------
 
 
@@ -225,7 +334,7 @@ def test_cli_reconcile_after_a_lost_manifest_rebills_nothing(
     local_stack: stack.StackInfo,
 ) -> None:
     """Flow run, manifest deleted, `invoiceflow reconcile`, rerun: nothing re-processed."""
-    from faults_support import (
+    from support import (
         assert_invariants,
         create_lock,
         direct_s3,
@@ -275,7 +384,7 @@ def test_cli_reconcile_after_a_lost_manifest_rebills_nothing(
 async def test_reconcile_during_a_run_loses_none_of_its_updates(
     local_stack: stack.StackInfo,
 ) -> None:
-    from faults_support import (
+    from support import (
         assert_invariants,
         create_lock,
         direct_s3,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from invoiceflow.evaluate import HEADER_FIELDS
 from invoiceflow.extractors import Extractor
 from invoiceflow.extractors.rules import (
     RulesExtractor,
@@ -28,20 +29,6 @@ from invoiceflow.pdf import parse_pdf
 from invoiceflow.samples import generate_corpus, generate_invoice, write_corpus
 from invoiceflow.schema import Invoice, LineItem
 
-HEADER_FIELDS = (
-    "invoice_number",
-    "invoice_date",
-    "due_date",
-    "vendor_name",
-    "vendor_tax_id",
-    "customer_name",
-    "po_number",
-    "currency",
-    "subtotal",
-    "tax_total",
-    "total",
-    "amount_due",
-)
 NEWER_FIELDS = ("iban", "bic", "payment_terms", "customer_tax_id", "document_type")
 CORPUS_SIZE = 60
 CENT = Decimal("0.01")
@@ -491,9 +478,10 @@ async def test_29_digit_token_reaches_a_review_reason_through_validation() -> No
 
 
 def _seconds(text: str) -> float:
-    started = time.perf_counter()
+    """CPU seconds of one extraction: other processes on a shared machine do not count."""
+    started = time.process_time()
     invoice = extract_invoice(text)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert Invoice.model_validate(invoice.model_dump()) == invoice
     return elapsed
 
@@ -545,3 +533,10 @@ def test_overlong_text_is_flagged_for_review() -> None:
     assert invoice.invoice_number == "5" and invoice.total == Decimal("3.00")
     assert any("60002 lines" in note for note in notes), notes
     assert _seconds(text) < 3
+
+
+def test_amount_beyond_the_schema_is_left_out_with_a_reason() -> None:
+    # 15 integer digits parse as a number, but money holds 14: still no raise, and a note.
+    invoice, notes = extract_invoice_with_notes("Invoice No.: 7\nTotal 123456789012345.00\n")
+    assert invoice.total is None
+    assert any("beyond what the schema holds" in note for note in notes), notes

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from faults_support import (
+from support import (
     create_flow_run,
     create_lock,
     direct_s3,
@@ -26,7 +26,13 @@ from faults_support import (
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
 from invoiceflow.extractors import ExtractionError
-from invoiceflow.manifest import ManifestStore, ManifestTooLarge, Status, Transition
+from invoiceflow.manifest import (
+    ManifestStore,
+    ManifestTooLarge,
+    ManifestUnreadable,
+    Status,
+    Transition,
+)
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
@@ -63,7 +69,7 @@ async def test_the_api_key_is_in_no_log_manifest_artifact_or_result(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, max_retries=1),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, max_retries=1),
     )
     llm.reset()
     # Error paths log the most: one permanent 400, one 500 outlasting the SDK's retry.
@@ -185,7 +191,7 @@ async def test_a_key_the_endpoint_echoes_is_masked_everywhere(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY, max_retries=1),
+        extractor_block=save_llm_block(llm.base_url, API_KEY, max_retries=1),
     )
     llm.reset()
     echo = {"x-request-id": API_KEY}  # the SDK logs x-request-id at debug level
@@ -268,7 +274,7 @@ async def test_unicode_spaces_and_hostile_names_get_safe_distinct_result_keys(
     params = flow_params(
         prefix,
         await create_lock(unique("lock")),
-        extractor_block=await save_llm_block(llm.base_url, API_KEY),
+        extractor_block=save_llm_block(llm.base_url, API_KEY),
     )
     llm.reset()
     summary = await run_flow(params)
@@ -306,8 +312,10 @@ async def test_manifest_size_is_bounded_on_write_and_on_read(s3_store: S3Store) 
     assert done[0].applied
 
     small = ManifestStore(s3_store, "m.json", lock=lambda: lock, max_bytes=1_000)
-    with pytest.raises(ValueError, match="over the 1000 limit"):
-        small.read_sync()  # refused before it is downloaded
+    # Refused before it is downloaded; the run stops with the rebuild command (core's
+    # ManifestUnreadable) instead of a bare ValueError.
+    with pytest.raises(ManifestUnreadable, match="over the 1000 limit"):
+        small.read_sync()
 
 
 async def test_an_oversized_llm_answer_is_refused_unread_and_not_retried(

@@ -41,3 +41,37 @@ def test_unicode_keys_round_trip(s3_store: S3Store) -> None:
     s3_store.put(key, b"%PDF-1.4 body", content_type="application/pdf")
     assert [o.key for o in s3_store.list_pdfs("in/")] == [key]
     assert s3_store.get(key).body == b"%PDF-1.4 body"
+
+
+def test_s3_store_gives_a_hand_made_bucket_block_the_shared_retries() -> None:
+    """A user's own S3Bucket block without retry settings still gets botocore's standard
+    mode and 8 attempts; settings the user did choose win."""
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+    from flows.s3 import s3_store
+
+    plain = S3Bucket(
+        bucket_name="acme-invoices", credentials=AwsCredentials(region_name="eu-west-1")
+    )
+    config = s3_store(plain).client.meta.config
+    # botocore counts the first try too: max_attempts 8 -> total_max_attempts 9.
+    assert config.retries == {"mode": "standard", "total_max_attempts": 9}
+    assert config.max_pool_connections == 64
+    assert config.s3 is None or config.s3.get("addressing_style") != "path"  # real AWS
+
+    tuned = S3Bucket(
+        bucket_name="acme-invoices",
+        credentials=AwsCredentials(
+            region_name="eu-west-1",
+            aws_client_parameters=AwsClientParameters(
+                endpoint_url="http://127.0.0.1:9000",
+                config={"retries": {"mode": "adaptive", "max_attempts": 3}},
+            ),
+        ),
+    )
+    store = s3_store(tuned)
+    config = store.client.meta.config
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": 4}
+    assert config.max_pool_connections == 64
+    assert config.s3 == {"addressing_style": "path"}  # an S3-compatible endpoint
+    assert (store.bucket, store.client.meta.region_name) == ("acme-invoices", "eu-west-1")

@@ -15,25 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import (
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from prefect.client.schemas.objects import StateType
+from support import (
     OUTPUT_DIR,
     PROCESS_INVOICES,
     Worker,
     create_run,
     deploy_with_cli,
+    direct_s3,
     fail_llm_for,
     find_run_by_name,
     manifest_entries,
     pause_schedules,
     running_worker,
-    s3_store,
-    save_llm_extractor,
+    save_llm_block,
     unique,
     upload_invoices,
     wait_for_final_state,
 )
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
-from prefect.client.schemas.objects import StateType
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow import stack
@@ -79,7 +79,7 @@ def page(browser: Browser) -> Iterator[Page]:
 
 @pytest.fixture(scope="module")
 def s3(local_stack: stack.StackInfo) -> S3Store:
-    return s3_store(local_stack.s3_endpoint, local_stack.bucket)
+    return direct_s3(local_stack.s3_endpoint, local_stack.bucket)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_retry_button_finishes_a_failed_run_without_rebilling(
     prefix = unique("ui-retry") + "/"
     keys = upload_invoices(s3, prefix, 5, seed=22)
     faulty = keys[:2]
-    block = save_llm_extractor(llm.base_url, API_KEY, unique("ui-llm"))
+    block = save_llm_block(llm.base_url, API_KEY, timeout_s=30, max_retries=0)
     params = {
         "source_prefix": prefix,
         "extractor_block": block,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from devtools.llm_server import FALLBACK_ANSWER, LLMServerHandle, running_llm_server
+from invoiceflow.duplicates import RecordDone, find_duplicate
 from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.llm import TokenPrice, parse_answer
 from invoiceflow.extractors.openai import OpenAIExtractor
@@ -21,9 +22,7 @@ from invoiceflow.samples import generate_invoice, stated_fields
 from invoiceflow.schema import ExtractionResult, Invoice, LineItem, Truncation
 from invoiceflow.storage import S3Store
 from invoiceflow.validate import (
-    RecordDone,
     check_invoice,
-    find_duplicate,
     ground,
     validate_extraction,
 )
@@ -279,8 +278,8 @@ async def _run(
         pipeline = InvoicePipeline(s3, committer, extractor, config)
         outcomes = []
         # One after the other, so "earlier" is well defined for the duplicate check.
-        for item in sorted(await pipeline.select(), key=lambda i: i.key):
-            outcomes.append(await pipeline.extract(pipeline.parse(item)))
+        for item in sorted(await pipeline.claim(), key=lambda i: i.key):
+            outcomes.append(await pipeline.process(pipeline.parse(item)))
     return {o.key: o for o in outcomes}, store
 
 

@@ -70,6 +70,7 @@ TOOL_CONFIG: Final[dict[str, Any]] = {
     ],
     "toolChoice": {"tool": {"name": TOOL_NAME}},
 }
+CACHE_POINT: Final[dict[str, Any]] = {"cachePoint": {"type": "default"}}
 # requestMetadata values allow only these characters; others are escaped "=XX".
 _METADATA_SAFE: Final = re.compile(r"[A-Za-z0-9 :_@$#/+,\-.]")
 METADATA_KEY: Final = "invoice_key"
@@ -212,10 +213,14 @@ class BedrockExtractor:
     async def _converse(
         self, messages: list[dict[str, Any]], invoice_key: str | None, image_tokens: int = 0
     ) -> Any:
-        system = BEDROCK_SYSTEM_PROMPT + (VISION_PROMPT if image_tokens else "")
+        # The static prompt, then a cache point: Bedrock caches everything before it
+        # (tools and system) and bills it at the cache-read price on later calls.
+        system: list[dict[str, Any]] = [{"text": BEDROCK_SYSTEM_PROMPT}, CACHE_POINT]
+        if image_tokens:
+            system.append({"text": VISION_PROMPT})
         request: dict[str, Any] = {
             "modelId": self.model,
-            "system": [{"text": system}],
+            "system": system,
             "messages": messages,
             "toolConfig": TOOL_CONFIG,
             "inferenceConfig": {
@@ -226,7 +231,8 @@ class BedrockExtractor:
         if invoice_key:
             request["requestMetadata"] = {METADATA_KEY: metadata_value(invoice_key)}
         texts = [block.get("text", "") for message in messages for block in message["content"]]
-        estimate = estimate_tokens(system, *texts) + image_tokens + self._max_output_tokens
+        texts += [block.get("text", "") for block in system]
+        estimate = estimate_tokens(*texts) + image_tokens + self._max_output_tokens
         loop = asyncio.get_running_loop()
         # copy_context: the attempt counter must be visible in the worker thread.
         call = functools.partial(
@@ -258,10 +264,16 @@ class BedrockExtractor:
 
 
 def _usage(response: Any) -> Usage:
+    """Converse usage in our convention: Bedrock's ``inputTokens`` leaves out the tokens
+    read from or written to the prompt cache, our ``prompt_tokens`` includes them."""
     reported = response.get("usage") or {}
+    read = int(reported.get("cacheReadInputTokens", 0) or 0)
+    written = int(reported.get("cacheWriteInputTokens", 0) or 0)
     return Usage(
-        prompt_tokens=int(reported.get("inputTokens", 0)),
+        prompt_tokens=int(reported.get("inputTokens", 0)) + read + written,
         completion_tokens=int(reported.get("outputTokens", 0)),
+        cached_tokens=read,
+        cache_write_tokens=written,
     )
 
 

@@ -43,6 +43,7 @@ import httpx
 import httpx2
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 
 from invoiceflow.extractors import Extraction, ExtractionError
 from invoiceflow.extractors.limits import Limiter, Unlimited
@@ -60,12 +61,13 @@ from invoiceflow.extractors.llm import (
     estimate_tokens,
     fit_text,
     page_images,
+    parse_answer,
     parse_invoice_content,
     repair_message,
     schema_instructions,
     user_message,
 )
-from invoiceflow.schema import Invoice, Usage
+from invoiceflow.schema import Invoice, Truncation, Usage
 
 __all__ = [
     "SYSTEM_PROMPT",
@@ -179,9 +181,16 @@ def _reported_usage(completion: Any) -> Usage:
     reported = completion.usage
     if reported is None:
         return Usage()
+    details = getattr(reported, "prompt_tokens_details", None)
+    # The SDK keeps unknown shapes as-is: a dict from a batch output line, or a model.
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if details is not None and not isinstance(details, dict):
+        cached = getattr(details, "cached_tokens", None)
     try:
         return Usage(
-            prompt_tokens=reported.prompt_tokens, completion_tokens=reported.completion_tokens
+            prompt_tokens=reported.prompt_tokens,
+            completion_tokens=reported.completion_tokens,
+            cached_tokens=cached or 0,
         )
     except ValueError as exc:
         raise ExtractionError(
@@ -242,6 +251,9 @@ class OpenAIExtractor:
         max_images: int = 8,
         max_image_pixels: int = 2_500_000,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        batch_max_requests: int = 50_000,
+        batch_max_bytes: int = 200 * 1024 * 1024,
+        batch_completion_window: str = "24h",
     ) -> None:
         if not api_key:
             # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
@@ -274,6 +286,10 @@ class OpenAIExtractor:
         self.max_images = max_images
         self.max_image_pixels = max_image_pixels
         self.max_image_bytes = max_image_bytes
+        # Provider batches (`llm_mode="batch"`): split limits and completion window.
+        self.batch_max_requests = batch_max_requests
+        self.batch_max_bytes = batch_max_bytes
+        self.batch_completion_window = batch_completion_window
         self._client: AsyncOpenAI | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -300,6 +316,17 @@ class OpenAIExtractor:
                     "response": [_reset_headers_to_retry_after, self._bound_body],
                 },
             ),
+        )
+
+    def batch_client(self) -> AsyncOpenAI:
+        """A client for the Files and Batches APIs: same endpoint, key and retries, but
+        without the per-answer byte bound (batch output files are large by design)."""
+        return AsyncOpenAI(
+            base_url=self._base_url,
+            api_key=self._api_key,
+            timeout=max(self._timeout_s, 300.0),
+            max_retries=self._max_retries,
+            default_headers=self._extra_headers or None,
         )
 
     async def _bound_body(self, response: httpx2.Response) -> None:
@@ -355,6 +382,73 @@ class OpenAIExtractor:
         chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, headers)
         return await converse(
             self, chat, truncation=truncation, invoice_key=invoice_key, notes=notes
+        )
+
+    # -- provider batches (invoiceflow.batch, invoiceflow.extractors.openai_batch) ------
+
+    def batch_body(
+        self, text: str, *, images: Sequence[bytes] = ()
+    ) -> tuple[dict[str, Any], Truncation | None, list[str]]:
+        """The chat-completions body of one invoice for a batch JSONL line, with what the
+        budgets cut: the same messages, in the same order, as an online call."""
+        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
+        pictures, notes = page_images(
+            images,
+            vision=self.vision,
+            max_images=self.max_images,
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_image_bytes,
+        )
+        chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, None)
+        system = self._system_prompt() + (VISION_PROMPT if pictures else "")
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": system}, *chat.turns],
+            "temperature": self._temperature,
+        }
+        if self.mode in _RESPONSE_FORMATS:
+            body["response_format"] = _RESPONSE_FORMATS[self.mode]
+        if self._max_output_tokens:
+            body["max_tokens"] = self._max_output_tokens
+        return body, truncation, notes
+
+    def batch_extraction(
+        self,
+        response_body: Mapping[str, Any],
+        *,
+        truncation: Truncation | None = None,
+        notes: Sequence[str] = (),
+    ) -> Extraction:
+        """The `Extraction` of one batch output line's chat completion, billed at the
+        price table's batch prices. A batch has no repair turn, so an answer that fails
+        validation raises a *transient* `ExtractionError`: an online retry (with its
+        repair turn) may still succeed, within the run's attempt cap."""
+        try:
+            completion = ChatCompletion.model_validate(response_body)
+        except ValueError as exc:
+            raise ExtractionError(
+                "invalid_json", f"batch line is not a chat completion: {exc}", transient=True
+            ) from exc
+        usage = _reported_usage(completion)
+        cost = self.price.cost(usage, batch=True) if self.price else None
+        try:
+            invoice, answer_notes = parse_answer(
+                self._content(completion), strict=self.mode == "json_schema"
+            )
+        except ExtractionError as exc:
+            exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
+            raise
+        return Extraction(
+            invoice=invoice,
+            source="llm",
+            extractor=self.name,
+            model=self.model,
+            usage=usage,
+            cost=cost,
+            cost_currency=self.price_currency if self.price else None,
+            attempts=1,
+            truncation=truncation,
+            notes=(*notes, *answer_notes),
         )
 
     def _system_prompt(self) -> str:

@@ -33,11 +33,14 @@ _INVOICE_NUMBER: Final = (
     r"(?:bill|document)\s*(?:no\.?|number|#)(?![a-z])",
     r"rechnungs?[\s-]*(?:nummer|nr\.?)",
     r"n[°o]\.?\s*(?:de\s+)?facture",
-    r"facture\s+n[°o]\.?",
+    r"facture[\s.]+n[°o]\.?",  # OCR may read the space as a dot
     r"num[ée]ro\s+de\s+facture",
-    r"factuur\s*(?:nummer|nr\.?)",
+    r"factuu?r?\s*(?:nummer|nr\.?|mummer)",  # OCR reads "rn" as "m": "Factuumummer"
     r"credit\s*(?:note|memo)\s*(?:no\.?|nr\.?|number|#)",
     r"gutschrifts?[\s-]*(?:nummer|nr\.?)",
+    r"beleg[\s-]*(?:nummer|nr\.?)",
+    r"receipt\s*(?:no\.?|number|#)",
+    r"facture\s+num[ée]ro",
     r"(?:avoir|creditnota|creditfactuur)\s*(?:n[°o]\.?|nr\.?|nummer)",
     # The number after the document title: "Rechnung Nr. 123", "Handelsrechnung (380)
     # 05.03.2018 Nr. 471102", "Gutschrift Nr. GS-1". Bounded, so no backtracking blow-up.
@@ -47,6 +50,24 @@ _INVOICE_NUMBER: Final = (
     # A bare "Number:" only at the start of a line.
     r"^(?:nummer|number|num[ée]ro)\s*:",
 )
+# "FACTUUR 2026-118", "Invoice INV-0042": a title at the start of a line, then the number.
+# Tried only when no labelled number exists.
+_RE_TITLE_THEN_NUMBER: Final = re.compile(
+    r"^(?:(?:tax|sales|commercial)\s+)?(?:invoice|rechnung|facture|factuur|gutschrift"
+    r"|credit\s+note|avoir|creditnota)\s+(?=[A-Z]{0,6}[-/]?\d)",
+    _I,
+)
+# "TAX INVOICE" / "# INV-000112": the number alone on the line under the title.
+_NUMBER_LINE: Final = re.compile(r"(?:#|no\.?|nr\.?|n[°o]\.?)\s*([\w/-]{1,30})", _I)
+
+
+def _number_under_title(lines: Sequence[_Line]) -> str | None:
+    for line, below in itertools.pairwise(lines):
+        if _TITLE.match(line.text) and (match := _NUMBER_LINE.fullmatch(below.text)):
+            return match.group(1) if _is_identifier(match.group(1)) else None
+    return None
+
+
 # "Zu Rechnung Nr. 2026-1187", "Original invoice no. ...": another document's number.
 _REFERENCE_QUALIFIER: Final = re.compile(
     r"(?:\bzu|\bzur|\bzum|original|orig\.|urspr[üu]ngliche\w*|related|bez[üu]glich|betreft"
@@ -63,7 +84,7 @@ _INVOICE_DATE: Final = (
     r"(?<!due )(?<!order )(?<!delivery )(?<!shipping )(?<!service )(?<!payment )date\s*:",
     r"rechnungsdatum",
     r"ausstellungsdatum",
-    r"date\s+de\s+facture",
+    r"date\s+de\s+(?:la\s+)?facture",
     r"date\s+d['\u2019]\s*[ée]mission",
     r"factuurdatum",
     r"datum\s+factuur",
@@ -81,8 +102,11 @@ _INVOICE_DATE: Final = (
     # "Handelsrechnung (380) 05.03.2018 Nr. 471102": the date right after the title.
     r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)(?:\s*\(\d{3}\))?"
     r"(?=\s+\d{1,2}[./-]\d{1,2}[./-]\d{2,4})",
+    # "Facture n° 2026-045 du 12/03/2026", "Rechnung Nr. 26-0107 vom 10.03.2026".
+    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)\s*(?:n[°o]\.?|nr\.?|no\.?|#)?"
+    r"\s*[\w/.-]{1,30}\s+(?:du|vom|van|d\.d\.|dated|of)(?=\s+\d)",
     # "Zürich, 31. Januar 2026": place and date alone on a line (German/French letters).
-    r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+)?"
+    r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+|am\s+)?"
     r"(?=(?:\d{1,2}\.?\s*[A-Za-zÀ-ÿ]{3,10}\.?\s+\d{4}|\d{1,2}[./]\d{1,2}[./]\d{2,4})$)",
 )
 _DUE_DATE: Final = (
@@ -102,6 +126,8 @@ _DUE_DATE: Final = (
     r"uiterste\s+betaaldatum",
     r"date\s+due",
     r"vervaldag",
+    # A label alone on its line, the value on the next one.
+    r"^(?:due|f[äa]llig(?:\s+am)?|[ée]ch[ée]ance)\s*:?$",
 )
 _PO_NUMBER: Final = (
     r"p\.?\s?o\.?\s*(?:number|no\.?|nr\.?|#)",
@@ -125,7 +151,7 @@ _BILL_TO: Final = (
     r"rechnungsempf[äa]nger",
     r"rechnung\s+an\s*:",
     r"kunde\s*:",
-    r"factur[ée]\s+[àa]",
+    r"factur[ée]\s+[àa](?=\s*:|$)",
     r"destinataire\s*:",
     r"factuuradres",
     r"gefactureerd\s+aan",
@@ -187,7 +213,7 @@ _CUSTOMER_QUALIFIER: Final = re.compile(
 _CUSTOMER_QUALIFIER_AFTER: Final = re.compile(r"^[\s.]*(?:client|klant|kunde|customer)\b", _I)
 
 # Totals, tried in this order: the specific labels must win over "Total" and "VAT".
-TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total"]
+TotalField = Literal["amount_due", "paid", "subtotal", "total", "tax_total", "total_weak"]
 _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     (
         "amount_due",
@@ -210,18 +236,23 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     (
         "subtotal",
         r"sub-?\s?total|net\s+(?:amount|total)|total\s+net"
-        r"|total\s+(?:excl\.?|excluding|before|exkl\.?|hors|ohne|zonder)\s*"
+        r"|total\s*\(?\s*(?:excl\.?|excluding|before|exkl\.?|hors|ohne|zonder)\s*"
         r"(?:tax(?:es)?|vat|gst|mwst|ust|tva|btw)?"
         r"|amount\s+before\s+tax|goods\s+total|total\s+goods"
         r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
         r"|gesamtbetrag\s+der\s+positionen|summe\s+(?:der\s+)?positionen|warenwert"
-        r"|total\s+ht|sous-?\s?total|montant\s+ht"
+        r"|total\s+h\.?\s?t\.?(?:v\.?a\.?)?|sous-?\s?total|montant\s+h\.?\s?t\.?(?:v\.?a\.?)?"
+        r"|gesamt(?:betrag|summe)?\s+netto|bedrag\s+excl\.?(?:\s*btw)?"
         r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag|maatstaf\s+van\s+heffing",
     ),
     (
         "total",
-        r"total\s+(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?"
-        r"|summe\s+brutto|bruttobetrag|total\s+ttc|montant\s+ttc"
+        r"total\s*\(?\s*(?:incl\.?|including|inkl\.?)\s*(?:tax|vat|gst|mwst)?\)?"
+        r"|invoice\s+amount|payable\s+amount|bruttosumme|rechnungssumme|total\s+g[ée]n[ée]ral"
+        r"|montant\s+de\s+la\s+facture|totaal\s+bedrag"
+        r"|summe\s+brutto|bruttobetrag|gesamt(?:betrag|summe)?\s+brutto"
+        r"|total\s+t\.?\s?t\.?\s?c\.?|montant\s+(?:total\s+)?t\.?\s?t\.?\s?c\.?"
+        r"|bedrag\s+incl\.?(?:\s*btw)?"
         r"|totaal\s+incl\.?(?:\s*btw)?|factuur\s*totaal|factuurbedrag"
         r"|total\s+credit|credit\s+total|gutschriftsbetrag|montant\s+de\s+l['\u2019]avoir",
     ),
@@ -232,10 +263,13 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
     ),
     (
         "total",
-        r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total|total"
-        r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag"
-        r"|montant\s+total|totaalbedrag|totaal",
+        r"(?:invoice|grand)\s+total|total\s+amount|amount\s+total"
+        r"|gesamtbetrag|rechnungsbetrag|gesamtsumme|endbetrag|gesamtpreis|endsumme"
+        r"|montant\s+total|total\s+tvac|montant\s+tvac|totaalbedrag|totaal\s+factuur",
     ),
+    # A bare "Total" / "Gesamt" counts only when no label above names the total: a VAT
+    # summary row ("Gesamt 42,01 € 7,98 €") also says "Gesamt".
+    ("total_weak", r"total|totaal|gesamt|totale"),
 )
 _TOTAL_LABELS: Final[tuple[tuple[TotalField, re.Pattern[str]], ...]] = tuple(
     (field, re.compile(rf"^\s*(?:{pattern})(?![\w-])", _I)) for field, pattern in _TOTAL_PATTERNS
@@ -253,7 +287,7 @@ _INLINE_FIELDS: Final[dict[str, TotalField]] = {
 }
 _ENDS_WITH_AMOUNT: Final = re.compile(r"\d\s?(?:[A-Z]{3}|[$€£])?\s*$")
 _ONLY_AN_AMOUNT: Final = re.compile(
-    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
+    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?(?:\([^()]{0,40}\)\s*)?(?:[A-Z]{3}|US\$|[$€£¥])?\s?"
     r"-?\d[\d.,'\u2019 ]{0,20}\s?(?:[A-Z]{3}|[$€£])?\s*"
 )
 
@@ -298,12 +332,36 @@ _CELL_LABELS: Final[tuple[tuple[str, str], ...]] = (
     ),
 )
 _RE_CELL_LABEL: Final = re.compile(
-    "(?:"
+    # Labels start a word; the lookbehind also makes the scan fail fast inside words.
+    r"(?<![\w-])(?:"
     + "|".join(f"(?P<c{i}>{pattern})" for i, (_, pattern) in enumerate(_CELL_LABELS))
     + r")(?![\w-])",
     _I,
 )
 _CELL_FIELDS: Final = {f"c{i}": field for i, (field, _) in enumerate(_CELL_LABELS)}
+# Per field, the cell words plus the line labels ("Date of issue", "Your PO"), so the
+# longest label at a position can be found.
+_LINE_LABELS_BY_FIELD: Final[dict[str, tuple[str, ...]]] = {
+    "invoice_number": _INVOICE_NUMBER,
+    "invoice_date": _INVOICE_DATE,
+    "due_date": _DUE_DATE,
+    "po_number": _PO_NUMBER,
+    "other": _CURRENCY_LABEL,
+}
+_CELL_PATTERNS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = tuple(
+    (
+        field,
+        re.compile(
+            # The line labels first: they are the longer, more specific alternatives.
+            "(?:" + "|".join((*_LINE_LABELS_BY_FIELD.get(field, ()), pattern)) + r")(?![\w-])",
+            _I,
+        ),
+    )
+    for field, pattern in _CELL_LABELS
+)
+# A label row is short: the left column's words, then a handful of labels.
+_MAX_ROW_PREFIX_WORDS: Final = 8
+_MAX_ROW_LABELS: Final = 8
 _CELL_GAP: Final = re.compile(r"[\s:|/]*")
 _HEADER_CELL_FIELDS: Final = frozenset(("invoice_number", "invoice_date", "due_date", "po_number"))
 
@@ -335,6 +393,19 @@ _SYMBOLS: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
         (r"(?<![\w$])\$", "USD"),
     )
 )
+# ISO 4217 also lists fund and accounting units no invoice is priced in; "CHE" is
+# moreover the prefix of every Swiss VAT number ("CHE-123.456.789").
+_PRINTED_CURRENCIES: Final = ISO_4217 - {
+    "BOV",
+    "CHE",
+    "CHW",
+    "CLF",
+    "COU",
+    "MXV",
+    "USN",
+    "UYI",
+    "UYW",
+}
 _KRONA: Final = re.compile(r"(?<![A-Za-z])kr\.?(?![A-Za-z])", _I)
 _KRONA_BY_COUNTRY: Final = {"SE": "SEK", "DK": "DKK", "NO": "NOK", "IS": "ISK"}
 
@@ -342,6 +413,22 @@ _KRONA_BY_COUNTRY: Final = {"SE": "SEK", "DK": "DKK", "NO": "NOK", "IS": "ISK"}
 _TITLE: Final = re.compile(
     r"^(?:(?:tax|commercial|proforma|pro-forma|vat)\s+)?(?:invoice|bill|rechnung|facture|factura"
     r"|fattura|faktura|factuur)(?:\s+\w+)?$",
+    _I,
+)
+_TRAILING_TITLE: Final = re.compile(
+    r"\s+(?:(?:tax|sales|commercial|proforma|vat)\s+)?(?:invoice|bill|rechnung|facture|factuur"
+    r"|credit\s+note|gutschrift|avoir|creditnota)$",
+    _I,
+)
+_TITLE_WITH_NUMBER: Final = re.compile(
+    r"^(?:(?:tax|sales|commercial|proforma|vat)\s+)?(?:invoice|rechnung|facture|factuur"
+    r"|gutschrift|credit\s+note|avoir|creditnota)\s+(?:no\.?|nr\.?|n[°o]\.?|number|nummer|#)",
+    _I,
+)
+# Company-register small print above a letterhead is not the vendor's name.
+_SMALL_PRINT: Final = re.compile(
+    r"^(?:registered|reg\.|company\s+(?:no|number|reg)|sitz\b|amtsgericht|handelsregister"
+    r"|gesch[äa]ftsf[üu]hr|si[èe]ge|rcs\b|capital\b|kvk\b|statutair|directors?\b)",
     _I,
 )
 _LEGAL_FORM: Final = re.compile(
@@ -419,15 +506,23 @@ def _extract(text: str, notes: list[str]) -> Invoice:
         totals, decimal = _totals([ln for ln in lines if ln.index not in item_lines], decimal)
 
     rows = _label_rows(lines)
+    for field, values in _label_stacks(lines).items():
+        rows.setdefault(field, []).extend(values)
     totals = _with_row_totals(totals, rows)
     decimal = decimal or _decimal_separator(totals.values())
     dayfirst = _dayfirst(lines, vendor_tax_id)
-    currency = _currency(lines, totals, vendor_tax_id)
-    invoice_number = _labeled_token(
-        lines,
-        _RE_INVOICE_NUMBER,
-        rows.get("invoice_number", ()),
-        not_after=_REFERENCE_QUALIFIER,
+    currency = _currency(lines, totals, vendor_tax_id) or _currency_from_locale(
+        lines, vendor_tax_id, decimal
+    )
+    invoice_number = (
+        _labeled_token(
+            lines,
+            _RE_INVOICE_NUMBER,
+            rows.get("invoice_number", ()),
+            not_after=_REFERENCE_QUALIFIER,
+        )
+        or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
+        or _number_under_title(lines[:30])
     )
     # The first letterhead line is only a plausible vendor if this is an invoice at all.
     is_invoice = bool(invoice_number or vendor_tax_id or totals or items)
@@ -435,12 +530,20 @@ def _extract(text: str, notes: list[str]) -> Invoice:
         field: _amount(totals.get(field), decimal, notes)
         for field in ("subtotal", "tax_total", "total", "amount_due")
     }
+    if amounts["total"] is None:
+        amounts["total"] = _amount(totals.get("total_weak"), decimal, notes)
     if amounts["total"] is None and "paid" not in totals:
         # Many invoices print only the payable amount ("Te betalen", "Balance due").
         amounts["total"] = amounts["amount_due"]
     return Invoice(
         invoice_number=invoice_number,
-        invoice_date=_labeled_date(lines, _RE_INVOICE_DATE, dayfirst, rows.get("invoice_date", ())),
+        invoice_date=_labeled_date(
+            lines,
+            _RE_INVOICE_DATE,
+            dayfirst,
+            rows.get("invoice_date", ()),
+            not_after=_REFERENCE_QUALIFIER,
+        ),
         due_date=_labeled_date(lines, _RE_DUE_DATE, dayfirst, rows.get("due_date", ())),
         vendor_name=_vendor_name(lines, allow_unqualified=is_invoice),
         vendor_tax_id=vendor_tax_id,
@@ -462,7 +565,21 @@ def _lines(text: str) -> list[_Line]:
 
 
 def _ocr_fixed(lines: list[_Line]) -> list[_Line]:
-    return [_Line(line.index, _OCR_DIGITS.sub(_ocr_digit_fix, line.text)) for line in lines]
+    return [_Line(line.index, _ocr_fixed_text(line.text)) for line in lines]
+
+
+def _ocr_fixed_text(text: str) -> str:
+    text = _OCR_DIGITS.sub(_ocr_digit_fix, text)
+    text = _OCR_SPACE_BEFORE_DECIMALS.sub("", text)
+    return _OCR_CAPITAL_I.sub("I", text)
+
+
+# OCR splits "422.487,86" into "422.487 ,86".
+_OCR_SPACE_BEFORE_DECIMALS: Final = re.compile(r"(?<=\d) (?=[.,]\d{2}(?!\d))")
+
+
+# OCR reads a capital I as a small l: "lnvoice". No word starts with "lnv".
+_OCR_CAPITAL_I: Final = re.compile(r"(?<![\w])l(?=nv(?:oice|OICE))")
 
 
 _SPACE_RUN: Final = re.compile(r"[ \t]+")
@@ -535,7 +652,9 @@ def _label_values(
             if not_after is not None and not_after.search(before):
                 continue  # e.g. "zu Rechnung Nr.": another document's number
             rest = line.text[match.end() : match.end() + _VALUE_WINDOW].strip(" :#\t")
-            if not rest and pos + 1 < len(lines):
+            # The next line holds the value only under a label alone on its line; the
+            # last label of a row of labels ("Number Date Due") is read by `_label_rows`.
+            if not rest and match.start() == 0 and pos + 1 < len(lines):
                 yield pos, lines[pos + 1].text[:_VALUE_WINDOW]
             else:
                 yield pos, rest
@@ -550,20 +669,31 @@ def _row_labels(text: str) -> list[str] | None:
     Words before the first label are another column (a two-column header: the vendor's
     address on the left); after it, the row must be labels only.
     """
+    if len(text) > 300 or len(_RE_CELL_LABEL.findall(text)) < 2:
+        return None  # cheap test first: this runs on every line
     fields: list[str] = []
-    pos = 0
-    while pos < len(text):
+    pos, skipped = 0, 0
+    while pos < len(text) and skipped <= _MAX_ROW_PREFIX_WORDS:
         pos = _CELL_GAP.match(text, pos).end()  # type: ignore[union-attr]
-        match = _RE_CELL_LABEL.match(text, pos)
-        if match is not None and match.end() > pos:
-            fields.append(_CELL_FIELDS[match.lastgroup or ""])
-            pos = match.end()
+        label = _longest_cell_label(text, pos)
+        if label is not None:
+            fields.append(label[0])
+            pos = label[1]
         elif fields:
             return None
         else:
             space = text.find(" ", pos)
-            pos = len(text) if space < 0 else space
-    return fields if len(fields) >= 2 and len(fields) <= 8 else None
+            pos, skipped = (len(text) if space < 0 else space), skipped + 1
+    return fields if 2 <= len(fields) <= _MAX_ROW_LABELS and pos >= len(text) else None
+
+
+def _longest_cell_label(text: str, pos: int) -> tuple[str, int] | None:
+    best: tuple[str, int] | None = None
+    for field, pattern in _CELL_PATTERNS:
+        match = pattern.match(text, pos)
+        if match is not None and match.end() > pos and (best is None or match.end() > best[1]):
+            best = (field, match.end())
+    return best
 
 
 _VALUE_CELL: Final = re.compile(
@@ -574,11 +704,55 @@ _CURRENCY_CELL: Final = re.compile(r"[A-Z]{3}|US\$|[$€£¥]", _I)
 
 def _cells(text: str) -> list[str]:
     """Whitespace-separated cells of a value row, keeping "3 maart 2026" and "1 234,56" whole."""
-    return [
-        cell
-        for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])
-        if not _CURRENCY_CELL.fullmatch(cell := match.group(0).strip())
-    ]
+    # Currency cells ("EUR") stay: a "Currency" column lines up with them.
+    return [match.group(0).strip() for match in _VALUE_CELL.finditer(text[:_MAX_LINE_CHARS])]
+
+
+def _label_stacks(lines: Sequence[_Line]) -> dict[str, list[str]]:
+    """Values of label stacks: k lines that are each one label, then k lines of values.
+
+    Text extraction reads a right-aligned details box column by column: "Invoice No.:",
+    "Date:", then "INV-7", "3 March 2026". The i-th value belongs to the i-th label. A
+    stack may hold labels we do not know ("Verzendkosten") when every value is an amount.
+    """
+    found: dict[str, list[str]] = {}
+    pos = 0
+    while pos < len(lines):
+        fields = _stacked_labels(lines, pos)
+        values = [line.text for line in lines[pos + len(fields) : pos + 2 * len(fields)]]
+        known = [field for field in fields if field is not None]
+        trusted = len(known) == len(fields) or all(map(_ONLY_AN_AMOUNT.fullmatch, values))
+        # A stack starts with a label we know; the title above it is not part of it.
+        starts_known = bool(fields) and fields[0] is not None
+        if starts_known and len(fields) >= 2 and len(values) == len(fields) and trusted:
+            for field, value in zip(fields, values, strict=True):
+                if field is not None:
+                    found.setdefault(field, []).append(value)
+            pos += len(fields)
+        else:
+            pos += 1
+    return found
+
+
+def _stacked_labels(lines: Sequence[_Line], pos: int) -> list[str | None]:
+    """The run of label-only lines from `pos`: each one's field, None for an unknown label."""
+    fields: list[str | None] = []
+    while pos + len(fields) < len(lines) and len(fields) < _MAX_ROW_LABELS:
+        text = lines[pos + len(fields)].text
+        if len(text) > 40:
+            break
+        label = _longest_cell_label(text, 0) if _RE_CELL_LABEL.match(text) else None
+        if label is not None and _LABEL_TAIL.fullmatch(text, label[1]):
+            fields.append(label[0])
+        elif _UNKNOWN_LABEL.fullmatch(text):
+            fields.append(None)
+        else:
+            break
+    return fields
+
+
+# A short line of words and no digits, such as a totals label we have no pattern for.
+_UNKNOWN_LABEL: Final = re.compile(r"[^\W\d][^\d]{1,30}")
 
 
 def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
@@ -595,7 +769,7 @@ def _label_rows(lines: Sequence[_Line]) -> dict[str, list[str]]:
         cells = _cells(lines[pos + 1].text)
         if len(cells) < len(fields):
             continue
-        amounts_only = all(_AMOUNT.fullmatch(cell) for cell in cells)
+        amounts_only = all(_AMOUNT.fullmatch(c) or _CURRENCY_CELL.fullmatch(c) for c in cells)
         for field, cell in zip(fields, cells[-len(fields) :], strict=True):
             if field in _HEADER_CELL_FIELDS or (field != "other" and amounts_only):
                 found.setdefault(field, []).append(cell)
@@ -629,6 +803,7 @@ def _labeled_token(
     return next((cell for cell in cells if _is_identifier(cell)), None)
 
 
+_OCR_DATE_COLON: Final = re.compile(r"(?<=\d{2}[.:]\d{2}):(?=\d{4})|(?<=\d{2}):(?=\d{2}\.\d{4})")
 _SPACE_IN_NUMBER: Final = re.compile(r"(?<=[\d.]) (?=[\d.])")
 _CONTINUATION: Final = re.compile(r"[-/][\w/-]{1,30}")
 
@@ -644,13 +819,20 @@ def _is_identifier(token: str) -> bool:
 
 
 def _labeled_date(
-    lines: Sequence[_Line], label: re.Pattern[str], dayfirst: bool, cells: Sequence[str] = ()
+    lines: Sequence[_Line],
+    label: re.Pattern[str],
+    dayfirst: bool,
+    cells: Sequence[str] = (),
+    *,
+    not_after: re.Pattern[str] | None = None,
 ) -> dt.date | None:
     """The first date after `label` (or else in a label row's cell)."""
-    values = itertools.chain((rest for _, rest in _label_values(lines, label)), cells)
+    labelled = (rest for _, rest in _label_values(lines, label, not_after=not_after))
+    values = itertools.chain(labelled, cells)
     for value in values:
-        # OCR puts stray spaces into dates: "1 9. 0 2. 2026".
-        despaced = _SPACE_IN_NUMBER.sub("", value[:24])
+        # OCR puts stray spaces into dates ("1 9. 0 2. 2026") and reads a dot as a
+        # colon ("30.08:2025").
+        despaced = _OCR_DATE_COLON.sub(".", _SPACE_IN_NUMBER.sub("", value[:24]))
         for match in itertools.chain(DATE_PATTERN.finditer(value), DATE_PATTERN.finditer(despaced)):
             try:
                 return parse_date(match.group(0), dayfirst=dayfirst)
@@ -678,14 +860,18 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
     # Otherwise the vendor is the letterhead: the first lines before any labelled field.
     candidates: list[str] = []
     for line in lines[:12]:
+        if _SMALL_PRINT.match(line.text) or _TITLE_WITH_NUMBER.match(line.text):
+            continue  # above or beside the letterhead, not the end of it
         if _RE_ANY_LABEL.search(line.text) or _table_columns(line.text) is not None:
             break
         if _TITLE.match(line.text) or not any(ch.isalpha() for ch in line.text):
             continue
         if any(pattern.match(line.text) for _, pattern in _TOTAL_LABELS):
             break
-        # Letterheads often run name and address together: "Acme Ltd · 1 Main St".
-        candidates.append(re.split(r" [·|•] ", line.text)[0].strip())
+        # Letterheads often run name and address together: "Acme Ltd · 1 Main St"; a
+        # two-column header puts the title beside the name: "Acme Ltd INVOICE".
+        name = re.split(r" [·|•] ", line.text)[0].strip()
+        candidates.append(_TRAILING_TITLE.sub("", name) or name)
     for candidate in candidates[:6]:
         if _LEGAL_FORM.search(candidate):
             return candidate
@@ -730,13 +916,44 @@ def _totals(
 ) -> tuple[dict[TotalField, str], DecimalSeparator | None]:
     """The printed amount for each totals label (the last occurrence wins)."""
     found: dict[TotalField, str] = {}
-    for line in lines:
+    for pos, line in enumerate(lines):
         if _RE_TAX_ID.search(line.text):
             continue  # "VAT ID: DE123456789" is not a tax amount
         labelled = _total_on_line(line.text)
+        if labelled is None and pos + 1 < len(lines):
+            # Not inside a stack of values ("20.00" / "4.00" / "24.00"): those go to
+            # the stack of labels above them, in order (`_label_stacks`).
+            after = lines[pos + 2].text if pos + 2 < len(lines) else ""
+            if not _ONLY_AN_AMOUNT.fullmatch(after):
+                labelled = _total_under_label(line.text, lines[pos + 1].text)
+        if labelled is None and pos > 0 and not found.get("total"):
+            # OCR of a bold totals line may put the amount above its label.
+            below = lines[pos + 1].text if pos + 1 < len(lines) else ""
+            if not _ONLY_AN_AMOUNT.fullmatch(below):
+                labelled = _total_under_label(line.text, lines[pos - 1].text)
         if labelled is not None:
             found[labelled[0]] = labelled[1]
     return found, decimal or _decimal_separator(found.values())
+
+
+_LABEL_TAIL: Final = re.compile(
+    r"\s*(?:\(?(?:[A-Z]{3}|[$€£])\)?)?\s*(?:\(\s*\d{1,2}(?:[.,]\d+)?\s?%\s*\))?\s*:?\s*"
+)
+
+
+def _total_under_label(text: str, below: str) -> tuple[TotalField, str] | None:
+    """A totals label alone on its line, only an amount on the next ("Rechnungsbetrag" /
+    "971,04 EUR"): how summary boxes often come out of text extraction."""
+    for field, pattern in _TOTAL_LABELS:
+        match = pattern.match(text)
+        if match is not None:
+            if not _LABEL_TAIL.fullmatch(text, match.end()) or len(below) > 40:
+                return None
+            if not _ONLY_AN_AMOUNT.fullmatch(below):
+                return None
+            amounts = _AMOUNT.findall(below)
+            return (field, amounts[-1]) if amounts else None
+    return None
 
 
 def _total_on_line(text: str) -> tuple[TotalField, str] | None:
@@ -770,7 +987,7 @@ def _with_row_totals(
 ) -> dict[TotalField, str]:
     """`totals` completed from rows of total labels over a row of amounts."""
     merged = dict(totals)
-    for field in ("subtotal", "tax_total", "total", "amount_due"):
+    for field in ("subtotal", "tax_total", "total", "total_weak", "amount_due"):
         if field not in merged and rows.get(field):
             merged[field] = rows[field][-1]  # type: ignore[index]
     return merged
@@ -787,7 +1004,12 @@ def _amount(text: str | None, decimal: DecimalSeparator | None, notes: list[str]
     if text is None:
         return None
     value = read_amount(text, decimal=decimal, notes=notes)
-    return value if value is not None and _fits_money(value) else None
+    if value is None:
+        return None
+    if not _fits_money(value):
+        notes.append(f"ignored {text!r} as an amount: beyond what the schema holds as money")
+        return None
+    return value
 
 
 def _fits_money(value: Decimal) -> bool:
@@ -801,7 +1023,7 @@ def _currency(
 ) -> str | None:
     for _, rest in _label_values(lines, _RE_CURRENCY_LABEL):
         for code in _ISO_CODE.findall(rest[:12]):
-            if code in ISO_4217:
+            if code in _PRINTED_CURRENCIES:
                 return code
 
     total_lines = [
@@ -817,11 +1039,11 @@ def _currency(
                 r"(?<![A-Za-z])([A-Z]{3})\s?[-(]?\d|\d\s?([A-Z]{3})(?![A-Za-z])", text
             ):
                 code = match.group(1) or match.group(2)
-                if code in ISO_4217:
+                if code in _PRINTED_CURRENCIES:
                     return code
             if scope is total_lines:
                 for code in _ISO_CODE.findall(text):
-                    if code in ISO_4217:
+                    if code in _PRINTED_CURRENCIES:
                         return code
         for text in scope:
             for pattern, code in _SYMBOLS:
@@ -974,6 +1196,48 @@ def _service_period(
     return None, None
 
 
+# --- currency from the locale, when no amount carries a sign or code ---------------------
+
+_EURO_COUNTRIES: Final = frozenset(
+    "AT BE CY DE EE EL ES FI FR GR HR IE IT LT LU LV MT NL PT SI SK".split()  # noqa: SIM905
+)
+_COUNTRY_CURRENCY: Final = {
+    **dict.fromkeys(_EURO_COUNTRIES, "EUR"),
+    **{"GB": "GBP", "CH": "CHF", "LI": "CHF", "SE": "SEK", "DK": "DKK", "NO": "NOK"},
+    **{"PL": "PLN", "CZ": "CZK", "HU": "HUF", "RO": "RON", "BG": "BGN"},
+}
+# A VAT number's country: "BTW-nr: NL001234567B02", "TVA BE 0412.345.678", "UID: ATU123".
+_VAT_COUNTRY: Final = re.compile(
+    r"(?<![A-Za-z])(?:vat|tva|btw|ust|mwst|uid|iva|moms|mva)\b[^A-Za-z\n]{0,15}"
+    r"([A-Z]{2})(?=\s?[0-9U])",
+    _I,
+)
+# Words only an invoice in German, French or Dutch prints; with a decimal comma they
+# mean euros when nothing else says.
+_EURO_LANGUAGE_WORDS: Final = re.compile(
+    r"\b(?:rechnung|mwst|umsatzsteuer|gesamtbetrag|facture|tva|montant|factuur|btw|totaal"
+    r"|bedrag)\b",
+    _I,
+)
+
+
+def _currency_from_locale(
+    lines: Sequence[_Line], vendor_tax_id: str | None, decimal: DecimalSeparator | None
+) -> str | None:
+    """The currency of the vendor's country (VAT number, IBAN), else of the language."""
+    countries = [vendor_tax_id[:2].upper()] if vendor_tax_id else []
+    head = [line.text for line in lines[:60]]
+    countries += [m.group(1).upper() for t in head for m in _VAT_COUNTRY.finditer(t)]
+    iban = _iban(lines)
+    countries += [iban[:2]] if iban else []
+    for country in countries:
+        if country in _COUNTRY_CURRENCY:
+            return _COUNTRY_CURRENCY[country]
+    if decimal == "," and any(_EURO_LANGUAGE_WORDS.search(text) for text in head):
+        return "EUR"
+    return None
+
+
 # --- dates -------------------------------------------------------------------------------
 
 
@@ -1060,7 +1324,7 @@ def _line_items(
             items.append((line.index, item))
             continue
         if _AMOUNT.search(line.text) and any(
-            p.match(line.text) for f, p in _TOTAL_LABELS if f in ("subtotal", "total")
+            p.match(line.text) for f, p in _TOTAL_LABELS if f in ("subtotal", "total", "total_weak")
         ):
             break  # the totals block ends the table
     return items

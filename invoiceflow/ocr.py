@@ -1,0 +1,186 @@
+"""Render PDF pages with pdfium and read them with Tesseract.
+
+pypdfium2 (BSD-3/Apache-2.0) renders; PyMuPDF would do too but is AGPL-3.0.
+Tesseract 5 runs as a subprocess through pytesseract, so it holds no GIL; in a
+`DocumentWorkers` process it inherits the worker's RLIMIT_AS and process group, so the
+pool's limits cover it, and ``OMP_THREAD_LIMIT=1`` there keeps it to one core.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pypdfium2 as pdfium
+import pytesseract
+from PIL import Image
+
+OCR_DPI: Final = 300
+"""Tesseract is trained on ~300 dpi text; measured here, 200 dpi loses small print."""
+MAX_RENDER_PIXELS: Final = 12_000_000
+"""A4 at 300 dpi is 8.7 Mpx; a page with a giant MediaBox is rendered smaller."""
+# Words Tesseract is at least this sure of count as confidently read.
+CONFIDENT_WORD: Final = 60.0
+# Table rules, underlines and speckle come out as lone punctuation ("|", "_", ".")
+# that would end up as a label's value ("Invoice #: . OV-2026-9624").
+_RULE_NOISE: Final = frozenset("|_.,:;'`\"~-=!\u00a6\u2013\u2014")
+_RULE_EDGES: Final = "|_\u00a6"
+_MIN_SYMBOL_CONF: Final = 30.0
+# Share of dark pixels under which a rendered page counts as blank (a scanned empty
+# sheet carries some speckle; a page of text is several percent ink).
+_BLANK_INK_SHARE: Final = 0.002
+
+
+class OcrError(Exception):
+    """Tesseract failed; ``kind`` is "too_slow", "ocr_unavailable" or "ocr_failed"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class OcrPage:
+    text: str
+    confidence: float
+    """Mean word confidence, 0-100, weighted by word length; 0 when no words."""
+    confident_chars: int
+    """Letters and digits in words read with at least `CONFIDENT_WORD` confidence."""
+
+
+def render(document: pdfium.PdfDocument, index: int, *, dpi: float, max_pixels: int) -> Image.Image:
+    """Page ``index`` as a grayscale image at ``dpi``, scaled down to ``max_pixels``."""
+    page = document[index]
+    try:
+        width, height = page.get_size()  # points
+        scale = dpi / 72
+        pixels = width * scale * height * scale
+        if pixels > max_pixels:
+            scale *= math.sqrt(max_pixels / pixels)
+            while math.ceil(width * scale) * math.ceil(height * scale) > max_pixels:
+                scale *= 0.995  # pdfium rounds the bitmap's sides up
+        bitmap = page.render(scale=scale, grayscale=True)
+        return bitmap.to_pil().convert("L")
+    finally:
+        page.close()
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def is_blank(image: Image.Image) -> bool:
+    histogram = image.convert("L").histogram()
+    dark = sum(histogram[:128])
+    return dark < _BLANK_INK_SHARE * image.width * image.height
+
+
+def ocr(image: Image.Image, *, languages: str, timeout_s: float) -> OcrPage:
+    """Tesseract's text of ``image`` (lines in reading order) and its confidence."""
+    try:
+        data = pytesseract.image_to_data(
+            image, lang=languages, timeout=timeout_s, output_type=pytesseract.Output.DICT
+        )
+    except pytesseract.TesseractNotFoundError as exc:
+        raise OcrError(
+            "ocr_unavailable", "tesseract is not installed (Debian: tesseract-ocr)"
+        ) from exc
+    except pytesseract.TesseractError as exc:
+        kind = "ocr_unavailable" if "language" in str(exc.message).lower() else "ocr_failed"
+        raise OcrError(kind, f"tesseract failed: {exc.message}") from exc
+    except RuntimeError as exc:  # pytesseract's timeout (it kills tesseract)
+        raise OcrError("too_slow", f"OCR took longer than the {timeout_s:g} s page limit") from exc
+    words = [word for word in _words(data) if _keeps(word)]
+    weight = sum(word.size for word in words)
+    weighted = sum(word.conf * word.size for word in words)
+    confident = sum(word.size for word in words if word.conf >= CONFIDENT_WORD)
+    confidence = round(weighted / weight, 1) if weight else 0.0
+    return OcrPage(text=_layout(words), confidence=confidence, confident_chars=confident)
+
+
+@dataclass(frozen=True, slots=True)
+class _Word:
+    text: str
+    conf: float
+    line: tuple[int, int, int]
+    """Tesseract's (block, paragraph, line)."""
+    x: float
+    """Centre, in pixels."""
+    y: float
+    height: int
+
+    @property
+    def size(self) -> int:
+        return sum(ch.isalnum() for ch in self.text)
+
+
+def _keeps(word: _Word) -> bool:
+    """Whether a word is text rather than a table rule or speck read as punctuation."""
+    return bool(word.size) or (word.conf >= _MIN_SYMBOL_CONF and not set(word.text) <= _RULE_NOISE)
+
+
+def _words(data: dict[str, list[Any]]) -> Iterator[_Word]:
+    """Each recognised word with its confidence, Tesseract line and position."""
+    for i, text in enumerate(data["text"]):
+        conf = float(data["conf"][i])
+        # A table rule touching a word sticks to it: "_Rechnungs-Nr.:", "|EUR".
+        word = str(text).strip().strip(_RULE_EDGES)
+        if conf < 0 or not word:
+            continue  # layout rows (blocks, lines) carry conf -1
+        height = int(data["height"][i])
+        yield _Word(
+            text=word,
+            conf=conf,
+            line=(int(data["block_num"][i]), int(data["par_num"][i]), int(data["line_num"][i])),
+            x=int(data["left"][i]) + int(data["width"][i]) / 2,
+            y=int(data["top"][i]) + height / 2,
+            height=height,
+        )
+
+
+def _layout(words: list[_Word]) -> str:
+    """Text in visual rows, left to right, the way a PDF's text layer reads.
+
+    Tesseract segments a page into blocks, so a table comes out column by column and a
+    two-column header as two separate runs. Rows are rebuilt from word positions
+    instead: Tesseract lines whose (deskewed) centres are within half a line height of
+    each other form one row.
+    """
+    lines: dict[tuple[int, int, int], list[_Word]] = {}
+    for word in words:
+        lines.setdefault(word.line, []).append(word)
+    slope = _skew(list(lines.values()))
+    placed = sorted(
+        (
+            statistics.fmean(w.y - slope * w.x for w in line),
+            statistics.median(w.height for w in line),
+            line,
+        )
+        for line in lines.values()
+    )
+    rows: list[tuple[float, float, list[_Word]]] = []
+    for y, height, line in placed:
+        if rows and abs(y - rows[-1][0]) < 0.5 * min(height, rows[-1][1]):
+            rows[-1][2].extend(line)
+        else:
+            rows.append((y, height, list(line)))
+    return "\n".join(" ".join(w.text for w in sorted(row, key=lambda w: w.x)) for _, _, row in rows)
+
+
+def _skew(lines: list[list[_Word]]) -> float:
+    """The page's skew as dy/dx: the median slope of Tesseract's longer lines."""
+    slopes = []
+    for line in lines:
+        if len(line) < 3:
+            continue
+        xs, ys = [w.x for w in line], [w.y for w in line]
+        spread = max(xs) - min(xs)
+        if spread > 0:
+            slopes.append(statistics.linear_regression(xs, ys).slope)
+    return max(-0.05, min(0.05, statistics.median(slopes))) if slopes else 0.0

@@ -1,0 +1,321 @@
+"""Batch mode (issue 13 section 1) on real S3 (moto) and the loopback OpenAI server's
+Files and Batches APIs, with no Prefect: submit -> collect -> done, crashes, failed
+lines, expiry, concurrent collects, and batch + online runs over one prefix. Requests
+are counted at the server (`by_key` counts online requests and batch lines alike)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from devtools.llm_server import LLMServerHandle, running_llm_server
+from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, CollectReport, collect
+from invoiceflow.extractors.llm import TokenPrice
+from invoiceflow.extractors.openai import OpenAIExtractor
+from invoiceflow.extractors.openai_batch import BatchLimits, OpenAIBatches, split
+from invoiceflow.manifest import GroupCommitter, ManifestStore, Status
+from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, PipelineConfig
+from invoiceflow.samples import generate_corpus, generate_invoice
+from invoiceflow.schema import ExtractionResult
+from invoiceflow.storage import S3Store
+
+pytestmark = pytest.mark.batch
+
+API_KEY = "sk-batch-test"
+PRICE = TokenPrice(
+    input_per_million=Decimal("0.15"),
+    cached_input_per_million=Decimal("0.075"),
+    output_per_million=Decimal("0.60"),
+    batch_input_per_million=Decimal("0.075"),
+    batch_output_per_million=Decimal("0.30"),
+)
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[LLMServerHandle]:
+    with running_llm_server(api_key=API_KEY) as handle:
+        yield handle
+
+
+@pytest.fixture
+def llm(llm_server: LLMServerHandle) -> LLMServerHandle:
+    llm_server.reset()
+    return llm_server
+
+
+def upload(s3: S3Store, prefix: str, n: int, *, hybrid: bool = False) -> list[str]:
+    keys = []
+    for stem, pdf, _ in generate_corpus(n, seed=13):
+        s3.put(f"{prefix}{stem}.pdf", pdf, content_type="application/pdf")
+        keys.append(f"{prefix}{stem}.pdf")
+    if hybrid:
+        pdf, _ = generate_invoice(3, language="de", einvoice="factur-x")
+        s3.put(f"{prefix}hybrid.pdf", pdf, content_type="application/pdf")
+    return keys
+
+
+def make_extractor(llm: LLMServerHandle, **options: Any) -> OpenAIExtractor:
+    return OpenAIExtractor(
+        base_url=llm.base_url, api_key=API_KEY, model="m", price=PRICE, **options
+    )
+
+
+@contextlib.asynccontextmanager
+async def pipeline_for(
+    s3: S3Store,
+    prefix: str,
+    extractor: OpenAIExtractor,
+    run_id: str,
+    lock: Callable[[], Any] = asyncio.Lock,
+) -> AsyncIterator[InvoicePipeline]:
+    store = ManifestStore(s3, f"{prefix}manifest.json", lock=lock)
+    config = PipelineConfig(prefix, f"{prefix}results/", run_id)
+    async with GroupCommitter(store, max_wait_s=0.05) as committer:
+        yield InvoicePipeline(s3, committer, extractor, config)
+
+
+async def batch_run(
+    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "batch-run", **options: Any
+) -> tuple[list[InvoiceOutcome], list[str]]:
+    """A run in batch mode: claim, parse, e-invoices now, the rest as provider batches."""
+    async with (
+        make_extractor(llm, **options) as extractor,
+        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
+    ):
+        records = BatchRecords(s3, f"{prefix}manifest.json")
+        queue = BatchQueue(pipeline, extractor, OpenAIBatches(extractor), records)
+        pipeline.defer = queue.defer
+        items = await pipeline.claim()
+        outcomes = await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
+        settled = await queue.submit()
+        now = [o for o in outcomes if o.error_kind != QUEUED_FOR_BATCH]
+        return [*now, *settled], queue.batch_ids
+
+
+async def online_run(
+    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "online-run"
+) -> list[InvoiceOutcome]:
+    async with (
+        make_extractor(llm) as extractor,
+        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
+    ):
+        items = await pipeline.claim()
+        return list(await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items)))
+
+
+async def collect_run(
+    s3: S3Store,
+    prefix: str,
+    llm: LLMServerHandle,
+    run_id: str = "collect-run",
+    lock: Callable[[], Any] = asyncio.Lock,
+) -> CollectReport:
+    async with make_extractor(llm) as extractor:
+        provider = OpenAIBatches(extractor)
+        try:
+            async with pipeline_for(s3, prefix, extractor, run_id, lock) as pipeline:
+                records = BatchRecords(s3, f"{prefix}manifest.json")
+                return await collect(pipeline, extractor, provider, records)
+        finally:
+            await provider.aclose()
+
+
+def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
+    return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
+
+
+def statuses(s3: S3Store, prefix: str) -> dict[str, str]:
+    return {k: e["status"] for k, e in entries(s3, prefix).items()}
+
+
+def open_records(s3: S3Store, prefix: str) -> list[str]:
+    return BatchRecords(s3, f"{prefix}manifest.json").keys()
+
+
+async def test_submit_then_collect_records_done_at_batch_prices(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 5, hybrid=True)
+    outcomes, batch_ids = await batch_run(s3_store, unique_prefix, llm, batch_max_requests=2)
+
+    # The e-invoice took its fast path; the rest went out in 3 batches of <= 2 requests.
+    by_key = {o.key: o for o in outcomes}
+    assert by_key[f"{unique_prefix}hybrid.pdf"].status is Status.done
+    assert all(by_key[k].status is Status.submitted and by_key[k].recorded for k in keys)
+    assert len(batch_ids) == 3
+    submitted = entries(s3_store, unique_prefix)
+    assert {submitted[k]["batch_id"] for k in keys} == set(batch_ids)
+    assert all(submitted[k]["status"] == "submitted" for k in keys)
+    stats = llm.stats()
+    assert (stats["batches"], stats["batch_lines"], stats["total"]) == (3, 5, 5)
+    assert len(open_records(s3_store, unique_prefix)) == 3
+
+    # A submitted invoice is claimable by nobody: a new run claims nothing.
+    assert await online_run(s3_store, unique_prefix, llm) == []
+
+    report = await collect_run(s3_store, unique_prefix, llm)
+    assert sorted(report.collected_batches) == sorted(batch_ids) and not report.open_batches
+    final = entries(s3_store, unique_prefix)
+    assert all(final[k]["status"] == "done" for k in [*keys, f"{unique_prefix}hybrid.pdf"])
+    assert open_records(s3_store, unique_prefix) == []
+    for key in keys:
+        result = ExtractionResult.model_validate_json(s3_store.get(final[key]["result_key"]).body)
+        assert result.source == "llm" and result.usage is not None
+        assert result.cost == PRICE.cost(result.usage, batch=True)
+        assert result.cost < PRICE.cost(result.usage)  # half price
+        assert final[key]["cost"] == str(result.cost)
+        assert final[key]["tokens_cached"] == result.usage.cached_tokens
+    # The static prompt prefix is cached across batch lines too.
+    assert sum(final[k]["tokens_cached"] > 0 for k in keys) == 4
+    # Each invoice was requested exactly once, and collecting again asks nothing.
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+    again = await collect_run(s3_store, unique_prefix, llm)
+    assert again.outcomes == [] and llm.stats()["total"] == 5
+
+
+def test_split_respects_requests_and_bytes() -> None:
+    lines = [(f"id{n}", b"x" * 10) for n in range(7)]
+    assert [len(b) for b in split(lines, BatchLimits(max_requests=3))] == [3, 3, 1]
+    assert [len(b) for b in split(lines, BatchLimits(max_bytes=25))] == [2, 2, 2, 1]
+    assert [len(b) for b in split(lines, BatchLimits(max_bytes=5))] == [1] * 7
+
+
+async def test_byte_limit_splits_the_input_file(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    upload(s3_store, unique_prefix, 3)
+    # Every line is several KB (the static prompt alone is ~4.5 KB): one per file.
+    _, batch_ids = await batch_run(s3_store, unique_prefix, llm, batch_max_bytes=6000)
+    assert len(batch_ids) == 3 and llm.stats()["batch_lines"] == 3
+
+
+async def test_an_unfinished_batch_stays_submitted(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 2)
+    llm.configure_batches(delay_s=3600)
+    _, batch_ids = await batch_run(s3_store, unique_prefix, llm)
+    report = await collect_run(s3_store, unique_prefix, llm)
+    assert report.open_batches == batch_ids and report.outcomes == []
+    assert set(statuses(s3_store, unique_prefix).values()) == {"submitted"}
+    assert await online_run(s3_store, unique_prefix, llm) == []
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+class LockThatDies:
+    """A manifest lock that works `works` times, then fails (a deleted Prefect limit)."""
+
+    def __init__(self, works: int) -> None:
+        self.left = works
+        self.lock = asyncio.Lock()
+
+    def __call__(self) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("the manifest lock is gone")
+        return self.lock
+
+
+async def test_a_collect_that_crashes_halfway_is_rerun_without_new_requests(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 6)
+    await batch_run(s3_store, unique_prefix, llm, batch_max_requests=3)
+    requests_after_submit = llm.stats()["total"]
+
+    # The first collect records one batch, writes the other's results, then loses its
+    # manifest lock before recording them.
+    with pytest.raises(RuntimeError, match="lock is gone"):
+        await collect_run(s3_store, unique_prefix, llm, lock=LockThatDies(works=1))
+    half = sorted(statuses(s3_store, unique_prefix).values())
+    assert half == ["done"] * 3 + ["submitted"] * 3
+    assert len(open_records(s3_store, unique_prefix)) == 1
+
+    report = await collect_run(s3_store, unique_prefix, llm, run_id="collect-2")
+    assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
+    assert len(report.collected_batches) == 1
+    assert open_records(s3_store, unique_prefix) == []
+    # Results came from the batch output: nothing was asked again.
+    assert llm.stats()["total"] == requests_after_submit
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+async def test_failed_lines_are_transient_and_retried_by_the_next_run(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 4)
+    failing = keys[:2]
+    llm.configure_batches(fail=failing)
+    await batch_run(s3_store, unique_prefix, llm)
+    report = await collect_run(s3_store, unique_prefix, llm)
+    assert len(report.collected_batches) == 1
+    after = entries(s3_store, unique_prefix)
+    for key in failing:
+        assert after[key]["status"] == "failed" and after[key]["transient"] is True
+        assert after[key]["error_kind"] == "batch_line_failed"
+    assert all(after[k]["status"] == "done" for k in keys[2:])
+
+    retried = await online_run(s3_store, unique_prefix, llm)
+    assert sorted(o.key for o in retried) == sorted(failing)
+    assert all(o.status is Status.done for o in retried)
+    by_key = llm.stats()["by_key"]
+    assert {k: by_key[k] for k in failing} == dict.fromkeys(failing, 2)  # batch + online
+    assert {k: by_key[k] for k in keys[2:]} == dict.fromkeys(keys[2:], 1)
+
+
+async def test_an_expired_batch_releases_its_invoices(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 3)
+    llm.configure_batches(expire=True)
+    await batch_run(s3_store, unique_prefix, llm)
+    report = await collect_run(s3_store, unique_prefix, llm)
+    assert len(report.collected_batches) == 1 and open_records(s3_store, unique_prefix) == []
+    expired = entries(s3_store, unique_prefix)
+    assert {expired[k]["error_kind"] for k in keys} == {"batch_expired"}
+    assert all(expired[k]["status"] == "failed" and expired[k]["transient"] for k in keys)
+    # Released: the next batch run claims and submits them again.
+    llm.configure_batches(expire=False)
+    outcomes, _ = await batch_run(s3_store, unique_prefix, llm, run_id="batch-2")
+    assert sorted(o.key for o in outcomes) == sorted(keys)
+    await collect_run(s3_store, unique_prefix, llm)
+    assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
+
+
+async def test_two_collect_runs_at_once_record_each_invoice_once(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 6)
+    await batch_run(s3_store, unique_prefix, llm, batch_max_requests=3)
+    shared = asyncio.Lock()  # one manifest lock, as the Prefect limit is
+
+    first, second = await asyncio.gather(
+        collect_run(s3_store, unique_prefix, llm, "collect-a", lambda: shared),
+        collect_run(s3_store, unique_prefix, llm, "collect-b", lambda: shared),
+    )
+    recorded = [o for o in [*first.outcomes, *second.outcomes] if o.recorded]
+    assert sorted(o.key for o in recorded) == sorted(keys)  # each exactly once
+    assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
+    assert open_records(s3_store, unique_prefix) == []
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+async def test_batch_and_online_runs_over_one_prefix_request_no_invoice_twice(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    keys = upload(s3_store, unique_prefix, 12)
+    llm.configure(latency_s=0.05)
+    (batch_outcomes, _), online_outcomes = await asyncio.gather(
+        batch_run(s3_store, unique_prefix, llm), online_run(s3_store, unique_prefix, llm)
+    )
+    await collect_run(s3_store, unique_prefix, llm)
+
+    took = [o.key for o in [*batch_outcomes, *online_outcomes] if o.recorded]
+    assert sorted(took) == sorted(keys)  # the claims split the prefix between them
+    assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)

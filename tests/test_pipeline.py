@@ -1,0 +1,332 @@
+"""The per-invoice path on real S3 (moto) with no Prefect: isolation, reuse, claims.
+
+The extractor here is a counting stand-in around the offline rules extractor, so each
+test can say exactly how many extractor (i.e. billed LLM) calls an invoice cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from invoiceflow import pipeline as pipeline_module
+from invoiceflow.extractors import Extraction
+from invoiceflow.extractors.rules import extract_invoice
+from invoiceflow.manifest import Claim, GroupCommitter, ManifestStore, Status
+from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, PipelineConfig
+from invoiceflow.samples import generate_corpus
+from invoiceflow.schema import Invoice
+from invoiceflow.storage import S3Store
+
+
+class CountingExtractor:
+    """The rules extractor, counting calls per invoice.
+
+    `crash_on` keys raise an unexpected exception; `poison` keys get an extraction that
+    the test's validator chokes on (a stand-in for any bug past the extractor).
+    """
+
+    name = "counting"
+
+    def __init__(
+        self, crash_on: frozenset[str] = frozenset(), poison: frozenset[str] = frozenset()
+    ) -> None:
+        self.calls: Counter[str] = Counter()
+        self.crash_on = crash_on
+        self.poison = poison
+
+    async def extract(self, text: str) -> Invoice:
+        return extract_invoice(text)
+
+    async def extract_document(
+        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+    ) -> Extraction:
+        assert invoice_key is not None
+        self.calls[invoice_key] += 1
+        if invoice_key in self.crash_on:
+            raise KeyError("a bug in an extractor")
+        notes = (POISON,) if invoice_key in self.poison else ()
+        return Extraction(extract_invoice(text), "rules", self.name, notes=notes)
+
+
+POISON = "poison"
+
+
+class FailingLock:
+    """A lock factory that works `works` times, then fails like a deleted Prefect limit."""
+
+    def __init__(self, works: int) -> None:
+        self.left = works
+        self.lock = asyncio.Lock()
+
+    def __call__(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("the manifest lock is gone")
+        return self.lock
+
+
+def upload(s3: S3Store, prefix: str, n: int, seed: int = 5) -> list[str]:
+    keys = []
+    for stem, pdf, _ in generate_corpus(n, seed=seed):
+        s3.put(f"{prefix}{stem}.pdf", pdf, content_type="application/pdf")
+        keys.append(f"{prefix}{stem}.pdf")
+    return keys
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    s3: S3Store,
+    prefix: str,
+    extractor: CountingExtractor,
+    *,
+    run_id: str = "run-1",
+    lock: Callable[[], Any] = asyncio.Lock,
+    max_wait_s: float = 0.05,
+) -> AsyncIterator[InvoicePipeline]:
+    store = ManifestStore(s3, f"{prefix}manifest.json", lock=lock)
+    config = PipelineConfig(prefix, f"{prefix}results/", run_id)
+    async with GroupCommitter(store, max_wait_s=max_wait_s) as committer:
+        yield InvoicePipeline(s3, committer, extractor, config)
+
+
+async def run_all(pipeline: InvoicePipeline) -> dict[str, InvoiceOutcome]:
+    items = await pipeline.claim()
+    outcomes = await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
+    return {o.key: o for o in outcomes}
+
+
+def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
+    return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
+
+
+async def test_a_crash_in_any_step_fails_only_its_invoice_permanently(
+    s3_store: S3Store, unique_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = upload(s3_store, unique_prefix, 4)
+    extractor_bug, validate_bug = keys[0], keys[1]
+    validate = pipeline_module.validate_extraction
+
+    def validate_or_crash(extraction: Extraction, text: str) -> Any:
+        if POISON in extraction.notes:  # what InvalidOperation did before the fix
+            raise ArithmeticError("[<class 'decimal.InvalidOperation'>]")
+        return validate(extraction, text)
+
+    monkeypatch.setattr(pipeline_module, "validate_extraction", validate_or_crash)
+    extractor = CountingExtractor(
+        crash_on=frozenset({extractor_bug}), poison=frozenset({validate_bug})
+    )
+    async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+        outcomes = await run_all(pipeline)
+
+    manifest = entries(s3_store, unique_prefix)
+    assert {k: manifest[k]["status"] for k in keys[2:]} == {k: "done" for k in keys[2:]}
+    for key, message in ((extractor_bug, "KeyError"), (validate_bug, "ArithmeticError")):
+        assert outcomes[key].status is Status.failed
+        entry = manifest[key]
+        assert (entry["status"], entry["error_kind"], entry["transient"]) == (
+            "failed",
+            "internal_error",
+            False,
+        )
+        assert message in entry["error_message"]
+
+    # Permanent: a rerun bills neither again.
+    async with running_pipeline(s3_store, unique_prefix, extractor, run_id="run-2") as pipeline:
+        assert await pipeline.claim() == []
+    assert extractor.calls == {k: 1 for k in keys}
+
+
+async def test_results_written_before_a_lost_lock_are_recorded_later_without_a_call(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """Crash between the result write and the `done` commit (here: the lock vanishes)."""
+    keys = upload(s3_store, unique_prefix, 6)
+    extractor = CountingExtractor()
+    # The claim and the `processing` commits take the lock; every later commit fails.
+    lock = FailingLock(works=2)
+    with pytest.raises(RuntimeError, match="lock is gone"):
+        async with running_pipeline(
+            s3_store, unique_prefix, extractor, lock=lock, max_wait_s=1.0
+        ) as pipeline:
+            items = await pipeline.claim()
+            docs = [pipeline.parse(i) for i in items]
+            outcomes = await asyncio.gather(*(pipeline.process(d) for d in docs))
+            late = await pipeline.process(docs[0])  # started after the failure
+    assert {o.status for o in outcomes} == {Status.pending}
+    assert not any(o.recorded for o in outcomes)
+    assert late.error_kind == "not_recorded"
+    calls_before = sum(extractor.calls.values())
+    assert calls_before == len(keys)  # each in flight finished its one call
+    assert {e["status"] for e in entries(s3_store, unique_prefix).values()} == {"processing"}
+
+    # Retry of the same run: every invoice is recorded from its result, no call.
+    async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+        outcomes = await run_all(pipeline)
+    assert {o.status for o in outcomes.values()} == {Status.done}
+    assert all(o.recorded for o in outcomes.values())
+    assert sum(extractor.calls.values()) == calls_before
+    assert {e["status"] for e in entries(s3_store, unique_prefix).values()} == {"done"}
+
+
+async def test_a_deleted_manifest_re_bills_nothing(s3_store: S3Store, unique_prefix: str) -> None:
+    keys = upload(s3_store, unique_prefix, 5)
+    extractor = CountingExtractor()
+    async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+        await run_all(pipeline)
+    before = entries(s3_store, unique_prefix)
+    s3_store.client.delete_object(Bucket=s3_store.bucket, Key=f"{unique_prefix}manifest.json")
+
+    async with running_pipeline(s3_store, unique_prefix, extractor, run_id="run-2") as pipeline:
+        outcomes = await run_all(pipeline)
+    assert extractor.calls == {k: 1 for k in keys}
+    after = entries(s3_store, unique_prefix)
+    assert {k: e["status"] for k, e in after.items()} == {k: "done" for k in keys}
+    assert {k: e["result_key"] for k, e in after.items()} == {
+        k: e["result_key"] for k, e in before.items()
+    }
+    # Nothing was billed in the second run.
+    assert all(not o.usage and o.cost is None for o in outcomes.values())
+
+
+async def test_selection_all_extracts_again_despite_a_written_result(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    keys = upload(s3_store, unique_prefix, 2)
+    extractor = CountingExtractor()
+    async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+        await run_all(pipeline)
+    async with running_pipeline(s3_store, unique_prefix, extractor, run_id="run-2") as pipeline:
+        items = await pipeline.claim("all")
+        await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
+    assert extractor.calls == {k: 2 for k in keys}
+
+
+async def test_an_invoice_whose_claim_was_taken_over_is_never_extracted(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    keys = upload(s3_store, unique_prefix, 3)
+    extractor = CountingExtractor()
+    async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+        items = await pipeline.claim()
+        docs = [pipeline.parse(i) for i in items]
+        # Another run decides this run is dead and takes one invoice over.
+        taken = docs[0].item
+        store = pipeline.committer.store
+        (took,) = await store.commit(
+            [Claim(taken.key, taken.etag, "run-2", abandoned_runs=frozenset({"run-1"}))]
+        )
+        assert took.applied
+        outcomes = await asyncio.gather(*(pipeline.process(d) for d in docs))
+    lost = outcomes[0]
+    assert (lost.status, lost.recorded, lost.error_kind) == (Status.pending, False, "claim_lost")
+    assert extractor.calls == {k: 1 for k in keys if k != taken.key}
+    entry = entries(s3_store, unique_prefix)[taken.key]
+    assert (entry["status"], entry["run_id"], entry["attempts"]) == ("pending", "run-2", 2)
+
+
+async def test_the_run_does_not_wait_out_the_commit_window(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """The committer commits as soon as every invoice waits on it, not after 30 s."""
+    upload(s3_store, unique_prefix, 3)
+    extractor = CountingExtractor()
+    started = time.monotonic()
+    async with running_pipeline(s3_store, unique_prefix, extractor, max_wait_s=30) as pipeline:
+        items = await pipeline.claim()  # the claim batch waits the window: no producers yet
+        claimed = time.monotonic()
+        docs = [pipeline.parse(i) for i in items]
+        outcomes = await asyncio.gather(*(pipeline.process(d) for d in docs))
+    assert {o.status for o in outcomes} == {Status.done}
+    # processing + done commits, each flushed at once (generous for a loaded machine).
+    assert time.monotonic() - claimed < 10, time.monotonic() - started
+
+
+async def test_a_document_over_its_time_budget_fails_alone_in_the_worker_pool(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """The parse step reads through `DocumentWorkers`: a hostile PDF is killed at the
+    time limit and fails permanently (`too_slow`); the other invoices are done."""
+    from sandbox_support import text_operator_bomb
+
+    from invoiceflow.documents import DocumentLimits
+    from invoiceflow.sandbox import DocumentWorkers
+
+    keys = upload(s3_store, unique_prefix, 3)
+    slow = f"{unique_prefix}slow.pdf"
+    s3_store.put(slow, text_operator_bomb(600_000), content_type="application/pdf")
+    limits = DocumentLimits(time_limit_s=2, max_text_operators=10**9)  # no pre-check
+    extractor = CountingExtractor()
+    store = ManifestStore(s3_store, f"{unique_prefix}manifest.json", lock=asyncio.Lock)
+    config = PipelineConfig(unique_prefix, f"{unique_prefix}results/", "run-1", limits=limits)
+    with DocumentWorkers(2, limits) as workers:
+        async with GroupCommitter(store, max_wait_s=0.05) as committer:
+            pipeline = InvoicePipeline(s3_store, committer, extractor, config, read=workers.read)
+            items = await pipeline.claim()
+            docs = await asyncio.gather(*(asyncio.to_thread(pipeline.parse, i) for i in items))
+            outcomes = {o.key: o for o in await asyncio.gather(*map(pipeline.process, docs))}
+
+    assert {k: outcomes[k].status for k in keys} == {k: Status.done for k in keys}
+    failed = outcomes[slow]
+    assert (failed.status, failed.error_kind, failed.transient) == (
+        Status.failed,
+        "too_slow",
+        False,
+    )
+    assert "2" in (failed.error_message or "")  # names the limit
+    assert slow not in extractor.calls
+
+
+async def test_a_transient_failure_gives_up_after_the_attempt_cap(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    from invoiceflow.extractors import ExtractionError
+
+    (key,) = upload(s3_store, unique_prefix, 1)
+
+    class Overloaded(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            await super().extract_document(text, **kwargs)
+            raise ExtractionError("server_error", "503 from the provider", transient=True)
+
+    extractor = Overloaded()
+    store = ManifestStore(s3_store, f"{unique_prefix}manifest.json", lock=asyncio.Lock)
+    for run in range(3):
+        config = PipelineConfig(unique_prefix, f"{unique_prefix}results/", f"run-{run}")
+        config = dataclasses.replace(config, max_attempts=2)
+        async with GroupCommitter(store, max_wait_s=0.05) as committer:
+            await run_all(InvoicePipeline(s3_store, committer, extractor, config))
+    entry = entries(s3_store, unique_prefix)[key]
+    assert extractor.calls == {key: 2}
+    assert (entry["status"], entry["attempts"], entry["transient"]) == ("gave_up", 2, False)
+    assert (entry["error_kind"], entry["error_message"]) == (
+        "server_error",
+        "503 from the provider",
+    )
+
+
+async def test_an_unforeseen_error_quoting_a_secret_is_recorded_masked(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    from invoiceflow.redact import register_secrets
+
+    secret = "sk-pipeline-" + "f00d" * 8
+    register_secrets(secret)
+    (key,) = upload(s3_store, unique_prefix, 1)
+
+    class Leaky(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            raise RuntimeError(f"401 Incorrect API key provided: {secret}")
+
+    async with running_pipeline(s3_store, unique_prefix, Leaky()) as pipeline:
+        (outcome,) = (await run_all(pipeline)).values()
+    entry = entries(s3_store, unique_prefix)[key]
+    assert entry["error_kind"] == "internal_error" and "[REDACTED]" in entry["error_message"]
+    assert secret not in entry["error_message"] and secret not in (outcome.error_message or "")

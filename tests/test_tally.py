@@ -1,0 +1,57 @@
+"""The run tally: the summary accumulated as outcomes arrive (issue 13 #4)."""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+import pytest
+
+from flows.tally import RunTally
+from invoiceflow.batch import QUEUED_FOR_BATCH
+from invoiceflow.manifest import Status
+from invoiceflow.pipeline import InvoiceOutcome, run_totals
+from invoiceflow.schema import Invoice
+
+OUTCOMES = [
+    InvoiceOutcome(
+        "a.pdf", Status.done, True, Invoice(total=Decimal("10.00"), currency="EUR"),
+        usage={"prompt_tokens": 100, "completion_tokens": 20, "cached_tokens": 64},
+        cost=Decimal("0.000100"), source="llm", needs_review=True,
+    ),
+    InvoiceOutcome(
+        "b.pdf", Status.done, True, Invoice(total=Decimal("5.50"), currency="EUR"),
+        source="einvoice", duplicate_of="a.pdf", needs_review=True,
+    ),
+    InvoiceOutcome(
+        "c.pdf", Status.failed, True, error_kind="rate_limited", error_message="429",
+        transient=True, usage={"prompt_tokens": 7, "completion_tokens": 0},
+        cost=Decimal("0.000001"),
+    ),
+    InvoiceOutcome("d.pdf", Status.pending, False, error_kind="claim_lost", error_message="x"),
+    InvoiceOutcome("e.pdf", Status.submitted, True),
+]  # fmt: skip
+
+
+def test_tally_agrees_with_the_totals_over_a_list(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tally-test")
+    with caplog.at_level(logging.INFO, logger="tally-test"):
+        tally = RunTally(logger)
+        for outcome in OUTCOMES:
+            tally.add(outcome)
+        # Batch mode's placeholder is not an outcome: its real one comes later.
+        tally.add(InvoiceOutcome("e.pdf", Status.submitted, False, error_kind=QUEUED_FOR_BATCH))
+
+    totals = run_totals(OUTCOMES)
+    assert tally.finished == totals.invoices == 3
+    assert (tally.prompt_tokens, tally.completion_tokens) == (107, 20)
+    assert tally.cached_tokens == totals.cached_tokens == 64
+    assert tally.cost == totals.cost == Decimal("0.000101")
+    assert (tally.needs_review, tally.duplicates) == (totals.needs_review, totals.duplicates)
+    assert dict(tally.by_source) == totals.by_source
+    assert tally.totals == {"EUR": Decimal("15.50")}
+    assert tally.failures == {"c.pdf": "rate_limited: 429"}
+    assert tally.observed == 5 and tally.statuses[Status.submitted] == 1
+    assert [r["invoice"] for r in tally.rows] == ["a.pdf", "b.pdf", "c.pdf", "d.pdf", "e.pdf"]
+    # One log line per invoice, written when it finished.
+    assert len([r for r in caplog.records if r.name == "tally-test"]) == 5
