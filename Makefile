@@ -11,18 +11,35 @@ SAT_C ?= 256
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export UV_LINK_MODE = copy
 
+# make deploy BUCKET=… ENDPOINT=… REGION=… PULL=git REPO=… BRANCH=…; make worker LIMIT=…
+# make stack-prod REPLICAS=2 WORKERS=2 LIMIT=1
+BUCKET ?=
+ENDPOINT ?=
+REGION ?=
+PULL ?=
+REPO ?=
+BRANCH ?=
+LIMIT ?=
+POOL ?=
+REPLICAS ?= 2
+WORKERS ?= 2
+
 .PHONY: help sync system-deps run up down status deploy worker test lint format bench \
-	bench-saturation clean
+	bench-saturation clean stack-prod provision test-production
 
 help:
 	@echo "make run    start (or reuse) the local stack and process the sample invoices"
 	@echo "make test   lint, then run the whole test suite against real local servers"
 	@echo "make bench  benchmark the pipeline against the seed design (N=$(N) L=$(L) C=$(C))"
+	@echo "            STACK=production: embedded vs production stack, 1/2/3 workers"
 	@echo "make bench-saturation  seed vs pipeline CPU-bound (N=$(SAT_N) L=$(L) C=$(SAT_C))"
 	@echo "make down   stop the local stack"
 	@echo "make deploy create work pool, lock, blocks and the prefect.yaml deployments"
 	@echo "             (on PREFECT_API_URL, else on the local stack)"
-	@echo "make worker start a process worker on the invoices pool"
+	@echo "make worker start a process worker on the invoices pool (LIMIT=runs at once)"
+	@echo "make provision  bucket/blocks/lock on PREFECT_API_URL's server (BUCKET= ENDPOINT= REGION=)"
+	@echo "make stack-prod Postgres + Redis + REPLICAS API replicas behind haproxy + WORKERS workers"
+	@echo "make test-production  the full production-stack suite (600 invoices)"
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
@@ -45,12 +62,26 @@ down: sync
 	$(UV) run invoiceflow down
 
 # Without PREFECT_API_URL, deploy onto the local stack (started if needed).
+DEPLOY_OPTIONS = $(if $(BUCKET),--bucket $(BUCKET)) $(if $(ENDPOINT),--endpoint-url $(ENDPOINT)) \
+	$(if $(REGION),--region $(REGION)) $(if $(PULL),--pull $(PULL)) $(if $(REPO),--repo $(REPO)) \
+	$(if $(BRANCH),--branch $(BRANCH))
+
+# Without PREFECT_API_URL, deploy onto the local stack (started if needed; `invoiceflow up`
+# reuses a running production stack's server instead of starting another).
 deploy: sync
 	@if [ -z "$$PREFECT_API_URL" ]; then $(UV) run invoiceflow up; fi
-	$(UV) run invoiceflow deploy
+	$(UV) run invoiceflow deploy $(DEPLOY_OPTIONS)
+
+provision: sync
+	$(UV) run invoiceflow provision $(if $(BUCKET),--bucket $(BUCKET)) \
+		$(if $(ENDPOINT),--endpoint-url $(ENDPOINT)) $(if $(REGION),--region $(REGION))
 
 worker: sync
-	$(UV) run invoiceflow worker
+	$(UV) run invoiceflow worker $(if $(LIMIT),--limit $(LIMIT)) $(if $(POOL),--pool $(POOL))
+
+stack-prod: sync system-deps
+	$(UV) run invoiceflow up --production --replicas $(REPLICAS) --workers $(WORKERS) \
+		--worker-limit $(or $(LIMIT),1)
 
 status: sync
 	$(UV) run invoiceflow status
@@ -82,8 +113,18 @@ system-deps:
 test: lint system-deps
 	$(UV) run pytest $(PYTEST_ARGS)
 
+# The full production-stack scale test (600 invoices, 6 runs, 3 workers); `make test`
+# runs the same tests at a smaller N.
+test-production: sync system-deps
+	INVOICEFLOW_PRODUCTION_INVOICES=600 $(UV) run pytest -m production $(PYTEST_ARGS)
+
+# make bench STACK=production: embedded vs production stack, BENCH_WORKERS workers each.
+STACK ?= embedded
+BENCH_WORKERS ?= 1,2,3
+
 bench: sync
-	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C)
+	$(UV) run python -m benchmarks.run --n $(N) --latency $(L) --concurrency $(C) \
+		--stack $(STACK) $(if $(filter production,$(STACK)),--workers $(BENCH_WORKERS))
 
 # Seed and pipeline side by side where CPU, not LLM latency, is the bound (issue 13).
 bench-saturation: sync

@@ -722,8 +722,22 @@ def main(
             "pipeline's wall time with a run without; OCR pages/s are measured too.",
         ),
     ] = 0.0,
+    stack_mode: Annotated[
+        str,
+        typer.Option(
+            "--stack",
+            help="embedded (the contenders) | production: embedded vs Prefect's production "
+            "stack through deployments and workers (benchmarks/stacks.py).",
+        ),
+    ] = "embedded",
+    workers: Annotated[
+        str, typer.Option(help="--stack production: worker counts to measure.")
+    ] = "1,2,3",
 ) -> None:
     """Benchmark the pipeline against the seed's asyncio design and naive Prefect."""
+    if stack_mode == "production":
+        _run_stack_comparison(n, latency, concurrency, workers, output)
+        return
     if scale_manifest:
         from benchmarks.manifest_scale import run_scale
 
@@ -759,6 +773,29 @@ def main(
 
         summarize_dir(profile, console)
     if any(d["status"] != "ok" for d in doc["contenders"].values()):
+        raise typer.Exit(1)
+
+
+def _run_stack_comparison(
+    n: int, latency: float, concurrency: int, workers: str, output: Path
+) -> None:
+    """`--stack production`: writes `bench-stacks.json` next to `--output`."""
+    from benchmarks.stacks import print_rows, run_stacks, stacks_ok
+
+    workdir = Path(tempfile.mkdtemp(prefix="invoiceflow-bench-stacks-"))
+    try:
+        with interruptible():
+            rows = run_stacks(
+                n=n, latency_s=latency, concurrency=concurrency,
+                worker_counts=[int(w) for w in workers.split(",")],
+                stacks=["embedded", "production"], workdir=workdir, run_id=uuid.uuid4().hex[:8],
+            )  # fmt: skip
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    doc = {"n": n, "latency_s": latency, "concurrency": concurrency, "rows": rows}
+    write_json(doc, output.with_name("bench-stacks.json"))
+    print_rows(rows, console)
+    if not stacks_ok(rows):
         raise typer.Exit(1)
 
 

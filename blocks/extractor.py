@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator
 from invoiceflow.extractors import Extractor
 from invoiceflow.extractors.limits import Limiter, ProviderLimits, run_limiter
 from invoiceflow.extractors.llm import TokenPrice
+from invoiceflow.extractors.rules import Runner
 from invoiceflow.schema import ISO_4217
 
 
@@ -198,14 +199,25 @@ class ExtractorBlock(Block):
             tokens_per_minute=self.tokens_per_minute,
         )
 
-    def build(self, limiter: Limiter | None = None) -> Extractor:
+    def vision_limits(self) -> dict[str, Any]:
+        """How documents are read for this extractor: page images only for an LLM."""
+        if self.kind == "rules":
+            return {"vision": "never"}
+        return {
+            "vision": self.vision,
+            "max_images": self.max_images,
+            "max_image_pixels": self.max_image_pixels,
+        }
+
+    def build(self, limiter: Limiter | None = None, runner: Runner | None = None) -> Extractor:
         """The extractor. ``limiter`` is the run's one LLM gate (the flow passes the
         Prefect-backed one from `flows.llm_limits`); without it, this block's limits
-        hold in this process only."""
+        hold in this process only. ``runner`` (the run's `DocumentWorkers`) runs the
+        rules extractor in a bounded worker process instead of on the event loop."""
         if self.kind == "rules":
             from invoiceflow.extractors.rules import RulesExtractor
 
-            return RulesExtractor()
+            return RulesExtractor(runner=runner)
         limiter = limiter or run_limiter(
             self.provider_limits(), run_cap=None, default_cap=self.max_connections
         )

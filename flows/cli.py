@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -18,9 +20,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from invoiceflow import stack
+from invoiceflow import prodstack, stack
 
 if TYPE_CHECKING:
+    from flows.provision import Provisioned
     from invoiceflow.reconcile import ReconcileReport
 
 app = typer.Typer(
@@ -39,13 +42,20 @@ StateDir = Annotated[
 
 
 def _use_local_stack(state_dir: Path | None) -> stack.StackInfo | None:
-    """Point this process at the local stack unless PREFECT_API_URL is already set."""
+    """Point this process at the local stack unless PREFECT_API_URL is already set.
+
+    The embedded stack wins if it runs; else a running production stack
+    (`invoiceflow up --production`), whose environment is applied the same way.
+    """
     info = stack.load(state_dir)
-    if os.environ.get("PREFECT_API_URL") and (
-        info is None or os.environ["PREFECT_API_URL"] != info.api_url
-    ):
+    configured = os.environ.get("PREFECT_API_URL")
+    if configured and (info is None or configured != info.api_url):
         return None  # the user configured another stack; respect it
     if info is None or not stack.is_running(info):
+        production = prodstack.load(_production_dir(state_dir))
+        if not configured and production is not None and prodstack.is_running(production):
+            os.environ.update(production.env())
+            return None
         err.print(
             "[red]The local stack is not running.[/] Start it with `invoiceflow up`, "
             "or set PREFECT_API_URL to use another Prefect server."
@@ -53,6 +63,27 @@ def _use_local_stack(state_dir: Path | None) -> stack.StackInfo | None:
         raise typer.Exit(2)
     os.environ.update(info.env())
     return info
+
+
+def _production_dir(state_dir: Path | None) -> Path:
+    return (state_dir / "production") if state_dir else prodstack.default_state_dir()
+
+
+def _production_only_running(state_dir: Path | None) -> bool:
+    production = prodstack.load(_production_dir(state_dir))
+    embedded = stack.load(state_dir)
+    return (
+        production is not None
+        and prodstack.is_running(production)
+        and (embedded is None or not stack.is_running(embedded))
+    )
+
+
+def _report(done: Provisioned) -> None:
+    for line in done.created:
+        console.print(f"[green]created[/] {line}")
+    for line in done.kept:
+        console.print(f"[dim]ok[/]      {line}")
 
 
 @app.command()
@@ -66,8 +97,50 @@ def up(
     ] = None,
     samples: Annotated[int, typer.Option(help="Sample invoices to upload.")] = 12,
     bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "invoiceflow",
+    local: Annotated[
+        bool, typer.Option(help="Start the embedded stack even though PREFECT_API_URL is set.")
+    ] = False,
+    production: Annotated[
+        bool,
+        typer.Option(
+            help="Prefect's production stack instead: Postgres, Redis, API replicas behind "
+            "haproxy (TLS, basic auth), S3 and workers."
+        ),
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="--production: API replicas.")] = 2,
+    workers: Annotated[int, typer.Option(help="--production: process workers.")] = 2,
+    worker_limit: Annotated[
+        int, typer.Option(help="--production: flow runs per worker at once.")
+    ] = 1,
 ) -> None:
-    """Start (or reuse) the local Prefect server and S3, and provision them."""
+    """Start (or reuse) a local stack and provision it: bucket, blocks, lock, samples.
+
+    With PREFECT_API_URL set, no second server is started: it says which server is in
+    use (provision that one with `invoiceflow provision`), unless --local is given.
+    """
+    external = os.environ.get("PREFECT_API_URL")
+    if external and not local and not production:
+        console.print(
+            f"PREFECT_API_URL is set: using the Prefect server at {external}; no local "
+            "server started. Provision it with `invoiceflow provision --bucket NAME "
+            "[--endpoint-url URL --region R]`, or run `invoiceflow up --local` to start "
+            "the embedded stack for this command anyway."
+        )
+        return
+    if production or (not local and _production_only_running(state_dir)):
+        if not production:
+            console.print(
+                "The production stack is running: using it (--local starts the embedded one)."
+            )
+            workers = 0
+        _up_production(state_dir, samples, bucket, replicas, workers, worker_limit)
+        return
+    _up_embedded(state_dir, prefect_port, s3_port, samples, bucket)
+
+
+def _up_embedded(
+    state_dir: Path | None, prefect_port: int | None, s3_port: int | None, samples: int, bucket: str
+) -> None:
     try:
         with console.status("starting Prefect server and S3 on 127.0.0.1 …"):
             info, reused = stack.up(
@@ -91,22 +164,126 @@ def up(
     console.print("To use it from a shell:  eval $(invoiceflow env)")
 
 
+def _up_production(
+    state_dir: Path | None, samples: int, bucket: str, replicas: int, workers: int, limit: int
+) -> None:
+    try:
+        with console.status("starting Postgres, Redis, API replicas, haproxy and S3 …"):
+            info, reused = prodstack.up_production(
+                _production_dir(state_dir), replicas=replicas, bucket=bucket
+            )
+    except stack.StackError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    os.environ.update(info.env())
+    from flows.deploy import ensure_work_pool, worker_command
+    from flows.provision import provision_local
+
+    _, uploaded = asyncio.run(
+        provision_local(bucket=info.bucket, endpoint_url=info.s3_endpoint, samples=samples)
+    )
+    asyncio.run(ensure_work_pool())
+    running = [name for name in info.pids if name.startswith("worker-")]
+    for index in range(len(running), workers):
+        prodstack.start_worker(
+            info, worker_command(limit=limit), f"worker-{index}", die_with_caller=False
+        )
+    verb = "reused" if reused else "started"
+    console.print(
+        f"[green]Production stack {verb}.[/] API (haproxy, TLS): {info.api_url} over "
+        f"{len(info.replica_ports)} replicas; UI: {info.ui_url} (user {prodstack.API_USER}); "
+        f"S3: {info.s3_endpoint}; workers: {max(workers, len(running))} (limit {limit}); "
+        f"new sample invoices: {uploaded}. State and logs: {info.state_dir}"
+    )
+    console.print("To use it from a shell:  eval $(invoiceflow env --production)")
+
+
+@app.command()
+def provision(
+    state_dir: StateDir = None,
+    bucket: Annotated[
+        str | None, typer.Option(help="Bucket the invoices live in [default: local stack's].")
+    ] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3-compatible endpoint (MinIO, R2, moto); none for AWS.")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="Region of the bucket.")] = None,
+    create_bucket: Annotated[bool, typer.Option(help="Create the bucket if missing.")] = False,
+    store_keys: Annotated[
+        bool,
+        typer.Option(
+            help="Store AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from this environment in the "
+            "block. Default: no keys; runs use the default credential chain of their machine."
+        ),
+    ] = False,
+    samples: Annotated[int, typer.Option(help="Generated sample invoices to upload.")] = 0,
+    prefix: Annotated[str, typer.Option(help="Where the samples go.")] = "incoming/",
+    lock: Annotated[str, typer.Option(help="The manifest's concurrency limit.")] = (
+        "invoiceflow-manifest"
+    ),
+) -> None:
+    """Create or repair what runs need on PREFECT_API_URL's server (else the local stack):
+    the S3 blocks, the extractor block, the manifest lock, optionally the bucket and
+    samples. Idempotent: run it again after any change."""
+    info = _use_local_stack(state_dir)
+    from flows.provision import Provisioned, StorageTarget
+    from flows.provision import provision as provision_stack
+
+    if bucket is None and info is None:
+        err.print("[red]--bucket is required for a server other than the local stack[/]")
+        raise typer.Exit(2)
+    keys = (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    if store_keys and not all(keys):
+        err.print("[red]--store-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set[/]")
+        raise typer.Exit(2)
+    target = StorageTarget(
+        bucket or info.bucket,  # type: ignore[union-attr]
+        endpoint_url or (info.s3_endpoint if info and not bucket else None),
+        region,
+        *(keys if store_keys else (None, None)),
+    )
+    done = Provisioned()
+    api = os.environ["PREFECT_API_URL"]
+    try:
+        asyncio.run(
+            provision_stack(
+                target, create_bucket=create_bucket, samples=samples, prefix=prefix,
+                lock=lock, done=done,
+            )
+        )  # fmt: skip
+    except Exception as exc:
+        _report(done)
+        err.print(f"[red]provisioning {api} stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+    _report(done)
+    console.print(f"Provisioned {api} for s3://{target.bucket}.")
+
+
 @app.command()
 def down(state_dir: StateDir = None) -> None:
-    """Stop the local stack's servers."""
+    """Stop the local stacks' servers (embedded and production; data is kept)."""
     info = stack.down(state_dir)
-    console.print("Local stack stopped." if info else "No local stack was running.")
+    production = prodstack.down_production(_production_dir(state_dir))
+    stopped = [name for name, s in (("Local", info), ("Production", production)) if s]
+    console.print(
+        " and ".join(stopped) + " stack stopped." if stopped else "No local stack was running."
+    )
 
 
 @app.command()
-def env(state_dir: StateDir = None) -> None:
-    """Print `export` lines pointing a shell at the local stack."""
-    info = stack.load(state_dir)
-    if info is None:
-        err.print("No local stack; run `invoiceflow up` first.")
+def env(
+    state_dir: StateDir = None,
+    production: Annotated[bool, typer.Option(help="The production stack's.")] = False,
+) -> None:
+    """Print `export` lines pointing a shell at the local (or production) stack."""
+    found = prodstack.load(_production_dir(state_dir)) if production else stack.load(state_dir)
+    if found is None:
+        err.print(
+            f"No {'production' if production else 'local'} stack; run `invoiceflow up` first."
+        )
         raise typer.Exit(2)
-    for key, value in info.env().items():
-        print(f"export {key}={value}")
+    for key, value in found.env().items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 @app.command()
@@ -175,7 +352,7 @@ def deploy(
     state_dir: StateDir = None,
     bucket: Annotated[
         str | None,
-        typer.Option(help="Real S3 bucket to save the bucket block for (default boto3 creds)."),
+        typer.Option(help="S3 bucket to (re)write the bucket block for (no keys stored)."),
     ] = None,
     region: Annotated[str | None, typer.Option(help="AWS region of --bucket.")] = None,
     endpoint_url: Annotated[
@@ -188,32 +365,61 @@ def deploy(
             help="Save a Custom Webhook block that failed runs notify.",
         ),
     ] = None,
+    pull: Annotated[
+        Literal["path", "git"],
+        typer.Option(
+            help="How flow runs get the code: `path` = this checkout's absolute path (same "
+            "machine, or the same path everywhere); `git` = Prefect's git_clone of --repo."
+        ),
+    ] = "path",
+    repo: Annotated[
+        str | None, typer.Option(help="--pull git: repository URL (https, ssh or file://).")
+    ] = None,
+    branch: Annotated[str | None, typer.Option(help="--pull git: branch to clone.")] = None,
 ) -> None:
     """Create the work pool, manifest lock and blocks, then deploy prefect.yaml.
 
     Uses PREFECT_API_URL when set, otherwise the local stack of `invoiceflow up`.
+    Everything that can refuse the deploy is checked before anything is created; if a
+    later step fails, the output lists what was made.
     """
     info = _use_local_stack(state_dir)
-    from flows.deploy import DeployError, deploy_all, prepare_server
+    from flows.deploy import (
+        DeployError,
+        deploy_all,
+        prefect_file_with_git_pull,
+        prepare_server,
+    )
+    from flows.provision import Provisioned, StorageTarget
 
+    if pull == "git" and not repo:
+        err.print("[red]--pull git needs --repo URL[/]")
+        raise typer.Exit(2)
+    target = StorageTarget(bucket, endpoint_url, region) if bucket else None
+    done = Provisioned()
     try:
-        prepared = asyncio.run(
-            prepare_server(
-                bucket=bucket, region=region, endpoint_url=endpoint_url, webhook_url=webhook_url
-            )
-        )
-        for line in prepared.created:
-            console.print(f"[green]created[/] {line}")
-        for line in prepared.kept:
-            console.print(f"[dim]ok[/]      {line}")
-        deploy_all()
-    except DeployError as exc:
-        err.print(f"[red]{exc}[/]")
+        asyncio.run(prepare_server(target=target, webhook_url=webhook_url, done=done))
+        _report(done)
+        with tempfile.TemporaryDirectory(prefix="invoiceflow-deploy-") as scratch:
+            git = repo if pull == "git" else None
+            deploy_all(prefect_file=git and prefect_file_with_git_pull(git, branch, Path(scratch)))
+    except (DeployError, OSError, ValueError) as exc:
+        _report_failure(done, exc)
         raise typer.Exit(1) from None
     ui = info.ui_url if info is not None else os.environ["PREFECT_API_URL"].removesuffix("/api")
     console.print(
         f"Deployed. Start a worker with `make worker`; runs and the run form: {ui}/deployments"
     )
+
+
+def _report_failure(done: Provisioned, exc: Exception) -> None:
+    err.print(f"[red]deploy failed:[/] {exc}")
+    if done.created:
+        err.print("Made before the failure (kept; running deploy again reuses it):")
+        for line in done.created:
+            err.print(f"  {line}")
+    else:
+        err.print("Nothing was created.")
 
 
 @app.command()

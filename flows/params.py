@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -167,6 +167,20 @@ class ProcessInvoicesParams(BaseModel):
         description="Processes reading documents (pypdf, attachments, OCR, the rules "
         "extractor) at once. Each is killed and replaced when it runs past a budget.",
     )
+    ocr_languages: str = Field(
+        default=DOCUMENT_DEFAULTS.ocr_languages,
+        pattern=r"^[a-z_]{3,}(\+[a-z_]{3,})*$",
+        title="OCR languages",
+        description="Tesseract language packs for scanned pages, joined with '+' (Debian "
+        "packages tesseract-ocr-deu, -fra, -nld, -eng; add others the same way).",
+    )
+    ocr_page_time_s: float = Field(
+        default=DOCUMENT_DEFAULTS.ocr_page_time_s,
+        ge=1,
+        le=600,
+        title="OCR time per page (s)",
+        description="Tesseract's own timeout per scanned page, inside the time per document.",
+    )
     document_time_limit_s: float = Field(
         default=DOCUMENT_DEFAULTS.time_limit_s,
         ge=1,
@@ -220,13 +234,17 @@ class ProcessInvoicesParams(BaseModel):
         """How often the run renews its claims: a fifth of the timeout, at most a minute."""
         return min(60.0, self.claim_timeout_s / 5)
 
-    def document_limits(self) -> DocumentLimits:
-        """The budgets for reading one document, from these parameters."""
+    def document_limits(self, **vision: Any) -> DocumentLimits:
+        """The budgets for reading one document, from these parameters; `vision` holds
+        the extractor block's image settings (`ExtractorBlock.vision_limits`)."""
         return DocumentLimits(
             max_bytes=self.max_pdf_bytes,
             max_pages=self.max_pages,
             time_limit_s=self.document_time_limit_s,
             memory_limit_mb=self.document_memory_limit_mb,
+            ocr_languages=self.ocr_languages,
+            ocr_page_time_s=self.ocr_page_time_s,
+            **vision,
         )
 
     def chunk_size(self, n: int) -> int:

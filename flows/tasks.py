@@ -25,6 +25,7 @@ from flows.progress import expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
 from flows.s3 import s3_store
+from flows.server_check import warn_about_lease_storage
 from flows.tally import RunTally
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
@@ -40,27 +41,28 @@ T = TypeVar("T")
 
 @contextlib.asynccontextmanager
 async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoicePipeline]:
-    """Load the blocks, verify the manifest lock, and run one group committer."""
+    """Load the blocks, verify the manifest lock, start the document workers, the
+    extractor and one group committer."""
     await check_manifest_lock(params.manifest_lock)
+    await warn_about_lease_storage()  # loud in the run log when leases are per replica
     bucket = await S3Bucket.load(params.bucket_block)
     extractor_block = await ExtractorBlock.load(params.extractor_block)
     await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
     s3 = s3_store(bucket)
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
-    # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
-    limiter = await provider_limiter(
-        extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
-    )
-    extractor = extractor_block.build(limiter=limiter)
     config = PipelineConfig(
         source_prefix=params.source_prefix,
         results_prefix=params.results_prefix,
         run_id=str(flow_run.id),
         source_suffixes=params.source_suffixes,
-        limits=params.document_limits(),
+        limits=params.document_limits(**extractor_block.vision_limits()),
         claim_timeout=params.claim_timeout,
         max_attempts=params.max_attempts,
+    )
+    # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
+    limiter = await provider_limiter(
+        extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
     )
     try:
         # One sync API client for every sync task run of this flow: otherwise each
@@ -68,26 +70,29 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         # (~100 ms CPU each, upstream PR #19106). httpx.Client is thread-safe.
         with (
             SyncClientContext.get_or_create(),
-            # Untrusted document work runs in these processes, under the run's budgets.
+            # Untrusted document work (and the rules extractor) runs in these
+            # processes, under the run's budgets, never on the flow's event loop.
             DocumentWorkers(params.document_workers, config.limits) as workers,
         ):
-            async with (
-                tracking_progress(),
-                GroupCommitter(
-                    store,
-                    max_batch=params.max_commit_batch,
-                    max_wait_s=params.commit_interval_s,
-                    run_id=config.run_id,  # renews this run's claims while it lives
-                    renew_every_s=params.claim_renewal_s,
-                ) as committer,
-            ):
-                yield InvoicePipeline(
-                    s3, committer, extractor, config, flow_run_liveness, read=workers.read
-                )
+            extractor = extractor_block.build(limiter=limiter, runner=workers)
+            try:
+                async with (
+                    tracking_progress(),
+                    GroupCommitter(
+                        store,
+                        max_batch=params.max_commit_batch,
+                        max_wait_s=params.commit_interval_s,
+                        run_id=config.run_id,  # renews this run's claims while it lives
+                        renew_every_s=params.claim_renewal_s,
+                    ) as committer,
+                ):
+                    yield InvoicePipeline(
+                        s3, committer, extractor, config, flow_run_liveness, read=workers.read
+                    )
+            finally:
+                if (aclose := getattr(extractor, "aclose", None)) is not None:
+                    await aclose()
     finally:
-        aclose = getattr(extractor, "aclose", None)
-        if aclose is not None:
-            await aclose()
         if limiter is not None:
             await limiter.aclose()  # provider slots go back to the other runs now
 

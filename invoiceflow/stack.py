@@ -147,7 +147,15 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str], *, die_with_parent: bool) -> int:
+def _spawn(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str],
+    *,
+    die_with_parent: bool,
+    **popen_options: object,
+) -> int:
+    """Start `cmd` detached in its own session; `popen_options` (user=, group=, cwd=)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -158,6 +166,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], *, die_with_parent: b
             env=env,
             start_new_session=True,  # own process group: `down` stops its children too
             preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+            **popen_options,  # type: ignore[arg-type]
         )
     return proc.pid
 
@@ -257,11 +266,13 @@ def up(
     return info, False
 
 
-def _stop(pid: int, timeout_s: float = 15) -> None:
+def _stop(pid: int, timeout_s: float = 15, first_signal: int = signal.SIGTERM) -> None:
+    """Signal the process group, wait, then SIGKILL it (a Prefect worker stops cleanly
+    on SIGINT, not SIGTERM: pass `first_signal`)."""
     if not pid_alive(pid):
         return
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, first_signal)
     except OSError:
         return
     deadline = time.monotonic() + timeout_s

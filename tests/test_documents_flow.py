@@ -30,7 +30,7 @@ def documents() -> dict[str, tuple[bytes, Invoice, str]]:
     pdf, truth = generate_invoice(11)  # the seeds test_ocr.py reads exactly
     docs["scan.pdf"] = (scanned_pdf(pdf, seed=1), truth, "ocr")
     pdf, truth = generate_invoice(12, language="de")
-    mixed = mixed_pdf(pdf, seed=2, sender=truth.vendor_name or "")
+    mixed = mixed_pdf(pdf, seed=3, sender=truth.vendor_name or "")
     docs["mixed.PDF"] = (mixed, truth, "ocr")
     for kind in (
         "xrechnung-ubl.xml",

@@ -259,3 +259,25 @@ def test_close_wakes_callers_waiting_for_a_worker() -> None:
     second.join(timeout=10)
     assert not second.is_alive()
     assert sorted(outcomes) == ["busy", "closed"]
+
+
+async def test_the_flows_rules_extractor_runs_in_a_worker_process_not_the_caller() -> None:
+    """What the flow builds from a rules block: `extract_invoice` in a document worker
+    (under its budgets), never on the flow's event loop; and no page images."""
+    from blocks.extractor import ExtractorBlock
+
+    block = ExtractorBlock(kind="rules")
+    assert block.vision_limits() == {"vision": "never"}
+    seen: list[int] = []
+    with DocumentWorkers(1, DocumentLimits()) as workers:
+        original = workers.acall
+
+        async def spy(fn, *args):  # type: ignore[no-untyped-def]
+            seen.append(os.getpid())
+            return await original(fn, *args)
+
+        workers.acall = spy  # type: ignore[method-assign]
+        extractor = block.build(runner=workers)
+        extraction = await extractor.extract_document("Invoice No.: A-1\nTotal: 10.00 EUR")
+    assert seen, "the rules extractor did not go through the worker pool"
+    assert extraction.invoice.invoice_number == "A-1"
