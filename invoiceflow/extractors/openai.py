@@ -221,6 +221,17 @@ class _BoundedBody(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _check_settings(*, api_key: str, max_chars: int, repair_attempts: int) -> None:
+    if not api_key:
+        # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
+        # secret in our configuration must not silently pick up another key.
+        raise ValueError("api_key must be a non-empty string")
+    if max_chars < 1:
+        raise ValueError("max_chars must be positive")
+    if repair_attempts < 0:
+        raise ValueError("repair_attempts must be >= 0")
+
+
 class OpenAIExtractor:
     """`Extractor` backed by chat completions with strict JSON-schema output."""
 
@@ -255,14 +266,7 @@ class OpenAIExtractor:
         batch_max_bytes: int = 200 * 1024 * 1024,
         batch_completion_window: str = "24h",
     ) -> None:
-        if not api_key:
-            # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
-            # secret in our configuration must not silently pick up another key.
-            raise ValueError("api_key must be a non-empty string")
-        if max_chars < 1:
-            raise ValueError("max_chars must be positive")
-        if repair_attempts < 0:
-            raise ValueError("repair_attempts must be >= 0")
+        _check_settings(api_key=api_key, max_chars=max_chars, repair_attempts=repair_attempts)
         self._base_url = base_url
         self._api_key = api_key
         self.model = model
