@@ -42,11 +42,10 @@ from invoiceflow.extractors.llm import (
     PageImage,
     TokenPrice,
     VisionMode,
-    apply_budget,
+    budgeted_input,
     converse,
     count_attempt,
     estimate_tokens,
-    page_images,
     repair_message,
     user_message,
 )
@@ -195,13 +194,8 @@ class BedrockExtractor:
         images: Sequence[bytes] = (),
     ) -> Extraction:
         """Extract one invoice; ``images`` (PNG pages) go as Converse ``image`` blocks."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=MAX_IMAGE_BYTES,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=MAX_IMAGE_BYTES
         )
         # Images before the text, as Anthropic's models on Bedrock read them best.
         content = [*(_image_block(p) for p in pictures), {"text": user_message(sent, len(sent))}]

@@ -326,6 +326,34 @@ def page_images(
     return prepare_images(images, max_images=max_images, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
+class InputBudget(Protocol):
+    """An extractor's budgets for what one call may carry."""
+
+    max_chars: int
+    max_pages: int | None
+    vision: VisionMode
+    max_images: int
+    max_image_pixels: int
+
+
+def budgeted_input(
+    extractor: InputBudget, text: str, images: Sequence[bytes], *, max_image_bytes: int
+) -> tuple[str, Truncation | None, list[PageImage], list[str]]:
+    """The text and page images one call carries under ``extractor``'s budgets, what the
+    text budget cut, and notes on the images (see `apply_budget`, `page_images`)."""
+    sent, truncation = apply_budget(
+        text, max_chars=extractor.max_chars, max_pages=extractor.max_pages
+    )
+    pictures, notes = page_images(
+        images,
+        vision=extractor.vision,
+        max_images=extractor.max_images,
+        max_pixels=extractor.max_image_pixels,
+        max_bytes=max_image_bytes,
+    )
+    return sent, truncation, pictures, notes
+
+
 # --- answers ------------------------------------------------------------------------------
 
 _SYMBOL_CURRENCIES: Final[dict[str, str]] = {

@@ -55,12 +55,11 @@ from invoiceflow.extractors.llm import (
     StructuredOutput,
     TokenPrice,
     VisionMode,
-    apply_budget,
+    budgeted_input,
     converse,
     count_attempt,
     estimate_tokens,
     fit_text,
-    page_images,
     parse_answer,
     parse_invoice_content,
     repair_message,
@@ -374,13 +373,8 @@ class OpenAIExtractor:
         """Extract one invoice. ``invoice_key`` travels as ``X-Invoice-Key`` (for tracing
         and per-invoice request counting), percent-encoded because headers are ASCII.
         ``images`` (PNG pages) go as ``image_url`` data-URL parts of the user turn."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=self.max_image_bytes,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=self.max_image_bytes
         )
         headers = {INVOICE_KEY_HEADER: quote(invoice_key, safe="/")} if invoice_key else None
         chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, headers)
@@ -395,13 +389,8 @@ class OpenAIExtractor:
     ) -> tuple[dict[str, Any], Truncation | None, list[str]]:
         """The chat-completions body of one invoice for a batch JSONL line, with what the
         budgets cut: the same messages, in the same order, as an online call."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=self.max_image_bytes,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=self.max_image_bytes
         )
         chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, None)
         system = self._system_prompt() + (VISION_PROMPT if pictures else "")
