@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, Literal, Protocol
@@ -528,6 +528,47 @@ def parse_invoice_content(content: str) -> Invoice:
 
 
 # --- pricing --------------------------------------------------------------------------------
+
+
+class BatchPriced(Protocol):
+    """What `batch_answer_extraction` reads of an extractor."""
+
+    name: str
+    model: str
+    price: TokenPrice | None
+    price_currency: str
+
+
+def batch_answer_extraction(
+    extractor: BatchPriced,
+    answer_of: Callable[[], str | dict[str, Any]],
+    *,
+    strict: bool,
+    usage: Usage,
+    truncation: Truncation | None,
+    notes: Sequence[str],
+) -> Extraction:
+    """The `Extraction` of one batch output line, billed at batch prices. A batch has no
+    repair turn, so a failure to read the answer (``answer_of`` or `parse_answer`) is a
+    *transient* `ExtractionError` of one attempt that carries the line's usage and cost."""
+    cost = extractor.price.cost(usage, batch=True) if extractor.price else None
+    try:
+        invoice, answer_notes = parse_answer(answer_of(), strict=strict)
+    except ExtractionError as exc:
+        exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
+        raise
+    return Extraction(
+        invoice=invoice,
+        source="llm",
+        extractor=extractor.name,
+        model=extractor.model,
+        usage=usage,
+        cost=cost,
+        cost_currency=extractor.price_currency if extractor.price else None,
+        attempts=1,
+        truncation=truncation,
+        notes=(*notes, *answer_notes),
+    )
 
 
 class TokenPrice(BaseModel):

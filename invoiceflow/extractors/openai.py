@@ -55,12 +55,12 @@ from invoiceflow.extractors.llm import (
     StructuredOutput,
     TokenPrice,
     VisionMode,
+    batch_answer_extraction,
     budgeted_input,
     converse,
     count_attempt,
     estimate_tokens,
     fit_text,
-    parse_answer,
     parse_invoice_content,
     repair_message,
     schema_instructions,
@@ -422,26 +422,13 @@ class OpenAIExtractor:
             raise ExtractionError(
                 "invalid_json", f"batch line is not a chat completion: {exc}", transient=True
             ) from exc
-        usage = _reported_usage(completion)
-        cost = self.price.cost(usage, batch=True) if self.price else None
-        try:
-            invoice, answer_notes = parse_answer(
-                self._content(completion), strict=self.mode == "json_schema"
-            )
-        except ExtractionError as exc:
-            exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
-            raise
-        return Extraction(
-            invoice=invoice,
-            source="llm",
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            cost=cost,
-            cost_currency=self.price_currency if self.price else None,
-            attempts=1,
+        return batch_answer_extraction(
+            self,
+            lambda: self._content(completion),
+            strict=self.mode == "json_schema",
+            usage=_reported_usage(completion),
             truncation=truncation,
-            notes=(*notes, *answer_notes),
+            notes=notes,
         )
 
     def _system_prompt(self) -> str:
