@@ -8,6 +8,8 @@ type code 381 (EN 16931 keeps a credit note's amounts positive).
 
 For tests and demos of the e-invoice path (`pytest -m documents`, `invoiceflow
 extract FILE.xml`).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Beyond the default English invoices, `generate_invoice` can print German, French
 Dutch labels (`language`), and embed the invoice as e-invoice XML (`einvoice`:
 Factur-X / ZUGFeRD / XRechnung CII, or XRechnung UBL), the way hybrid e-invoices
 travel. `generate_corpus(..., varied=True)` mixes languages for `invoiceflow eval`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

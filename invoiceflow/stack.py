@@ -5,6 +5,8 @@ and ports in `<state dir>/stack.json`, and is idempotent: if the recorded proces
 are alive and healthy they are reused. `down` stops them. Provisioning what runs on
 the stack (bucket, concurrency limit, blocks, sample invoices) lives in
 `flows/provision.py`, because it talks to Prefect.
+
+Imports nothing from Prefect: the server runs as a subprocess.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ missing rather than assumed, the same vendor invoice number seen before).
 
 Pure checks on one invoice: duplicates across invoices are decided against the
 manifest, in `invoiceflow.duplicates`. This module imports nothing from `manifest`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ throttling, 5xx, timeouts and connection errors are retried with exponential bac
 and jitter; ``adaptive`` also rate-limits the client after throttling. What is left
 maps onto the same `ExtractionError` kinds as the OpenAI extractor (plus
 ``model_error`` for Bedrock's ModelErrorException, which is not retried).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ module moves the files and jobs, and it speaks the Anthropic Messages format.
 
 Bedrock wants ``roleArn``: a role Bedrock assumes to read the input and write the
 output. The files go to ``s3_uri`` (``s3://bucket/prefix/``).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ writes do not change what an element means.
 Besides the `Invoice`, each reader returns the figures the document states about
 itself (`StatedFigures`), so `einvoice.inconsistencies` can check the document
 against its own arithmetic before any of it is trusted.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

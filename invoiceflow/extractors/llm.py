@@ -3,6 +3,8 @@ budget, turning the model's answer into an `Invoice`, the repair loop, and prici
 
 Provider modules (`openai`, `bedrock`) only move bytes, speak their message format (a
 `ProviderChat`) and map their errors.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

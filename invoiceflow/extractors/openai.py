@@ -27,6 +27,8 @@ naming ``response_format``) is asked again in JSON mode with the schema in the p
 and one that rejects JSON mode too gets a plain prompt. The step down is remembered
 for the extractor's lifetime. Whatever the mode, an answer that fails validation gets
 ``repair_attempts`` (default one) follow-up turns quoting the error.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Works on the plain text layer produced by `invoiceflow.pdf.parse_pdf`, where eac
 visual line becomes one text line and table cells are separated by single spaces.
 The extractor never raises on odd input: a field it cannot find with confidence is
 left as None, because a wrong value is worse than a missing one downstream.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
