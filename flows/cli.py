@@ -23,6 +23,7 @@ from rich.table import Table
 from invoiceflow import prodstack, stack
 
 if TYPE_CHECKING:
+    from flows.params import ProcessInvoicesParams
     from flows.provision import Provisioned
     from invoiceflow.reconcile import ReconcileReport
 
@@ -384,6 +385,33 @@ def deploy(
     later step fails, the output lists what was made.
     """
     info = _use_local_stack(state_dir)
+    if pull == "git" and not repo:
+        err.print("[red]--pull git needs --repo URL[/]")
+        raise typer.Exit(2)
+    _provision_and_deploy(
+        bucket=bucket,
+        region=region,
+        endpoint_url=endpoint_url,
+        webhook_url=webhook_url,
+        git=repo if pull == "git" else None,
+        branch=branch,
+    )
+    ui = info.ui_url if info is not None else os.environ["PREFECT_API_URL"].removesuffix("/api")
+    console.print(
+        f"Deployed. Start a worker with `make worker`; runs and the run form: {ui}/deployments"
+    )
+
+
+def _provision_and_deploy(
+    *,
+    bucket: str | None,
+    region: str | None,
+    endpoint_url: str | None,
+    webhook_url: str | None,
+    git: str | None,
+    branch: str | None,
+) -> None:
+    """Prepare the server (pool, lock, blocks), then deploy prefect.yaml (git pull if `git`)."""
     from flows.deploy import (
         DeployError,
         deploy_all,
@@ -392,24 +420,16 @@ def deploy(
     )
     from flows.provision import Provisioned, StorageTarget
 
-    if pull == "git" and not repo:
-        err.print("[red]--pull git needs --repo URL[/]")
-        raise typer.Exit(2)
     target = StorageTarget(bucket, endpoint_url, region) if bucket else None
     done = Provisioned()
     try:
         asyncio.run(prepare_server(target=target, webhook_url=webhook_url, done=done))
         _report(done)
         with tempfile.TemporaryDirectory(prefix="invoiceflow-deploy-") as scratch:
-            git = repo if pull == "git" else None
             deploy_all(prefect_file=git and prefect_file_with_git_pull(git, branch, Path(scratch)))
     except (DeployError, OSError, ValueError) as exc:
         _report_failure(done, exc)
         raise typer.Exit(1) from None
-    ui = info.ui_url if info is not None else os.environ["PREFECT_API_URL"].removesuffix("/api")
-    console.print(
-        f"Deployed. Start a worker with `make worker`; runs and the run form: {ui}/deployments"
-    )
 
 
 def _report_failure(done: Provisioned, exc: Exception) -> None:
@@ -500,16 +520,43 @@ def reconcile(
     nobody will finish become transient failures (the next run redoes them). Writes
     through the manifest lock with one conditional write, so running flows lose nothing.
     """
-    import datetime as dt
-
     from flows.params import ProcessInvoicesParams
 
     _use_local_stack(state_dir)
     folders = ProcessInvoicesParams(
         source_prefix=prefix, results_prefix=results_prefix, manifest_key=manifest_key
     )
+    report = _run_reconcile(
+        bucket_block,
+        manifest_key,
+        manifest_lock,
+        folders,
+        release_claims_after=release_claims_after,
+        prune=prune,
+        dry_run=dry_run,
+        rebuild=rebuild,
+        max_manifest_bytes=max_manifest_bytes,
+    )
+    _print_reconcile_report(report, folders, dry_run=dry_run)
+
+
+def _run_reconcile(
+    bucket_block: str,
+    manifest_key: str,
+    manifest_lock: str,
+    folders: ProcessInvoicesParams,
+    *,
+    release_claims_after: float,
+    prune: bool,
+    dry_run: bool,
+    rebuild: bool,
+    max_manifest_bytes: int,
+) -> ReconcileReport:
+    """Run the repair; a failure (missing lock, unreadable manifest) exits with its reason."""
+    import datetime as dt
+
     try:
-        report = asyncio.run(
+        return asyncio.run(
             _reconcile(
                 bucket_block,
                 manifest_key,
@@ -526,6 +573,11 @@ def reconcile(
     except Exception as exc:  # a missing lock or an unreadable manifest: say what to do
         err.print(f"[red]reconcile failed:[/] {exc}")
         raise typer.Exit(1) from None
+
+
+def _print_reconcile_report(
+    report: ReconcileReport, folders: ProcessInvoicesParams, *, dry_run: bool
+) -> None:
     table = Table(title=f"reconcile {folders.source_prefix} against {folders.results_prefix}")
     table.add_column("finding")
     table.add_column("invoices", justify="right")

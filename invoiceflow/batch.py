@@ -21,6 +21,8 @@ none of its invoices waits on it.
 Not covered: a crash between the provider accepting a batch and its record being
 written leaves the invoices `processing`; the next run takes them over and requests
 them again (that batch is billed as well).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

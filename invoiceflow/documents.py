@@ -3,6 +3,8 @@
 `read_document` is pure and in-process: it is what a `DocumentWorkers` process runs
 (invoiceflow/sandbox.py), so every budget the operating system enforces there (wall
 clock, RLIMIT_AS) covers pypdf, the attachment and XML readers, pdfium and Tesseract.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Decided at commit time under the manifest lock (`RecordDone` is a manifest update), so
 two runs finishing twins at once cannot both miss each other. Beside the manifest
 because it reads manifest entries; the name/number comparisons come from `validate`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -8,13 +8,15 @@ type code 381 (EN 16931 keeps a credit note's amounts positive).
 
 For tests and demos of the e-invoice path (`pytest -m documents`, `invoiceflow
 extract FILE.xml`).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from pypdf import PdfReader, PdfWriter
 
@@ -29,14 +31,7 @@ SampleKind = Literal[
     "zugferd-1.xml",
     "zugferd-1.pdf",
 ]
-SAMPLE_KINDS: Final[tuple[SampleKind, ...]] = (
-    "xrechnung-ubl.xml",
-    "xrechnung-cii.xml",
-    "factur-x.xml",
-    "ubl-credit-note.xml",
-    "zugferd-1.xml",
-    "zugferd-1.pdf",
-)
+SAMPLE_KINDS: Final[tuple[SampleKind, ...]] = get_args(SampleKind)
 _BASE: Final[dict[SampleKind, EInvoiceFlavor]] = {
     "xrechnung-ubl.xml": "xrechnung-ubl",
     "xrechnung-cii.xml": "xrechnung-cii",

@@ -7,6 +7,8 @@ path or the extractor (the rules extractor runs in the worker pool too), then th
 validation the pipeline applies. `evaluate_dir` runs it over a folder of documents with
 expected JSON next to them (same stem) and scores exact matches per field;
 `evaluate_scans` compares the scanned copies of a corpus with its text PDFs.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Locale-tolerant parsing of amounts and dates as they are printed on invoices."""
+"""Locale-tolerant parsing of amounts and dates as they are printed on invoices.
+
+Imports nothing from Prefect.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ pypdfium2 (BSD-3/Apache-2.0) renders; PyMuPDF would do too but is AGPL-3.0.
 Tesseract 5 runs as a subprocess through pytesseract, so it holds no GIL; in a
 `DocumentWorkers` process it inherits the worker's RLIMIT_AS and process group, so the
 pool's limits cover it, and ``OMP_THREAD_LIMIT=1`` there keeps it to one core.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Everything pypdf can throw (its own errors, but also KeyError/ValueError/zlib errors on
 malformed input) is translated here, so callers only ever have to handle `PdfError`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

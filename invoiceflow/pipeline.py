@@ -28,7 +28,7 @@ import datetime as dt
 import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -362,16 +362,27 @@ class InvoicePipeline:
 
         Never raises (cancellation aside): whatever happens is this invoice's outcome.
         """
+        return await self._within_boundary(doc, lambda: self._process(doc), Status.pending)
+
+    async def _within_boundary(
+        self,
+        doc: ParsedDoc,
+        steps: Callable[[], Awaitable[InvoiceOutcome]],
+        unrecorded_status: Status,
+    ) -> InvoiceOutcome:
+        """The per-invoice boundary: any exception of `steps` becomes this invoice's
+        recorded failure; if recording itself has stopped, the outcome says so with
+        `unrecorded_status`. Always tells the committer this producer is done."""
         try:
             try:
-                return await self._process(doc)
+                return await steps()
             except RecordingStopped:
                 raise
             except Exception as exc:
                 return await self._record_failure(doc.item, failure_of(exc))
         except RecordingStopped as stopped:
             return InvoiceOutcome(
-                doc.item.key, Status.pending, False, error_kind="not_recorded",
+                doc.item.key, unrecorded_status, False, error_kind="not_recorded",
                 error_message=str(stopped),
             )  # fmt: skip
         finally:
@@ -400,22 +411,13 @@ class InvoicePipeline:
         """Validate, write and record an extraction obtained elsewhere (a provider batch's
         output line), or record why there is none: the same steps and the same
         per-invoice boundary as `process`. Never raises (cancellation aside)."""
-        try:
-            try:
-                if isinstance(extraction, Exception):
-                    raise extraction
-                return await self._finish(doc, extraction)
-            except RecordingStopped:
-                raise
-            except Exception as exc:
-                return await self._record_failure(doc.item, failure_of(exc))
-        except RecordingStopped as stopped:
-            return InvoiceOutcome(
-                doc.item.key, Status.submitted, False, error_kind="not_recorded",
-                error_message=str(stopped),
-            )  # fmt: skip
-        finally:
-            self.committer.producer_done()
+
+        async def steps() -> InvoiceOutcome:
+            if isinstance(extraction, Exception):
+                raise extraction
+            return await self._finish(doc, extraction)
+
+        return await self._within_boundary(doc, steps, Status.submitted)
 
     async def _finish(self, doc: ParsedDoc, extraction: Extraction) -> InvoiceOutcome:
         """validate -> write -> record, for an extraction from any source."""

@@ -14,6 +14,8 @@ With `die_with_caller` (tests, benchmarks) the processes get SIGTERM when the ca
 dies, even by SIGKILL.
 
 Postgres refuses to run as root; as root the stack runs it as the `postgres` user.
+
+Imports nothing from Prefect: its servers run as subprocesses.
 """
 
 from __future__ import annotations

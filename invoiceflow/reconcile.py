@@ -32,6 +32,8 @@ With ``rebuild``, an unreadable manifest (invalid JSON, wrong type or format, ov
 ``entries`` not an object) is replaced instead: `ManifestStore.rebuild` first copies it
 to ``<key>.broken-<timestamp>`` and stops if that copy fails, keeps whatever entries
 still decode, and this update rebuilds the prefix's entries from the results.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

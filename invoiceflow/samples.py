@@ -9,6 +9,8 @@ Beyond the default English invoices, `generate_invoice` can print German, French
 Dutch labels (`language`), and embed the invoice as e-invoice XML (`einvoice`:
 Factur-X / ZUGFeRD / XRechnung CII, or XRechnung UBL), the way hybrid e-invoices
 travel. `generate_corpus(..., varied=True)` mixes languages for `invoiceflow eval`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -591,21 +593,16 @@ def _vendors(language: Language) -> tuple[_Vendor, ...]:
     return tuple(by_name[name] for name in names)
 
 
-def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None = None) -> _Plan:
-    rng = random.Random(seed)
-    words = WORDS[language]
-    vendor = rng.choice(_vendors(language))
-    customer = rng.choice([c for c in CUSTOMERS if c[0] != vendor.name])
-    locale = _LOCALES[vendor.country]
-    currency = vendor.currency
-    if rng.random() < 0.2:
-        currency = rng.choice([c for c in _CURRENCIES if c != vendor.currency])
-
+def _invoice_dates(rng: random.Random) -> tuple[dt.date, dt.date | None]:
     issued = dt.date(2025, 1, 1) + dt.timedelta(days=rng.randrange(730))
     due: dt.date | None = issued + dt.timedelta(days=rng.choice((7, 14, 30, 30, 45, 60)))
     if rng.random() < 0.1:
         due = None
-    year = issued.year
+    return issued, due
+
+
+def _invoice_references(rng: random.Random, vendor: _Vendor, year: int) -> tuple[str, str | None]:
+    """The invoice number and (sometimes) a purchase-order number."""
     number = vendor.number_format.format(
         year=year, n=rng.randrange(1, 10**4 if "{n:04d}" in vendor.number_format else 10**5)
     )
@@ -618,7 +615,10 @@ def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None 
                 f"PO{year}-{rng.randrange(1, 999):03d}",
             )
         )
+    return number, po_number
 
+
+def _line_items(rng: random.Random) -> list[LineItem]:
     items: list[LineItem] = []
     n_items = rng.choice((rng.randint(1, 6), rng.randint(1, 15), rng.randint(1, 40)))
     for description, low, high, fractional in rng.sample(CATALOG, k=min(n_items, len(CATALOG))) + [
@@ -637,6 +637,20 @@ def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None 
                 description=description, quantity=quantity, unit_price=unit_price, amount=amount
             )
         )
+    return items
+
+
+def _plan_invoice(
+    rng: random.Random,
+    vendor: _Vendor,
+    customer: tuple[str, str, str | None],
+    currency: str,
+    einvoice: EInvoiceFlavor | None,
+) -> tuple[Invoice, str, bool, Decimal]:
+    """The invoice's content, with its tax rate, reverse-charge flag and amount already paid."""
+    issued, due = _invoice_dates(rng)
+    number, po_number = _invoice_references(rng, vendor, issued.year)
+    items = _line_items(rng)
 
     reverse_charge = vendor.country not in ("US", "CA", "AU") and rng.random() < 0.1
     tax_rate = "0" if reverse_charge else rng.choice(vendor.tax_rates)
@@ -648,11 +662,6 @@ def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None 
     show_due_amount = rng.random() < 0.75 or einvoice is not None
     if show_due_amount and rng.random() < 0.25:
         paid = (total * Decimal(rng.choice((10, 25, 30, 50))) / 100).quantize(CENT, ROUND_HALF_UP)
-
-    currency_mode: Literal["label", "code", "symbol"] = rng.choice(("label", "code", "symbol"))
-    if currency_mode == "symbol" and currency not in _SYMBOLS:
-        currency_mode = "code"
-    columns = rng.choice(_LAYOUTS)
     invoice = Invoice(
         invoice_number=number,
         invoice_date=issued,
@@ -668,6 +677,26 @@ def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None 
         amount_due=(total - paid) if show_due_amount else None,
         line_items=items,
     )
+    return invoice, tax_rate, reverse_charge, paid
+
+
+def _plan(seed: int, language: Language = "en", einvoice: EInvoiceFlavor | None = None) -> _Plan:
+    rng = random.Random(seed)
+    words = WORDS[language]
+    vendor = rng.choice(_vendors(language))
+    customer = rng.choice([c for c in CUSTOMERS if c[0] != vendor.name])
+    locale = _LOCALES[vendor.country]
+    currency = vendor.currency
+    if rng.random() < 0.2:
+        currency = rng.choice([c for c in _CURRENCIES if c != vendor.currency])
+    invoice, tax_rate, reverse_charge, paid = _plan_invoice(
+        rng, vendor, customer, currency, einvoice
+    )
+
+    currency_mode: Literal["label", "code", "symbol"] = rng.choice(("label", "code", "symbol"))
+    if currency_mode == "symbol" and currency not in _SYMBOLS:
+        currency_mode = "code"
+    columns = rng.choice(_LAYOUTS)
     return _Plan(
         invoice=invoice,
         vendor=vendor,
@@ -1213,6 +1242,26 @@ def einvoice_xml(plan: _Plan) -> tuple[str, bytes]:
     return name, _cii_xml(plan, guideline)
 
 
+def _cii_line(
+    x: _Xml, trade: ET.Element, number: int, item: LineItem, category: str, tax_rate: str
+) -> None:
+    line = x.sub(trade, "ram:IncludedSupplyChainTradeLineItem")
+    x.sub(x.sub(line, "ram:AssociatedDocumentLineDocument"), "ram:LineID", str(number))
+    x.sub(x.sub(line, "ram:SpecifiedTradeProduct"), "ram:Name", item.description)
+    agreement = x.sub(line, "ram:SpecifiedLineTradeAgreement")
+    price = x.sub(agreement, "ram:NetPriceProductTradePrice")
+    x.sub(price, "ram:ChargeAmount", _amount_xml(item.unit_price))
+    delivery = x.sub(line, "ram:SpecifiedLineTradeDelivery")
+    x.sub(delivery, "ram:BilledQuantity", _quantity_xml(item.quantity), unitCode="C62")
+    settlement = x.sub(line, "ram:SpecifiedLineTradeSettlement")
+    tax = x.sub(settlement, "ram:ApplicableTradeTax")
+    x.sub(tax, "ram:TypeCode", "VAT")
+    x.sub(tax, "ram:CategoryCode", category)
+    x.sub(tax, "ram:RateApplicablePercent", tax_rate)
+    summation = x.sub(settlement, "ram:SpecifiedTradeSettlementLineMonetarySummation")
+    x.sub(summation, "ram:LineTotalAmount", _amount_xml(item.amount))
+
+
 def _cii_xml(plan: _Plan, guideline: str) -> bytes:
     inv, x = plan.invoice, _Xml(_CII)
     currency = inv.currency or ""
@@ -1229,21 +1278,7 @@ def _cii_xml(plan: _Plan, guideline: str) -> bytes:
 
     trade = x.sub(root, "rsm:SupplyChainTradeTransaction")
     for number, item in enumerate(inv.line_items, start=1):
-        line = x.sub(trade, "ram:IncludedSupplyChainTradeLineItem")
-        x.sub(x.sub(line, "ram:AssociatedDocumentLineDocument"), "ram:LineID", str(number))
-        x.sub(x.sub(line, "ram:SpecifiedTradeProduct"), "ram:Name", item.description)
-        agreement = x.sub(line, "ram:SpecifiedLineTradeAgreement")
-        price = x.sub(agreement, "ram:NetPriceProductTradePrice")
-        x.sub(price, "ram:ChargeAmount", _amount_xml(item.unit_price))
-        delivery = x.sub(line, "ram:SpecifiedLineTradeDelivery")
-        x.sub(delivery, "ram:BilledQuantity", _quantity_xml(item.quantity), unitCode="C62")
-        settlement = x.sub(line, "ram:SpecifiedLineTradeSettlement")
-        tax = x.sub(settlement, "ram:ApplicableTradeTax")
-        x.sub(tax, "ram:TypeCode", "VAT")
-        x.sub(tax, "ram:CategoryCode", category)
-        x.sub(tax, "ram:RateApplicablePercent", plan.tax_rate)
-        summation = x.sub(settlement, "ram:SpecifiedTradeSettlementLineMonetarySummation")
-        x.sub(summation, "ram:LineTotalAmount", _amount_xml(item.amount))
+        _cii_line(x, trade, number, item, category, plan.tax_rate)
 
     agreement = x.sub(trade, "ram:ApplicableHeaderTradeAgreement")
     seller = x.sub(agreement, "ram:SellerTradeParty")

@@ -29,6 +29,8 @@ Use::
 At most ``processes`` jobs run at once; further callers wait for a free worker. An
 async caller that is cancelled stops waiting, but its job still runs to completion (or
 to the time limit) in the worker.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ A scan here is what an office scanner makes of a printed invoice: the page rende
 slight blur, JPEG-compressed, and written back as an image-only PDF (no text layer).
 A mixed PDF has a text page 1 (a cover letter) and the scanned invoice as page 2.
 Everything random comes from the seed, so the same seed gives the same bytes.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The invoice schema every extractor must produce (pydantic, Decimal money)."""
+"""The invoice schema every extractor must produce (pydantic, Decimal money).
+
+Imports nothing from Prefect.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ and ports in `<state dir>/stack.json`, and is idempotent: if the recorded proces
 are alive and healthy they are reused. `down` stops them. Provisioning what runs on
 the stack (bucket, concurrency limit, blocks, sample invoices) lives in
 `flows/provision.py`, because it talks to Prefect.
+
+Imports nothing from Prefect: the server runs as a subprocess.
 """
 
 from __future__ import annotations
@@ -211,22 +213,33 @@ def up(
     state = (state_dir or default_state_dir()).resolve()
     existing = load(state)
     if existing is not None and is_running(existing):
-        wanted = {
-            "--prefect-port": (prefect_port, existing.prefect_port),
-            "--s3-port": (s3_port, existing.s3_port),
-        }
-        for flag, (asked, running) in wanted.items():
-            if asked is not None and asked != running:
-                raise StackError(
-                    f"the local stack is already running with {flag} {running}; "
-                    f"run `invoiceflow down` first to move it to {asked}"
-                )
+        _check_running_ports(existing, prefect_port=prefect_port, s3_port=s3_port)
         return existing, True
     prefect_port = prefect_port or DEFAULT_PREFECT_PORT
     s3_port = s3_port or DEFAULT_S3_PORT
     if existing is not None:
         down(state)  # half-dead leftovers: clean them before starting anew
+    _check_ports_free(prefect_port, s3_port)
+    return _start(state, prefect_port, s3_port, bucket, timeout_s, die_with_caller), False
 
+
+def _check_running_ports(
+    existing: StackInfo, *, prefect_port: int | None, s3_port: int | None
+) -> None:
+    """Refuse to reuse a running stack on other ports than the ones asked for."""
+    wanted = {
+        "--prefect-port": (prefect_port, existing.prefect_port),
+        "--s3-port": (s3_port, existing.s3_port),
+    }
+    for flag, (asked, running) in wanted.items():
+        if asked is not None and asked != running:
+            raise StackError(
+                f"the local stack is already running with {flag} {running}; "
+                f"run `invoiceflow down` first to move it to {asked}"
+            )
+
+
+def _check_ports_free(prefect_port: int, s3_port: int) -> None:
     for name, port in (("Prefect", prefect_port), ("S3", s3_port)):
         if not port_is_free(port):
             flag = "--prefect-port" if name == "Prefect" else "--s3-port"
@@ -235,6 +248,16 @@ def up(
                 f"server cannot start; free it or choose another port with {flag}"
             )
 
+
+def _start(
+    state: Path,
+    prefect_port: int,
+    s3_port: int,
+    bucket: str,
+    timeout_s: float,
+    die_with_caller: bool,
+) -> StackInfo:
+    """Spawn both servers, record them in stack.json and wait until both answer."""
     prefect_home = state / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)
     logs = state / "logs"
@@ -263,7 +286,7 @@ def up(
     except StackError:
         down(state)
         raise
-    return info, False
+    return info
 
 
 def _stop(pid: int, timeout_s: float = 15, first_signal: int = signal.SIGTERM) -> None:

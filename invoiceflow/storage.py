@@ -4,6 +4,8 @@ Plain boto3 so the domain stays testable without Prefect. Transient S3 errors (5
 SlowDown, throttling, connection resets) are retried by botocore's own `standard`
 retry mode; conditional-write conflicts (412/409) are surfaced as `PreconditionFailed`
 for the caller to re-read and re-apply.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

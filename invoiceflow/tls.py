@@ -4,6 +4,8 @@ The production stack terminates TLS at haproxy. Clients trust the generated CA t
 PREFECT_API_SSL_CERT_FILE (Prefect's client) and AWS_CA_BUNDLE-like settings; nothing
 outside the state directory is touched. Uses the `cryptography` package (a dependency
 of Prefect), so no openssl CLI is needed.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

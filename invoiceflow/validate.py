@@ -13,6 +13,8 @@ missing rather than assumed, the same vendor invoice number seen before).
 
 Pure checks on one invoice: duplicates across invoices are decided against the
 manifest, in `invoiceflow.duplicates`. This module imports nothing from `manifest`.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -146,22 +148,17 @@ def ground(invoice: Invoice, text: str) -> tuple[Invoice, list[str]]:
         update[name] = None
         reasons.append(f"{name} {_show(value)} is not in the document text; dropped")
 
-    for name in _IDENTIFIERS:
-        value = getattr(invoice, name)
-        if value is not None and not evidence.has_identifier(value):
-            drop(name, value)
-    for name in _NAMES:
-        value = getattr(invoice, name)
-        if value is not None and not evidence.has_name(value):
-            drop(name, value)
-    for name in _DATES:
-        value = getattr(invoice, name)
-        if value is not None and not evidence.has_date(value):
-            drop(name, value)
-    for name in _MONEY:
-        value = getattr(invoice, name)
-        if value is not None and not evidence.has_amount(value):
-            drop(name, value)
+    supported_by_kind = (
+        (_IDENTIFIERS, evidence.has_identifier),
+        (_NAMES, evidence.has_name),
+        (_DATES, evidence.has_date),
+        (_MONEY, evidence.has_amount),
+    )
+    for names, supported in supported_by_kind:
+        for name in names:
+            value = getattr(invoice, name)
+            if value is not None and not supported(value):
+                drop(name, value)
     if invoice.currency is not None and invoice.currency not in evidence.currencies:
         drop("currency", invoice.currency)
     reasons += ground_payment_and_tax(invoice, evidence, update)

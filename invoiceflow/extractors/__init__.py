@@ -6,6 +6,8 @@ what the page/character budget cut, which model answered) also offer
 ``extract_document``, returning an `Extraction`; the pipeline prefers it. Its
 ``images`` are PNG pages for a vision model (OpenAI ``image_url`` data URLs, Bedrock
 ``image`` blocks); extractors that read only text ignore them.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ throttling, 5xx, timeouts and connection errors are retried with exponential bac
 and jitter; ``adaptive`` also rate-limits the client after throttling. What is left
 maps onto the same `ExtractionError` kinds as the OpenAI extractor (plus
 ``model_error`` for Bedrock's ModelErrorException, which is not retried).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -42,11 +44,10 @@ from invoiceflow.extractors.llm import (
     PageImage,
     TokenPrice,
     VisionMode,
-    apply_budget,
+    budgeted_input,
     converse,
     count_attempt,
     estimate_tokens,
-    page_images,
     repair_message,
     user_message,
 )
@@ -195,13 +196,8 @@ class BedrockExtractor:
         images: Sequence[bytes] = (),
     ) -> Extraction:
         """Extract one invoice; ``images`` (PNG pages) go as Converse ``image`` blocks."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=MAX_IMAGE_BYTES,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=MAX_IMAGE_BYTES
         )
         # Images before the text, as Anthropic's models on Bedrock read them best.
         content = [*(_image_block(p) for p in pictures), {"text": user_message(sent, len(sent))}]

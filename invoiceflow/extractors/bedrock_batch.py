@@ -12,6 +12,8 @@ module moves the files and jobs, and it speaks the Anthropic Messages format.
 
 Bedrock wants ``roleArn``: a role Bedrock assumes to read the input and write the
 output. The files go to ``s3_uri`` (``s3://bucket/prefix/``).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from invoiceflow.extractors.bedrock import (
     BedrockExtractor,
     map_bedrock_error,
 )
-from invoiceflow.extractors.llm import LLM_SCHEMA, apply_budget, parse_answer, user_message
+from invoiceflow.extractors.llm import (
+    LLM_SCHEMA,
+    apply_budget,
+    batch_answer_extraction,
+    user_message,
+)
 from invoiceflow.extractors.openai_batch import BatchLimits, BatchState, LineResult
 from invoiceflow.schema import Truncation, Usage
 
@@ -99,9 +106,8 @@ def anthropic_extraction(
         cached_tokens=read,
         cache_write_tokens=written,
     )
-    price = extractor.price
-    cost = price.cost(usage, batch=True) if price else None
-    try:
+
+    def tool_input() -> str | dict[str, Any]:
         answer = next(
             (
                 block.get("input")
@@ -112,21 +118,10 @@ def anthropic_extraction(
         )
         if answer is None:
             raise ExtractionError("invalid_json", "batch answer has no tool call", transient=True)
-        invoice, answer_notes = parse_answer(answer, strict=False)
-    except ExtractionError as exc:
-        exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
-        raise
-    return Extraction(
-        invoice=invoice,
-        source="llm",
-        extractor=extractor.name,
-        model=extractor.model,
-        usage=usage,
-        cost=cost,
-        cost_currency=extractor.price_currency if price else None,
-        attempts=1,
-        truncation=truncation,
-        notes=(*notes, *answer_notes),
+        return answer
+
+    return batch_answer_extraction(
+        extractor, tool_input, strict=False, usage=usage, truncation=truncation, notes=notes
     )
 
 

@@ -18,6 +18,8 @@ currency code as stated. No model, no heuristics, no cost.
 Parsing uses defusedxml (no entity declarations, no external references) on input no
 larger than `MAX_XML_BYTES`; attachments are size-checked before they are inflated
 (`einvoice_attachments`).
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ stage by stage, with ``zlib.decompressobj().decompress(data, max_length)``: no s
 ever holds more than the limit plus one byte. The declared ``/Params /Size`` is
 checked first (it is the producer's claim, so it can only refuse, never admit), then
 the encoded length, then the decoded length as it is produced.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -13,17 +13,19 @@ writes do not change what an element means.
 Besides the `Invoice`, each reader returns the figures the document states about
 itself (`StatedFigures`), so `einvoice.inconsistencies` can check the document
 against its own arithmetic before any of it is trusted.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import cache
-from typing import Final
+from typing import Any, Final
 from xml.etree.ElementTree import Element
 
 from invoiceflow.schema import DocumentType, Invoice, LineItem, TaxBreakdown
@@ -58,6 +60,19 @@ class StatedFigures:
     rounding: Decimal | None = None
     due_payable: Decimal | None = None
     tax_breakdown: tuple[TaxBreakdown, ...] = field(default=())
+
+    def invoice_fields(
+        self, currency: str | None, line_items: Iterable[LineItem]
+    ) -> dict[str, Any]:
+        """The `Invoice` money fields these figures state, with the currency and lines."""
+        return {
+            "currency": currency,
+            "subtotal": self.tax_basis_total,
+            "tax_total": self.tax_total,
+            "total": self.grand_total,
+            "amount_due": self.due_payable,
+            "line_items": list(line_items),
+        }
 
 
 @dataclass(frozen=True)
@@ -272,12 +287,7 @@ class CiiReader:
             customer_name=text_at(buyer, "Name"),
             po_number=text_at(self.agreement, "BuyerOrderReferencedDocument/IssuerAssignedID")
             or text_at(self.agreement, "BuyerOrderReferencedDocument/ID"),
-            currency=self.currency,
-            subtotal=stated.tax_basis_total,
-            tax_total=stated.tax_total,
-            total=stated.grand_total,
-            amount_due=stated.due_payable,
-            line_items=list(self._line_items()),
+            **stated.invoice_fields(self.currency, self._line_items()),
             document_type=document_type(type_code),
             customer_tax_id=self._tax_id(buyer),
             payment_terms=self._payment_terms(),
@@ -434,12 +444,7 @@ class UblReader:
             vendor_tax_id=self._tax_id(seller),
             customer_name=self._name(buyer),
             po_number=text_at(root, "OrderReference/ID"),
-            currency=self.currency,
-            subtotal=stated.tax_basis_total,
-            tax_total=stated.tax_total,
-            total=stated.grand_total,
-            amount_due=stated.due_payable,
-            line_items=list(self._line_items()),
+            **stated.invoice_fields(self.currency, self._line_items()),
             document_type=document_type(type_code, credit_note_root=self.credit_note),
             customer_tax_id=self._tax_id(buyer),
             payment_terms="\n".join(

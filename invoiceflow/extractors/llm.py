@@ -3,6 +3,8 @@ budget, turning the model's answer into an `Invoice`, the repair loop, and prici
 
 Provider modules (`openai`, `bedrock`) only move bytes, speak their message format (a
 `ProviderChat`) and map their errors.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, Literal, Protocol
@@ -326,6 +328,34 @@ def page_images(
     return prepare_images(images, max_images=max_images, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
+class InputBudget(Protocol):
+    """An extractor's budgets for what one call may carry."""
+
+    max_chars: int
+    max_pages: int | None
+    vision: VisionMode
+    max_images: int
+    max_image_pixels: int
+
+
+def budgeted_input(
+    extractor: InputBudget, text: str, images: Sequence[bytes], *, max_image_bytes: int
+) -> tuple[str, Truncation | None, list[PageImage], list[str]]:
+    """The text and page images one call carries under ``extractor``'s budgets, what the
+    text budget cut, and notes on the images (see `apply_budget`, `page_images`)."""
+    sent, truncation = apply_budget(
+        text, max_chars=extractor.max_chars, max_pages=extractor.max_pages
+    )
+    pictures, notes = page_images(
+        images,
+        vision=extractor.vision,
+        max_images=extractor.max_images,
+        max_pixels=extractor.max_image_pixels,
+        max_bytes=max_image_bytes,
+    )
+    return sent, truncation, pictures, notes
+
+
 # --- answers ------------------------------------------------------------------------------
 
 _SYMBOL_CURRENCIES: Final[dict[str, str]] = {
@@ -500,6 +530,47 @@ def parse_invoice_content(content: str) -> Invoice:
 
 
 # --- pricing --------------------------------------------------------------------------------
+
+
+class BatchPriced(Protocol):
+    """What `batch_answer_extraction` reads of an extractor."""
+
+    name: str
+    model: str
+    price: TokenPrice | None
+    price_currency: str
+
+
+def batch_answer_extraction(
+    extractor: BatchPriced,
+    answer_of: Callable[[], str | dict[str, Any]],
+    *,
+    strict: bool,
+    usage: Usage,
+    truncation: Truncation | None,
+    notes: Sequence[str],
+) -> Extraction:
+    """The `Extraction` of one batch output line, billed at batch prices. A batch has no
+    repair turn, so a failure to read the answer (``answer_of`` or `parse_answer`) is a
+    *transient* `ExtractionError` of one attempt that carries the line's usage and cost."""
+    cost = extractor.price.cost(usage, batch=True) if extractor.price else None
+    try:
+        invoice, answer_notes = parse_answer(answer_of(), strict=strict)
+    except ExtractionError as exc:
+        exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
+        raise
+    return Extraction(
+        invoice=invoice,
+        source="llm",
+        extractor=extractor.name,
+        model=extractor.model,
+        usage=usage,
+        cost=cost,
+        cost_currency=extractor.price_currency if extractor.price else None,
+        attempts=1,
+        truncation=truncation,
+        notes=(*notes, *answer_notes),
+    )
 
 
 class TokenPrice(BaseModel):

@@ -27,6 +27,8 @@ naming ``response_format``) is asked again in JSON mode with the schema in the p
 and one that rejects JSON mode too gets a plain prompt. The step down is remembered
 for the extractor's lifetime. Whatever the mode, an answer that fails validation gets
 ``repair_attempts`` (default one) follow-up turns quoting the error.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -55,13 +57,12 @@ from invoiceflow.extractors.llm import (
     StructuredOutput,
     TokenPrice,
     VisionMode,
-    apply_budget,
+    batch_answer_extraction,
+    budgeted_input,
     converse,
     count_attempt,
     estimate_tokens,
     fit_text,
-    page_images,
-    parse_answer,
     parse_invoice_content,
     repair_message,
     schema_instructions,
@@ -221,6 +222,17 @@ class _BoundedBody(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _check_settings(*, api_key: str, max_chars: int, repair_attempts: int) -> None:
+    if not api_key:
+        # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
+        # secret in our configuration must not silently pick up another key.
+        raise ValueError("api_key must be a non-empty string")
+    if max_chars < 1:
+        raise ValueError("max_chars must be positive")
+    if repair_attempts < 0:
+        raise ValueError("repair_attempts must be >= 0")
+
+
 class OpenAIExtractor:
     """`Extractor` backed by chat completions with strict JSON-schema output."""
 
@@ -255,14 +267,7 @@ class OpenAIExtractor:
         batch_max_bytes: int = 200 * 1024 * 1024,
         batch_completion_window: str = "24h",
     ) -> None:
-        if not api_key:
-            # The SDK would fall back to OPENAI_API_KEY from the environment; a blank
-            # secret in our configuration must not silently pick up another key.
-            raise ValueError("api_key must be a non-empty string")
-        if max_chars < 1:
-            raise ValueError("max_chars must be positive")
-        if repair_attempts < 0:
-            raise ValueError("repair_attempts must be >= 0")
+        _check_settings(api_key=api_key, max_chars=max_chars, repair_attempts=repair_attempts)
         self._base_url = base_url
         self._api_key = api_key
         self.model = model
@@ -370,13 +375,8 @@ class OpenAIExtractor:
         """Extract one invoice. ``invoice_key`` travels as ``X-Invoice-Key`` (for tracing
         and per-invoice request counting), percent-encoded because headers are ASCII.
         ``images`` (PNG pages) go as ``image_url`` data-URL parts of the user turn."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=self.max_image_bytes,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=self.max_image_bytes
         )
         headers = {INVOICE_KEY_HEADER: quote(invoice_key, safe="/")} if invoice_key else None
         chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, headers)
@@ -391,13 +391,8 @@ class OpenAIExtractor:
     ) -> tuple[dict[str, Any], Truncation | None, list[str]]:
         """The chat-completions body of one invoice for a batch JSONL line, with what the
         budgets cut: the same messages, in the same order, as an online call."""
-        sent, truncation = apply_budget(text, max_chars=self.max_chars, max_pages=self.max_pages)
-        pictures, notes = page_images(
-            images,
-            vision=self.vision,
-            max_images=self.max_images,
-            max_pixels=self.max_image_pixels,
-            max_bytes=self.max_image_bytes,
+        sent, truncation, pictures, notes = budgeted_input(
+            self, text, images, max_image_bytes=self.max_image_bytes
         )
         chat = _OpenAIChat(self, user_message(sent, len(sent)), pictures, None)
         system = self._system_prompt() + (VISION_PROMPT if pictures else "")
@@ -429,26 +424,13 @@ class OpenAIExtractor:
             raise ExtractionError(
                 "invalid_json", f"batch line is not a chat completion: {exc}", transient=True
             ) from exc
-        usage = _reported_usage(completion)
-        cost = self.price.cost(usage, batch=True) if self.price else None
-        try:
-            invoice, answer_notes = parse_answer(
-                self._content(completion), strict=self.mode == "json_schema"
-            )
-        except ExtractionError as exc:
-            exc.transient, exc.usage, exc.cost, exc.attempts = True, usage, cost, 1
-            raise
-        return Extraction(
-            invoice=invoice,
-            source="llm",
-            extractor=self.name,
-            model=self.model,
-            usage=usage,
-            cost=cost,
-            cost_currency=self.price_currency if self.price else None,
-            attempts=1,
+        return batch_answer_extraction(
+            self,
+            lambda: self._content(completion),
+            strict=self.mode == "json_schema",
+            usage=_reported_usage(completion),
             truncation=truncation,
-            notes=(*notes, *answer_notes),
+            notes=notes,
         )
 
     def _system_prompt(self) -> str:

@@ -6,6 +6,8 @@ completion window (24 h). The lines are the same chat-completions bodies an onli
 call sends (`OpenAIExtractor.batch_body`), keyed by ``custom_id``; answers are read by
 `OpenAIExtractor.batch_extraction`. What to batch and how the answers are recorded is
 `invoiceflow.batch`'s business; this module only moves files and batch objects.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Works on the plain text layer produced by `invoiceflow.pdf.parse_pdf`, where eac
 visual line becomes one text line and table cells are separated by single spaces.
 The extractor never raises on odd input: a field it cannot find with confidence is
 left as None, because a wrong value is worse than a missing one downstream.
+
+Imports nothing from Prefect.
 """
 
 from __future__ import annotations
@@ -543,27 +545,10 @@ def _extract(text: str, notes: list[str]) -> Invoice:
     currency = _currency(lines, totals, vendor_tax_id) or _currency_from_locale(
         lines, vendor_tax_id, decimal
     )
-    invoice_number = (
-        _labeled_token(
-            lines,
-            _RE_INVOICE_NUMBER,
-            rows.get("invoice_number", ()),
-            not_after=_REFERENCE_QUALIFIER,
-        )
-        or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
-        or _number_under_title(lines[:30])
-    )
+    invoice_number = _invoice_number(lines, rows)
     # The first letterhead line is only a plausible vendor if this is an invoice at all.
     is_invoice = bool(invoice_number or vendor_tax_id or totals or items)
-    amounts = {
-        field: _amount(totals.get(field), decimal, notes)
-        for field in ("subtotal", "tax_total", "total", "amount_due")
-    }
-    if amounts["total"] is None:
-        amounts["total"] = _amount(totals.get("total_weak"), decimal, notes)
-    if amounts["total"] is None and "paid" not in totals:
-        # Many invoices print only the payable amount ("Te betalen", "Balance due").
-        amounts["total"] = amounts["amount_due"]
+    amounts = _amounts(totals, decimal, notes)
     return Invoice(
         invoice_number=invoice_number,
         invoice_date=_labeled_date(
@@ -583,6 +568,35 @@ def _extract(text: str, notes: list[str]) -> Invoice:
         **amounts,
         **_more_fields(lines, dayfirst, vendor_tax_id),
     )
+
+
+def _invoice_number(lines: list[_Line], rows: dict[str, list[str]]) -> str | None:
+    return (
+        _labeled_token(
+            lines,
+            _RE_INVOICE_NUMBER,
+            rows.get("invoice_number", ()),
+            not_after=_REFERENCE_QUALIFIER,
+        )
+        or _labeled_token(lines[:30], _RE_TITLE_THEN_NUMBER)
+        or _number_under_title(lines[:30])
+    )
+
+
+def _amounts(
+    totals: dict[TotalField, str], decimal: DecimalSeparator | None, notes: list[str]
+) -> dict[str, Decimal | None]:
+    """Subtotal, tax total, total and amount due, read from the printed totals."""
+    amounts = {
+        field: _amount(totals.get(field), decimal, notes)
+        for field in ("subtotal", "tax_total", "total", "amount_due")
+    }
+    if amounts["total"] is None:
+        amounts["total"] = _amount(totals.get("total_weak"), decimal, notes)
+    if amounts["total"] is None and "paid" not in totals:
+        # Many invoices print only the payable amount ("Te betalen", "Balance due").
+        amounts["total"] = amounts["amount_due"]
+    return amounts
 
 
 def _lines(text: str) -> list[_Line]:
