@@ -37,12 +37,12 @@ import httpx
 
 from benchmarks.measure import CpuWindow, generate_pdfs, upload_pdfs
 from devtools.llm_server import LLMServerHandle
-from invoiceflow import prodstack, stack
+from invoiceflow import defaults, prodstack, stack
 from invoiceflow.storage import S3Store, make_s3_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "process-invoices/process-invoices"
-LOCK = "invoiceflow-manifest"
+LOCK = defaults.MANIFEST_LOCK
 PARTS = ("a", "b", "c")
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from invoiceflow import prodstack, stack
+from invoiceflow import defaults, prodstack, stack
 
 if TYPE_CHECKING:
     from flows.params import ProcessInvoicesParams
@@ -218,9 +218,9 @@ def provision(
         ),
     ] = False,
     samples: Annotated[int, typer.Option(help="Generated sample invoices to upload.")] = 0,
-    prefix: Annotated[str, typer.Option(help="Where the samples go.")] = "incoming/",
+    prefix: Annotated[str, typer.Option(help="Where the samples go.")] = defaults.SOURCE_PREFIX,
     lock: Annotated[str, typer.Option(help="The manifest's concurrency limit.")] = (
-        "invoiceflow-manifest"
+        defaults.MANIFEST_LOCK
     ),
 ) -> None:
     """Create or repair what runs need on PREFECT_API_URL's server (else the local stack):
@@ -290,10 +290,12 @@ def env(
 @app.command()
 def run(
     state_dir: StateDir = None,
-    prefix: Annotated[str, typer.Option(help="S3 prefix holding the PDFs.")] = "incoming/",
+    prefix: Annotated[
+        str, typer.Option(help="S3 prefix holding the PDFs.")
+    ] = defaults.SOURCE_PREFIX,
     selection: Annotated[Literal["new", "failed", "all"], typer.Option()] = "new",
     concurrency: Annotated[int, typer.Option(help="Max LLM calls in flight.")] = 8,
-    extractor_block: Annotated[str, typer.Option()] = "invoiceflow-extractor",
+    extractor_block: Annotated[str, typer.Option()] = defaults.EXTRACTOR_BLOCK,
     verbose: Annotated[bool, typer.Option(help="Show Prefect's run logs.")] = False,
 ) -> None:
     """Run the process-invoices flow now, showing progress, then the manifest table."""
@@ -469,8 +471,8 @@ def worker(
 def status(
     state_dir: StateDir = None,
     prefix: Annotated[str, typer.Option(help="Only invoices under this prefix.")] = "",
-    bucket_block: Annotated[str, typer.Option()] = "invoiceflow-bucket",
-    manifest_key: Annotated[str, typer.Option()] = "manifest.json",
+    bucket_block: Annotated[str, typer.Option()] = defaults.BUCKET_BLOCK,
+    manifest_key: Annotated[str, typer.Option()] = defaults.MANIFEST_KEY,
 ) -> None:
     """Summarize the manifest: counts per status and one row per invoice."""
     _use_local_stack(state_dir)
@@ -481,13 +483,15 @@ def status(
 def reconcile(
     state_dir: StateDir = None,
     prefix: Annotated[str, typer.Option(help="Source prefix whose entries to repair.")] = (
-        "incoming/"
+        defaults.SOURCE_PREFIX
     ),
-    results_prefix: Annotated[str, typer.Option(help="Where the results are.")] = "results/",
-    bucket_block: Annotated[str, typer.Option()] = "invoiceflow-bucket",
-    manifest_key: Annotated[str, typer.Option()] = "manifest.json",
+    results_prefix: Annotated[
+        str, typer.Option(help="Where the results are.")
+    ] = defaults.RESULTS_PREFIX,
+    bucket_block: Annotated[str, typer.Option()] = defaults.BUCKET_BLOCK,
+    manifest_key: Annotated[str, typer.Option()] = defaults.MANIFEST_KEY,
     manifest_lock: Annotated[str, typer.Option(help="The manifest's concurrency limit.")] = (
-        "invoiceflow-manifest"
+        defaults.MANIFEST_LOCK
     ),
     release_claims_after: Annotated[
         float,
@@ -599,13 +603,13 @@ async def _reconcile(
 
     from flows.lock import check_manifest_lock, manifest_lock
     from flows.runs import flow_run_liveness
+    from flows.s3 import s3_store
     from invoiceflow.manifest import ManifestStore
     from invoiceflow.reconcile import reconcile
-    from invoiceflow.storage import S3Store
 
     await check_manifest_lock(lock)
     bucket = await S3Bucket.load(bucket_block)
-    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    s3 = s3_store(bucket)
     store = ManifestStore(s3, manifest_key, lock=manifest_lock(lock), max_bytes=max_manifest_bytes)
     return await reconcile(store, runs=flow_run_liveness, **options)
 
@@ -768,14 +772,14 @@ def _print_eval(report: Any, title: str, show: int) -> None:
 def _manifest_store(bucket_block: str, manifest_key: str):
     from prefect_aws import S3Bucket
 
+    from flows.s3 import s3_store
     from invoiceflow.manifest import ManifestStore
-    from invoiceflow.storage import S3Store
 
     async def load() -> S3Bucket:
         return await S3Bucket.load(bucket_block)
 
     bucket = asyncio.run(load())
-    s3 = S3Store(bucket.credentials.get_s3_client(), bucket.bucket_name)
+    s3 = s3_store(bucket)
 
     def read_only_lock():
         raise RuntimeError("the CLI only reads the manifest")

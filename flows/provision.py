@@ -20,12 +20,14 @@ from pydantic import SecretStr
 
 from blocks.extractor import ExtractorBlock
 from flows.lock import DEFAULT_LOCK, ensure_manifest_lock
+from flows.s3 import s3_store
+from invoiceflow import defaults
 from invoiceflow.samples import generate_corpus
 from invoiceflow.storage import S3_CLIENT_SETTINGS, S3Store
 
-AWS_BLOCK = "invoiceflow-aws"
-BUCKET_BLOCK = "invoiceflow-bucket"
-EXTRACTOR_BLOCK = "invoiceflow-extractor"
+AWS_BLOCK = defaults.AWS_BLOCK
+BUCKET_BLOCK = defaults.BUCKET_BLOCK
+EXTRACTOR_BLOCK = defaults.EXTRACTOR_BLOCK
 LOCAL_KEY = "invoiceflow-local"  # moto accepts any key; boto3 wants one to sign with
 
 # botocore's standard retry mode handles 5xx / SlowDown / throttling / resets.
@@ -134,7 +136,7 @@ async def provision(
     *,
     create_bucket: bool = False,
     samples: int = 0,
-    prefix: str = "incoming/",
+    prefix: str = defaults.SOURCE_PREFIX,
     lock: str = DEFAULT_LOCK,
     done: Provisioned | None = None,
 ) -> Provisioned:
@@ -149,7 +151,7 @@ async def provision(
     )
     await ensure_lock_and_extractor(lock, done)
     if create_bucket or samples:
-        done.store = S3Store(s3_bucket.credentials.get_s3_client(), target.bucket)
+        done.store = s3_store(s3_bucket)
     if create_bucket:
         assert done.store is not None
         made = ensure_bucket(done.store, target.region)
@@ -166,7 +168,7 @@ async def provision_local(
     bucket: str,
     endpoint_url: str,
     samples: int,
-    prefix: str = "incoming/",
+    prefix: str = defaults.SOURCE_PREFIX,
     lock: str = DEFAULT_LOCK,
 ) -> tuple[S3Store, int]:
     """The embedded (or production) stack's moto S3: bucket created, local keys stored.
