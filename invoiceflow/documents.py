@@ -185,8 +185,9 @@ def _read_pdf(body: bytes, limits: DocumentLimits) -> ReadDocument:
             raise _document_error(exc) from None
         # A hybrid e-invoice whose visible part is unreadable still has its XML.
         return ReadDocument(text="", pages=0, einvoice=einvoice, read_as="einvoice")
-    if einvoice is None and not any(has_text_layer(t) for t in found.texts):
-        raise DocumentError("ocr_failed", found.ocr_failure or _no_text(found, page_count))
+    # Page images go to the vision model, which reads what has no text layer.
+    if einvoice is None and not found.images and not any(has_text_layer(t) for t in found.texts):
+        raise DocumentError("ocr_failed", found.ocr_failure or _no_text(page_count))
     return ReadDocument(
         text=PAGE_SEPARATOR.join(found.texts),
         pages=page_count,
@@ -204,9 +205,7 @@ def _document_error(exc: PdfError | DocumentError) -> DocumentError:
     return DocumentError(exc.kind, exc.message)
 
 
-def _no_text(found: _PdfRead, page_count: int) -> str:
-    if found.images:
-        return f"none of the {page_count} page(s) has text (they went to the vision model)"
+def _no_text(page_count: int) -> str:
     return (
         f"none of the {page_count} page(s) has readable text: every page is blank "
         "(OCR confidence 0%)"

@@ -257,8 +257,11 @@ def save_llm_block(
     name: str | None = None,
     timeout_s: float = 10,
     max_retries: int = 4,
+    vision: str = "never",
 ) -> str:
     """An OpenAI-kind extractor block on the loopback LLM; returns its name.
+
+    Scans go through OCR (`vision="never"`) unless a test asks for page images.
 
     Saved synchronously, so async tests and sync ones (Playwright's sync API runs a loop
     of its own) call it alike.
@@ -273,6 +276,7 @@ def save_llm_block(
         api_key=SecretStr(api_key),
         timeout_s=timeout_s,
         max_retries=max_retries,
+        vision=vision,
     ).save(name, overwrite=True, _sync=True)
     return name
 

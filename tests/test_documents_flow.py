@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support import create_lock, direct_s3, flow_params, run_flow, unique
+from support import create_lock, direct_s3, flow_params, run_flow, save_llm_block, unique
 
+from devtools.llm_server import running_llm_server
 from invoiceflow import stack
 from invoiceflow.einvoice_samples import einvoice_sample
 from invoiceflow.evaluate import HEADER_FIELDS
@@ -88,6 +89,33 @@ async def test_every_kind_of_invoice_ends_done_with_its_header_and_how_it_was_re
         assert header(result.invoice, read_as) == expected, name
     credit = next(k for k in docs if "credit-note" in k)
     assert entries[f"{prefix}{credit}"].get("source") == "einvoice"
+
+
+async def test_a_scan_goes_to_the_vision_model_as_page_images(
+    local_stack: stack.StackInfo,
+) -> None:
+    """vision=auto: the scan's page reaches the model as a PNG image part (checked and
+    recorded by the loopback server), the text PDF as text only; results say `vision`."""
+    s3 = direct_s3(local_stack.s3_endpoint, local_stack.bucket)
+    prefix = f"{unique('vision')}/"
+    pdf, _ = generate_invoice(11)
+    s3.put(f"{prefix}scan.pdf", scanned_pdf(pdf, seed=1))
+    s3.put(f"{prefix}text.pdf", pdf)
+    with running_llm_server(latency_s=0.01, api_key="sk-vision-test") as llm:
+        block = save_llm_block(llm.base_url, "sk-vision-test", vision="auto")
+        params = flow_params(prefix, await create_lock(unique("lock")), extractor_block=block)
+        await run_flow(params)
+        scan_images = llm.images(f"{prefix}scan.pdf")
+        text_images = llm.images(f"{prefix}text.pdf")
+        calls = llm.stats()["by_key"]
+    assert len(scan_images) == 1 and scan_images[0]["media_type"] == "image/png"
+    assert text_images == []
+    assert calls[f"{prefix}scan.pdf"] == 1 and calls[f"{prefix}text.pdf"] == 1
+    entries = ManifestStore(s3, params["manifest_key"], lock=_no_lock).read_sync().entries
+    scan = ExtractionResult.model_validate_json(
+        s3.get(entries[f"{prefix}scan.pdf"]["result_key"]).body
+    )
+    assert scan.read_as == "vision" and scan.source == "llm"
 
 
 def _no_lock() -> Any:
