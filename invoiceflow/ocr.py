@@ -223,50 +223,54 @@ _RULE_GAP_PX: Final = 3
 
 def without_rules(image: Image.Image) -> Image.Image:
     """``image`` deskewed with its long thin table rules painted white, if it has any;
-    else ``image`` unchanged (a page without rules is read as scanned)."""
+    else ``image`` itself (a page without rules is read as scanned)."""
     gray = image.convert("L")
     angle = _skew_degrees(gray)
-    upright = (
-        gray.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=255) if angle else gray
-    )
-    thick = max(2, round(upright.width * _MAX_RULE_THICKNESS_PER_WIDTH))
-    across = _rules(upright, round(upright.width * _RULE_SHARE_OF_WIDTH), thick)
+    ink = gray.point(lambda v: 1 if v < _INK else 0)
+    if angle:
+        ink = ink.rotate(angle, resample=Image.Resampling.NEAREST, fillcolor=0)
+    thick = max(2, round(gray.width * _MAX_RULE_THICKNESS_PER_WIDTH))
+    across = _rules(ink, round(gray.width * _RULE_SHARE_OF_WIDTH), thick)
     if not across:
         return image
-    turned = upright.transpose(Image.Transpose.TRANSPOSE)
-    down = _rules(turned, round(upright.width * _VERTICAL_RULE_PER_WIDTH), thick)
-    draw = ImageDraw.Draw(upright)
+    turned = ink.transpose(Image.Transpose.TRANSPOSE)
+    down = _rules(turned, round(gray.width * _VERTICAL_RULE_PER_WIDTH), thick)
+    if angle:
+        gray = gray.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=255)
+    draw = ImageDraw.Draw(gray)
     for y0, y1, x0, x1 in across:
         draw.rectangle((x0, y0 - 2, x1, y1 + 2), fill=255)
     for x0, x1, y0, y1 in down:
         draw.rectangle((x0 - 2, y0, x1 + 2, y1), fill=255)
-    return upright
+    return gray
 
 
 def _skew_degrees(gray: Image.Image) -> float:
-    """The rotation that makes the page's rows of ink sharpest (a projection profile)."""
+    """The rotation that makes the page's rows of ink sharpest (a projection profile):
+    coarse steps with cheap nearest-pixel rotations, then fine ones with smooth ones."""
     small = gray.reduce(4).point(lambda v: 255 if v < _INK else 0)
 
-    def sharpness(angle: float) -> float:
-        turned = small.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+    def sharpness(angle: float, resample: Image.Resampling) -> float:
+        turned = small.rotate(angle, resample=resample, fillcolor=0)
         profile = turned.resize((1, turned.height), Image.Resampling.BOX).tobytes()
         return sum(v * v for v in profile)
 
-    best = max(_SKEW_DEGREES, key=sharpness)
-    return max((best + step / 20 for step in range(-4, 5)), key=sharpness)
+    best = max(_SKEW_DEGREES, key=lambda a: sharpness(a, Image.Resampling.NEAREST))
+    fine = (best + step / 20 for step in range(-5, 6))
+    return max(fine, key=lambda a: sharpness(a, Image.Resampling.BILINEAR))
 
 
 def _rules(
-    gray: Image.Image, min_length: int, max_thickness: int
+    mask: Image.Image, min_length: int, max_thickness: int
 ) -> list[tuple[int, int, int, int]]:
-    """Bands of long dark runs along the image's rows: (first row, last row, start, end),
-    at most ``max_thickness`` rows thick."""
-    ink = gray.point(lambda v: 1 if v < _INK else 0).tobytes()
+    """Bands of long runs of ink (1) along the mask's rows: (first row, last row, start,
+    end), at most ``max_thickness`` rows thick."""
+    ink = mask.tobytes()
     run = re.compile(rb"\x01(?:\x00{0,%d}\x01){%d,}" % (_RULE_GAP_PX, min_length - 1))
     open_bands: list[list[int]] = []  # [first row, last row, start, end]
     done: list[list[int]] = []
-    for y in range(gray.height):
-        row = ink[y * gray.width : (y + 1) * gray.width]
+    for y in range(mask.height):
+        row = ink[y * mask.width : (y + 1) * mask.width]
         if row.count(1) < min_length:
             continue
         for match in run.finditer(row):
