@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, Final
 
 import pypdfium2 as pdfium
 import pytesseract
-from PIL import Image
+from PIL import Image, ImageDraw
 
 OCR_DPI: Final = 300
 """Tesseract is trained on ~300 dpi text; measured here, 200 dpi loses small print."""
@@ -93,6 +94,7 @@ def is_blank(image: Image.Image) -> bool:
 
 def ocr(image: Image.Image, *, languages: str, timeout_s: float, psm: int = PSM) -> OcrPage:
     """Tesseract's text of ``image`` (lines in reading order) and its confidence."""
+    image = without_rules(image)
     try:
         data = pytesseract.image_to_data(
             image,
@@ -200,3 +202,86 @@ def _skew(lines: list[list[_Word]]) -> float:
         if spread > 0:
             slopes.append(statistics.linear_regression(xs, ys).slope)
     return max(-0.05, min(0.05, statistics.median(slopes))) if slopes else 0.0
+
+
+# --- table rules ----------------------------------------------------------------------------
+# Ruled tables ("Invoice number | Date" over a row of values, each in a bordered cell)
+# throw Tesseract's line finding: measured on generated scans, psm 6 reads the label row
+# as "[mvoicenumber [suite" and drops the value row under it. Long thin rules are found
+# on the deskewed page and painted white; glyphs stay, because a rule is both far longer
+# than any letter stroke and thinner than a bold one (whitening every long dark run
+# garbled bold letterheads).
+_INK: Final = 150
+_RULE_SHARE_OF_WIDTH: Final = 0.3
+"""A horizontal rule spans at least this share of the page width."""
+_VERTICAL_RULE_PER_WIDTH: Final = 1 / 20
+"""A vertical rule is at least this long (0.4 in on A4): taller than any text glyph."""
+_MAX_RULE_THICKNESS_PER_WIDTH: Final = 1 / 500
+"""A rule is at most this thick (5 px on A4 at 300 dpi); a bold letter stroke is thicker."""
+_SKEW_DEGREES: Final = tuple(x / 4 for x in range(-12, 13))
+_RULE_GAP_PX: Final = 3
+"""Speckle and JPEG leave light pixels inside a scanned rule."""
+
+
+def without_rules(image: Image.Image) -> Image.Image:
+    """``image`` deskewed with its long thin table rules painted white, if it has any;
+    else ``image`` itself (a page without rules is read as scanned)."""
+    gray = image.convert("L")
+    angle = _skew_degrees(gray)
+    ink = gray.point(lambda v: 1 if v < _INK else 0)
+    if angle:
+        ink = ink.rotate(angle, resample=Image.Resampling.NEAREST, fillcolor=0)
+    thick = max(2, round(gray.width * _MAX_RULE_THICKNESS_PER_WIDTH))
+    across = _rules(ink, round(gray.width * _RULE_SHARE_OF_WIDTH), thick)
+    if not across:
+        return image
+    turned = ink.transpose(Image.Transpose.TRANSPOSE)
+    down = _rules(turned, round(gray.width * _VERTICAL_RULE_PER_WIDTH), thick)
+    if angle:
+        gray = gray.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=255)
+    draw = ImageDraw.Draw(gray)
+    for y0, y1, x0, x1 in across:
+        draw.rectangle((x0, y0 - 2, x1, y1 + 2), fill=255)
+    for x0, x1, y0, y1 in down:
+        draw.rectangle((x0 - 2, y0, x1 + 2, y1), fill=255)
+    return gray
+
+
+def _skew_degrees(gray: Image.Image) -> float:
+    """The rotation that makes the page's rows of ink sharpest (a projection profile):
+    coarse steps with cheap nearest-pixel rotations, then fine ones with smooth ones."""
+    small = gray.reduce(4).point(lambda v: 255 if v < _INK else 0)
+
+    def sharpness(angle: float, resample: Image.Resampling) -> float:
+        turned = small.rotate(angle, resample=resample, fillcolor=0)
+        profile = turned.resize((1, turned.height), Image.Resampling.BOX).tobytes()
+        return sum(v * v for v in profile)
+
+    best = max(_SKEW_DEGREES, key=lambda a: sharpness(a, Image.Resampling.NEAREST))
+    fine = (best + step / 20 for step in range(-5, 6))
+    return max(fine, key=lambda a: sharpness(a, Image.Resampling.BILINEAR))
+
+
+def _rules(
+    mask: Image.Image, min_length: int, max_thickness: int
+) -> list[tuple[int, int, int, int]]:
+    """Bands of long runs of ink (1) along the mask's rows: (first row, last row, start,
+    end), at most ``max_thickness`` rows thick."""
+    ink = mask.tobytes()
+    run = re.compile(rb"\x01(?:\x00{0,%d}\x01){%d,}" % (_RULE_GAP_PX, min_length - 1))
+    open_bands: list[list[int]] = []  # [first row, last row, start, end]
+    done: list[list[int]] = []
+    for y in range(mask.height):
+        row = ink[y * mask.width : (y + 1) * mask.width]
+        if row.count(1) < min_length:
+            continue
+        for match in run.finditer(row):
+            x0, x1 = match.span()
+            band = next((b for b in open_bands if b[1] >= y - 1 and b[2] < x1 and x0 < b[3]), None)
+            if band is None:
+                open_bands.append([y, y, x0, x1])
+            else:
+                band[1], band[2], band[3] = y, min(band[2], x0), max(band[3], x1)
+        done += [b for b in open_bands if b[1] < y - 1]
+        open_bands = [b for b in open_bands if b[1] >= y - 1]
+    return [(b[0], b[1], b[2], b[3]) for b in done + open_bands if b[1] - b[0] + 1 <= max_thickness]

@@ -15,6 +15,7 @@ import pytest
 from fpdf import FPDF
 from PIL import Image, ImageDraw
 
+from invoiceflow import ocr
 from invoiceflow.documents import DocumentError, DocumentLimits, ReadDocument, read_document
 from invoiceflow.evaluate import evaluate_scans, scan_summary
 from invoiceflow.extractors.rules import RulesExtractor, extract_invoice
@@ -153,3 +154,56 @@ async def test_eval_scanned_compares_scans_with_the_same_invoices_text(tmp_path:
     assert reports["scan"].read_as["ocr"] == 2 and reports["text"].read_as["text"] == 2
     lines = scan_summary(reports)
     assert any(line.startswith("scan header fields:") and "of text" in line for line in lines)
+
+
+def ruled_table_pdf() -> bytes:
+    """A letterhead in large bold type over a bordered table: labels in one row of cells,
+    values in the row below (a common real layout, not the generator's)."""
+    pdf = FPDF(unit="mm", format="A4")
+    pdf.add_page()
+    pdf.set_font("helvetica", "B", 30)
+    pdf.cell(0, 14, "HEAVY METAL WORKS", new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(6)
+    rows = (
+        ("Rechnungsnummer", "Rechnungsdatum", "Kundennummer"),
+        ("RE-2026-4417", "14.03.2026", "K-20931"),
+    )
+    for style, row in zip(("B", ""), rows, strict=True):
+        pdf.set_font("helvetica", style, 9)
+        for text in row:
+            pdf.cell(pdf.epw / 3, 7, text, border=1)
+        pdf.ln(7)
+    pdf.ln(6)
+    pdf.set_font("helvetica", "", 10)
+    pdf.cell(0, 6, "Gesamtbetrag: 1.234,56 EUR", new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def test_scan_of_a_ruled_table_keeps_the_value_row_under_its_labels() -> None:
+    # Before table rules were removed, Tesseract (psm 6) dropped the values under the
+    # labels and the rules turned into letters ("[mvoicenumber").
+    doc = read_document(scanned_pdf(ruled_table_pdf(), seed=3), "ruled.pdf", LIMITS)
+    rows = doc.text.splitlines()
+    assert any("RE-2026-4417" in row and "14.03.2026" in row for row in rows), doc.text
+    invoice = extract_invoice(doc.text)
+    assert (invoice.invoice_number, str(invoice.invoice_date)) == ("RE-2026-4417", "2026-03-14")
+
+
+def test_rules_are_painted_white_and_thick_bars_are_kept() -> None:
+    image = Image.new("L", (2480, 3508), 255)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((200, 400, 2200, 430), fill=0)  # a filled bar: bold type, a shaded header
+    draw.line((200, 800, 2200, 800), fill=0, width=3)  # a table rule
+    draw.line((200, 800, 200, 1200), fill=0, width=3)  # a cell border
+    cleaned = ocr.without_rules(image)
+    assert cleaned.getpixel((1200, 415)) == 0
+    assert cleaned.getpixel((1200, 800)) == 255
+    assert cleaned.getpixel((200, 1000)) == 255
+
+
+def test_page_without_long_rules_goes_to_tesseract_unchanged() -> None:
+    image = Image.new("L", (1240, 1754), 255)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((100, 100, 1100, 140), fill=0)  # a thick bar: a bold stroke, not a rule
+    draw.line((100, 300, 300, 300), fill=0, width=2)  # an underline shorter than a rule
+    assert ocr.without_rules(image) is image
