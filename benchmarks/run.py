@@ -126,6 +126,9 @@ async def _provision(info: stack.StackInfo, lock_names: list[str], block: str, a
         max_in_flight=concurrency,
         # The HTTP pool must not be the cap at C > 64 (bench-saturation runs C=256).
         max_connections=max(64, concurrency),
+        # Scans (--scan-share) are read by OCR in the document workers, the scenario
+        # measured; with vision they would go to the loopback model as images instead.
+        vision="never",
     ).save(block, overwrite=True)
 
 
