@@ -278,12 +278,7 @@ class BedrockServer(LLMServer):
         routes = [
             Route("/model/{model_id:path}/converse", self.converse, methods=["POST"]),
             *self.jobs.routes(),
-            Route("/_stats", self.get_stats, methods=["GET"]),
-            Route("/_control/faults", self.control_faults, methods=["POST"]),
-            Route("/_control/answers", self.control_answers, methods=["POST"]),
-            Route("/_control/config", self.control_config, methods=["POST"]),
-            Route("/_control/reset", self.control_reset, methods=["POST"]),
-            Route("/_health", self.health, methods=["GET"]),
+            *self.control_routes(),
         ]
         return _KeepRawSend(Starlette(routes=routes))
 

@@ -821,6 +821,13 @@ class LLMServer:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             *self.batch_api.routes(),
+            *self.control_routes(),
+        ]
+        return _KeepRawSend(Starlette(routes=routes))
+
+    def control_routes(self) -> list[Route]:
+        """Stats, fault/answer/config control, reset and health: every loopback server's."""
+        return [
             Route("/_stats", self.get_stats, methods=["GET"]),
             Route("/_control/faults", self.control_faults, methods=["POST"]),
             Route("/_control/answers", self.control_answers, methods=["POST"]),
@@ -828,7 +835,6 @@ class LLMServer:
             Route("/_control/reset", self.control_reset, methods=["POST"]),
             Route("/_health", self.health, methods=["GET"]),
         ]
-        return _KeepRawSend(Starlette(routes=routes))
 
 
 def utilisation(stats: Mapping[str, Any], *, slots: int) -> float:
