@@ -10,11 +10,13 @@ The block is the source of truth, so a run creates or updates these limits at st
 
 Slots: Prefect waiters poll (a refused acquire returns 423 and a Retry-After of up to
 30 s, prefect/server/api/concurrency_limits_v2.py), so a slot freed by one run can sit
-idle while the waiter of another sleeps. Three things keep slots busy instead:
-`ProviderLimiter` hands a slot a call frees to the next waiting call of its run, keeps
-it for ``linger_s`` when none waits, and only then gives it back; `prefect_slot` polls
-a refused acquire itself with a short jittered backoff instead of sleeping Prefect's
-Retry-After. Rate permits are taken in batches (`ProviderLimiter`'s reservoir) with
+idle while the waiter of another sleeps. Four things keep slots busy instead:
+`ProviderLimiter` takes slots in leases of as many as its calls wait for, hands a slot
+a call frees to the next waiting call of its run, and gives a lease back only after
+its slots sat idle for ``linger_s``; `prefect_slot` polls a refused acquire itself with
+a short jittered backoff instead of sleeping Prefect's Retry-After.
+
+Rate permits are taken in batches (`ProviderLimiter`'s reservoir) with
 Prefect's own `rate_limit`, whose Retry-After for decaying limits is the time until the
 refill.
 
@@ -37,6 +39,7 @@ import httpx
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency.asyncio import rate_limit
+from prefect.exceptions import ObjectNotFound
 
 from blocks.extractor import ExtractorBlock
 from invoiceflow.extractors.limits import (
@@ -71,51 +74,70 @@ class ProviderLimitMissing(RuntimeError):
 def prefect_slot(
     name: str, *, poll_initial_s: float = 0.05, poll_max_s: float = 0.5
 ) -> SlotFactory:
-    """`SlotFactory` holding one slot of the concurrency limit ``name`` while entered.
+    """`SlotFactory` holding up to ``wanted`` slots of the limit ``name`` under one lease.
 
     Talks to the lease API directly rather than through `prefect.concurrency`: that
     client funnels every acquisition of a limit through one queue (so concurrent
     acquisitions wait in line), sleeps Prefect's Retry-After on a 423 inside that
-    queue, and logs each 423 as an error when told not to retry. Here a refused
-    acquire is polled again after a short jittered backoff, and the lease is
-    renewed like Prefect does (every 3/4 of its duration) until the slot is released.
+    queue, and logs each 423 as an error when told not to retry. An acquisition is all
+    or nothing (prefect/server/api/concurrency_limits_v2.py), so a refused one asks
+    again for as many as are free, or polls after a short jittered backoff when none
+    is. The lease is renewed like Prefect does (every 3/4 of its duration) until the
+    slots are released together.
     """
 
     @contextlib.asynccontextmanager
-    async def slot() -> AsyncIterator[None]:
+    async def slots(wanted: int) -> AsyncIterator[int]:
         async with get_client() as client:
-            response = await _poll_for_slot(client, name, poll_initial_s, poll_max_s)
-            lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-            if not lease.limits:
-                raise ProviderLimitMissing(f"concurrency limit {name!r} does not exist")
-            renewal = asyncio.create_task(_renew(client, lease.lease_id))
+            lease_id, granted = await _lease_slots(client, name, wanted, poll_initial_s, poll_max_s)
+            renewal = asyncio.create_task(_renew(client, lease_id))
             try:
-                yield
+                yield granted
             finally:
                 renewal.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewal
-                await client.release_concurrency_slots_with_lease(lease_id=lease.lease_id)
+                await client.release_concurrency_slots_with_lease(lease_id=lease_id)
 
-    return slot
+    return slots
 
 
-async def _poll_for_slot(
-    client: PrefectClient, name: str, initial_s: float, max_s: float
-) -> httpx.Response:
+async def _lease_slots(
+    client: PrefectClient, name: str, wanted: int, initial_s: float, max_s: float
+) -> tuple[UUID, int]:
+    """One lease on between 1 and ``wanted`` slots of ``name``: (lease id, slots)."""
     # A wait loop, not error retries: a 423 means "busy, ask again", and with many
     # waiters a retry library would log thousands of warnings for normal waiting.
-    delay = initial_s
+    asking, delay, asked_for_free = max(1, wanted), initial_s, False
     while True:
         try:
-            return await client.increment_concurrency_slots_with_lease(
-                names=[name], slots=1, mode="concurrency", lease_duration=LEASE_DURATION_S
+            response = await client.increment_concurrency_slots_with_lease(
+                names=[name], slots=asking, mode="concurrency", lease_duration=LEASE_DURATION_S
             )
         except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 423:
+            # 423: not that many free; 422: more than the limit (lowered since the start).
+            if exc.response.status_code not in (422, 423):
                 raise
+        else:
+            lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+            if not lease.limits:
+                raise ProviderLimitMissing(f"concurrency limit {name!r} does not exist")
+            return lease.lease_id, asking
+        free = await _free_slots(client, name)
+        if free >= 1 and not asked_for_free:
+            asking, asked_for_free = min(asking, free), True  # ask again at once
+            continue
+        asking, asked_for_free = min(asking, max(free, 1)), False
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads pollers
         delay = min(delay * 2, max_s)
+
+
+async def _free_slots(client: PrefectClient, name: str) -> int:
+    try:
+        limit = await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        raise ProviderLimitMissing(f"concurrency limit {name!r} does not exist") from None
+    return max(0, limit.limit - limit.active_slots)
 
 
 async def _renew(client: PrefectClient, lease_id: UUID) -> None:

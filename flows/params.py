@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -16,7 +16,10 @@ from invoiceflow.manifest import (
     DEFAULT_MAX_MANIFEST_BYTES,
     key_collisions,
 )
+from invoiceflow.pipeline import chunked
 from invoiceflow.storage import RESULT_SUFFIX, SOURCE_SUFFIXES
+
+T = TypeVar("T")
 
 DOCUMENT_DEFAULTS = DocumentLimits()
 
@@ -247,9 +250,12 @@ class ProcessInvoicesParams(BaseModel):
             **vision,
         )
 
-    def chunk_size(self, n: int) -> int:
+    def chunks(self, items: list[T]) -> list[list[T]]:
+        """The parse stage's task inputs."""
         if self.invoices_per_task:
-            return self.invoices_per_task
+            return chunked(items, self.invoices_per_task)
         # ≤50 invoices: one per task. Beyond, ~50 chunks per stage keeps task runs (each
-        # ~60 ms of server CPU) a small share of the work while still pipelining.
-        return 1 if n <= 50 else -(-n // 50)
+        # ~60 ms of server CPU) a small share of the work while still pipelining; the
+        # first chunks are small so the first LLM calls start within a second or so.
+        n = len(items)
+        return chunked(items, 1 if n <= 50 else -(-n // 50), ramp=True)

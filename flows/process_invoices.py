@@ -21,7 +21,6 @@ from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
 from flows.tally import RunTally
 from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
-from invoiceflow.pipeline import chunked
 
 
 # Parse threads only download and wait on the document worker processes (which do the
@@ -39,8 +38,7 @@ async def process_invoices(
     async with open_pipeline(params) as pipeline:
         queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
-        chunks = chunked(invoices, params.chunk_size(len(invoices)))
-        parsing = list(parse_invoices.map(chunks, unmapped(pipeline)))
+        parsing = list(parse_invoices.map(params.chunks(invoices), unmapped(pipeline)))
         await asyncio.gather(
             *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
         )

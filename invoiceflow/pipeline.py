@@ -212,8 +212,15 @@ class PipelineConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
-def chunked(items: list[T], size: int) -> list[list[T]]:
-    return [items[i : i + size] for i in range(0, len(items), max(size, 1))]
+def chunked(items: list[T], size: int, *, ramp: bool = False) -> list[list[T]]:
+    """`items` in chunks of `size`. With `ramp`, the first chunks grow 1, 2, 4, … up to
+    `size`: the first invoices reach the extractor while the bulk is still being read."""
+    size, chunks, start, step = max(size, 1), [], 0, 1 if ramp else max(size, 1)
+    while start < len(items):
+        chunks.append(items[start : start + step])
+        start += step
+        step = min(step * 2, size)
+    return chunks
 
 
 def needs_claim(snapshot: Snapshot, key: str, etag: str, selection: Selection) -> bool:

@@ -249,6 +249,12 @@ class DocumentWorkers:
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> DocumentWorkers:
+        # Started now, beside whatever the caller does next (a run lists and claims
+        # its invoices), rather than by the first jobs: the fork server's first start
+        # imports pypdf and pdfium (~0.5-1 s), which the first invoice would wait for.
+        threading.Thread(
+            target=self._start_idle, name="document-workers-start", daemon=True
+        ).start()
         return self
 
     def __exit__(
@@ -260,6 +266,21 @@ class DocumentWorkers:
         self.close()
 
     # -- internals --
+
+    def _start_idle(self) -> None:
+        """Start a process for every idle slot that has none (best effort)."""
+        for _ in range(self.processes):
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                return  # the rest are in use: they start on demand as before
+            if worker is None and not self._closed:
+                with contextlib.suppress(DocumentError):
+                    worker = self._start()
+            if worker is not None and self._closed:
+                worker.kill()
+                worker = None
+            self._idle.put(worker)
 
     def _checkout(self) -> _Worker:
         if self._closed:

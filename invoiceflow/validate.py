@@ -90,9 +90,10 @@ class Evidence:
         self.compacted = compact(text)
         self.words = set(re.findall(r"\w+", self.folded))
         self.amounts: set[Decimal] = set()
-        tokens = _NUMBER_RUN.findall(text) + _SPACE_GROUPED.findall(text)
+        # Each distinct token once; one without separators reads the same either way.
+        tokens = set(_NUMBER_RUN.findall(text)) | set(_SPACE_GROUPED.findall(text))
         for token in tokens:
-            for decimal in (".", ",", None):
+            for decimal in (None,) if token.isdigit() else (".", ",", None):
                 try:
                     self.amounts.add(abs(parse_amount(token, decimal=decimal)))  # type: ignore[arg-type]
                 except (ValueError, ArithmeticError):

@@ -30,28 +30,34 @@ TEXT = "ACME GmbH\nInvoice ACME-42\nTotal EUR 1.190,00"
 
 
 class FakeSharedSlots:
-    """An in-memory stand-in for the provider-wide limit: counts holds and takes."""
+    """An in-memory stand-in for the provider-wide limit: grants up to the slots asked
+    for (at least one, waiting for it), and counts holds and acquisitions."""
 
     def __init__(self, limit: int) -> None:
-        self.gate = asyncio.Semaphore(limit)
+        self.limit = limit
+        self.changed = asyncio.Condition()
         self.held = 0
         self.max_held = 0
         self.acquisitions = 0
         self.fail_next = False
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, wanted: int) -> AsyncIterator[int]:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("limit server unreachable")
-        async with self.gate:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.held < self.limit)
+            granted = min(wanted, self.limit - self.held)
             self.acquisitions += 1
-            self.held += 1
+            self.held += granted
             self.max_held = max(self.max_held, self.held)
-            try:
-                yield
-            finally:
-                self.held -= 1
+        try:
+            yield granted
+        finally:
+            async with self.changed:
+                self.held -= granted
+                self.changed.notify_all()
 
 
 def test_the_run_gate_takes_the_lower_cap_and_exists_without_provider_limits() -> None:
@@ -140,15 +146,15 @@ class SlowSharedSlots(FakeSharedSlots):
         self.max_acquiring = 0
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, wanted: int) -> AsyncIterator[int]:
         self.acquiring += 1
         self.max_acquiring = max(self.max_acquiring, self.acquiring)
         try:
             await asyncio.sleep(self.delay_s)
         finally:
             self.acquiring -= 1
-        async with super().slot():
-            yield
+        async with super().slot(wanted) as granted:
+            yield granted
 
 
 async def test_a_run_never_asks_for_more_slots_than_it_can_use() -> None:
@@ -160,12 +166,42 @@ async def test_a_run_never_asks_for_more_slots_than_it_can_use() -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.gather(*(call() for _ in range(60)))
-    # Freed slots went to this run's next calls: four acquisitions served sixty calls,
-    # never more than two acquisitions at a time, never more than four slots held.
-    assert shared.acquisitions == 4
+    # Freed slots went to this run's next calls: three leases (1, 1, then the 2 still
+    # missing) served sixty calls, never more than two acquisitions at a time, never
+    # more than four slots held.
+    assert shared.acquisitions == 3
     assert shared.max_acquiring <= 2
     assert shared.max_held == 4
     await limiter.aclose()
+    assert shared.held == 0
+
+
+async def test_a_run_takes_hundreds_of_slots_in_a_few_round_trips() -> None:
+    """Issue 13: at C=256 a run must not ramp up one slot per round trip (0.1 s each on
+    Prefect: 13 s to fill 256 slots two acquisitions at a time)."""
+    shared = SlowSharedSlots(limit=256, delay_s=0.1)
+    limiter = ProviderLimiter(max_in_flight=256, shared_slot=shared.slot)
+    started = time.monotonic()
+    await asyncio.gather(*(_hold(limiter, 0.5) for _ in range(512)))
+    elapsed = time.monotonic() - started
+    assert limiter.stats.max_in_flight == 256
+    assert shared.max_held == 256
+    assert shared.acquisitions <= 4
+    # Two rounds of 0.5 s calls, plus a few 0.1 s acquisitions.
+    assert elapsed < 1.6
+    await limiter.aclose()
+    assert shared.held == 0
+
+
+async def test_a_lease_goes_back_once_all_its_slots_are_idle() -> None:
+    shared = FakeSharedSlots(limit=8)
+    limiter = ProviderLimiter(max_in_flight=8, shared_slot=shared.slot, linger_s=0.05)
+    await asyncio.gather(*(_hold(limiter, 0.01) for _ in range(8)))
+    long_call = asyncio.create_task(_hold(limiter, 0.4))
+    await asyncio.sleep(0.2)
+    assert shared.held >= 1  # the long call's lease stays
+    await long_call
+    await asyncio.sleep(0.2)
     assert shared.held == 0
 
 
@@ -329,3 +365,35 @@ async def test_prefect_rate_limit_paces_requests(local_stack: Any) -> None:
         await take("requests", 1)
     # Two at once, then three more at no more than 5 per second.
     assert time.monotonic() - started >= 0.5
+
+
+async def test_a_lease_gets_the_free_slots_then_waits_for_one(local_stack: Any) -> None:
+    """Prefect grants all or nothing: a lease asked for more slots than are free gets
+    the free ones, and with none free polls for one (the limiter leases the rest once it
+    has it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+
+    from flows.llm_limits import prefect_slot
+
+    name = f"invoiceflow-llm:lease-{uuid.uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.upsert_global_concurrency_limit_by_name(name, 4)
+        response = await client.increment_concurrency_slots_with_lease(
+            names=[name], slots=3, mode="concurrency", lease_duration=60
+        )
+        other_run = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+        slots = prefect_slot(name)
+        async with slots(4) as granted:
+            assert granted == 1
+            assert (await client.read_global_concurrency_limit_by_name(name)).active_slots == 4
+            second = slots(2)  # kept: a dropped context manager is finalized (released)
+            waiting = asyncio.create_task(second.__aenter__())
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # none free: it polls
+            await client.release_concurrency_slots_with_lease(lease_id=other_run.lease_id)
+            assert await asyncio.wait_for(waiting, 10) == 1
+        limit = await client.read_global_concurrency_limit_by_name(name)
+        assert limit.active_slots == 1  # the first lease went back; the second is held
+        await second.__aexit__(None, None, None)
+        assert (await client.read_global_concurrency_limit_by_name(name)).active_slots == 0

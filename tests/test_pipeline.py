@@ -60,17 +60,40 @@ POISON = "poison"
 
 
 class FailingLock:
-    """A lock factory that works `works` times, then fails like a deleted Prefect limit."""
+    """A lock factory that works `works` times (or until `gone` is set), then fails like
+    a deleted Prefect limit."""
 
-    def __init__(self, works: int) -> None:
+    def __init__(self, works: int = 1_000_000) -> None:
         self.left = works
+        self.gone = False
         self.lock = asyncio.Lock()
 
     def __call__(self) -> contextlib.AbstractAsyncContextManager[Any]:
         self.left -= 1
-        if self.left < 0:
+        if self.left < 0 or self.gone:
             raise RuntimeError("the manifest lock is gone")
         return self.lock
+
+
+class LockGoneOnceAllCalled(CountingExtractor):
+    """Every call waits until all `n` have started (so every `processing` commit took
+    the lock); then the lock goes, before any result can be recorded `done`."""
+
+    def __init__(self, n: int, lock: FailingLock) -> None:
+        super().__init__()
+        self.n = n
+        self.lock = lock
+        self.all_started = asyncio.Event()
+
+    async def extract_document(
+        self, text: str, *, pages: int | None = None, invoice_key: str | None = None
+    ) -> Extraction:
+        if sum(self.calls.values()) + 1 >= self.n:
+            self.lock.gone = True
+            self.all_started.set()
+        extraction = await super().extract_document(text, pages=pages, invoice_key=invoice_key)
+        await self.all_started.wait()
+        return extraction
 
 
 def upload(s3: S3Store, prefix: str, n: int, seed: int = 5) -> list[str]:
@@ -149,9 +172,9 @@ async def test_results_written_before_a_lost_lock_are_recorded_later_without_a_c
 ) -> None:
     """Crash between the result write and the `done` commit (here: the lock vanishes)."""
     keys = upload(s3_store, unique_prefix, 6)
-    extractor = CountingExtractor()
     # The claim and the `processing` commits take the lock; every later commit fails.
-    lock = FailingLock(works=2)
+    lock = FailingLock()
+    extractor = LockGoneOnceAllCalled(len(keys), lock)
     with pytest.raises(RuntimeError, match="lock is gone"):
         async with running_pipeline(
             s3_store, unique_prefix, extractor, lock=lock, max_wait_s=1.0

@@ -5,15 +5,18 @@ also against limits shared by every run (in the flow: Prefect global concurrency
 limits). Like `ManifestStore`'s lock factory, the shared parts are plain callables, so
 this module knows nothing about Prefect:
 
-* ``shared_slot()`` returns an async context manager that holds one provider-wide
-  in-flight slot while entered;
+* ``shared_slot(wanted)`` returns an async context manager that holds between one and
+  ``wanted`` provider-wide in-flight slots (one lease) while entered, and yields how
+  many it got;
 * ``shared_rate(kind, amount)`` waits until ``amount`` requests (``kind="requests"``)
   or tokens (``kind="tokens"``) may be spent.
 
 Remote slots are expensive to take (a Prefect acquire is a ~0.1 s round trip, and a
-refused one polls), so a slot is not given back after every call: it stays with this
-run while the run has more calls to make, and is returned after ``linger_s`` without
-use. Another run's waiter then gets it on its next poll. `LimiterStats` measures what
+refused one polls), so they are taken in leases of as many slots as calls are waiting
+(a run at C=256 holds its slots after a handful of round trips, not 128 of them), and a
+slot is not given back after every call: it stays with this run while the run has more
+calls to make. A lease is returned once all its slots sat unused for ``linger_s``;
+another run's waiter then gets them on its next poll. `LimiterStats` measures what
 matters for that trade-off: how busy the slots really were.
 """
 
@@ -26,12 +29,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 log = logging.getLogger(__name__)
 
 RateKind = Literal["requests", "tokens"]
-SlotFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+SlotFactory = Callable[[int], contextlib.AbstractAsyncContextManager[int]]
 RateTaker = Callable[[RateKind, int], Awaitable[None]]
 
 
@@ -142,20 +145,29 @@ class TokenBucket:
         self._level = min(self.capacity, self._level - delta)
 
 
-class _RemoteSlot:
-    """One provider-wide slot, held by a keeper task (the context must be entered and
-    exited by the same task) until ``release`` is called."""
+class _RemoteLease:
+    """Provider-wide slots taken in one acquisition, held by a keeper task (the context
+    must be entered and exited by the same task) until ``release`` is called.
 
-    def __init__(self, factory: SlotFactory, on_entered: Callable[[_RemoteSlot], None]) -> None:
+    ``size`` slots once entered; ``idle`` of them are free for this run's next calls.
+    """
+
+    def __init__(
+        self, factory: SlotFactory, wanted: int, on_entered: Callable[[_RemoteLease], None]
+    ) -> None:
         self._factory = factory
         self._on_entered = on_entered
         self._release = asyncio.Event()
         self._linger: asyncio.TimerHandle | None = None
+        self.wanted = wanted
+        self.size = 0
+        self.idle = 0
         self.entered = False
-        self.task = asyncio.create_task(self._keep(), name="provider-slot")
+        self.task = asyncio.create_task(self._keep(), name="provider-slots")
 
     async def _keep(self) -> None:
-        async with self._factory():
+        async with self._factory(self.wanted) as granted:
+            self.size = granted
             self.entered = True
             self._on_entered(self)
             await self._release.wait()
@@ -164,7 +176,7 @@ class _RemoteSlot:
         self.cancel_linger()
         self._release.set()
 
-    def linger(self, seconds: float, on_expiry: Callable[[_RemoteSlot], None]) -> None:
+    def linger(self, seconds: float, on_expiry: Callable[[_RemoteLease], None]) -> None:
         self.cancel_linger()
         self._linger = asyncio.get_running_loop().call_later(seconds, on_expiry, self)
 
@@ -242,9 +254,10 @@ def run_limiter(
 class ProviderLimiter:
     """In-flight, RPM and TPM limits for one provider, local and optionally shared.
 
-    With ``shared_slot``, every call also holds one provider-wide slot. A slot freed by
-    a call goes straight to a call of this run that is waiting for one, else stays idle
-    for ``linger_s`` for the next call, else is given back.
+    With ``shared_slot``, every call also holds one provider-wide slot, taken from a
+    lease of this run. A slot freed by a call goes straight to a call of this run that
+    is waiting for one, else stays idle for the next call; a lease whose slots all sat
+    idle for ``linger_s`` is given back.
     """
 
     def __init__(
@@ -280,9 +293,9 @@ class ProviderLimiter:
         self._shared_slot = shared_slot
         self._linger_s = linger_s
         self._clock = clock
-        self._idle: list[_RemoteSlot] = []
-        self._held: set[_RemoteSlot] = set()
-        self._waiters: deque[asyncio.Future[_RemoteSlot]] = deque()
+        # Leases being acquired or held; released ones leave the set.
+        self._leases: set[_RemoteLease] = set()
+        self._waiters: deque[asyncio.Future[_RemoteLease]] = deque()
         self._in_flight = 0
         self.stats = LimiterStats(slots=max_in_flight)
 
@@ -290,20 +303,9 @@ class ProviderLimiter:
     async def call(self, *, tokens: int = 0) -> AsyncIterator[Permit]:
         """Wait for the rate budgets, then for a slot; hold the slot for the body."""
         asked = self._clock()
-        estimate = max(0, tokens)
-        if self._tokens_per_minute:
-            estimate = min(estimate, int(self._tokens_per_minute))
-        # Rate budgets first: waiting for them must not keep a slot idle.
-        if self._rpm is not None:
-            await self._rpm.take(1)
-        if self._tpm is not None and estimate:
-            await self._tpm.take(estimate)
-        if self._shared_requests is not None:
-            await self._shared_requests.take(1)
-        if self._shared_tokens is not None and estimate:
-            await self._shared_tokens.take(estimate)
+        estimate = await self._take_rate_budgets(tokens)
         async with self._slots:
-            remote = await self._take_remote()
+            lease = await self._take_remote()
             started = self._clock()
             self._in_flight += 1
             stats = self.stats
@@ -319,19 +321,33 @@ class ProviderLimiter:
                 stats.calls += 1
                 stats.busy_s += ended - started
                 stats.last_end = ended
-                if remote is not None:
-                    self._give(remote)
+                if lease is not None:
+                    self._give(lease)
 
-    async def _take_remote(self) -> _RemoteSlot | None:
+    async def _take_rate_budgets(self, tokens: int) -> int:
+        """Wait for request and token budget (before any slot: waiting for budget must
+        not keep a slot idle); the token estimate charged."""
+        estimate = max(0, tokens)
+        if self._tokens_per_minute:
+            estimate = min(estimate, int(self._tokens_per_minute))
+        if self._rpm is not None:
+            await self._rpm.take(1)
+        if self._tpm is not None and estimate:
+            await self._tpm.take(estimate)
+        if self._shared_requests is not None:
+            await self._shared_requests.take(1)
+        if self._shared_tokens is not None and estimate:
+            await self._shared_tokens.take(estimate)
+        return estimate
+
+    async def _take_remote(self) -> _RemoteLease | None:
         if self._shared_slot is None:
             return None
-        while self._idle:
-            slot = self._idle.pop()
-            slot.cancel_linger()
-            if not slot.task.done():
-                return slot
-            self._held.discard(slot)
-        waiter: asyncio.Future[_RemoteSlot] = asyncio.get_running_loop().create_future()
+        if (lease := self._idle_lease()) is not None:
+            lease.idle -= 1
+            lease.cancel_linger()
+            return lease
+        waiter: asyncio.Future[_RemoteLease] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._acquire_for_waiters()
         try:
@@ -344,40 +360,45 @@ class ProviderLimiter:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
-    def _acquire_for_waiters(self) -> None:
-        """Start acquisitions for waiters that no pending acquisition will serve.
+    def _idle_lease(self) -> _RemoteLease | None:
+        """A held lease with an idle slot, the busiest first: calls pack into few leases,
+        so the others go idle and are given back."""
+        idle = [lease for lease in self._leases if lease.idle and not lease.task.done()]
+        return max(idle, key=lambda lease: lease.size - lease.idle, default=None)
 
-        Whichever slot comes first (a new one, or one another call of this run frees)
-        serves a waiter; a later one goes idle. Never holding or awaiting more than
-        max_in_flight slots keeps a run from snatching slots it cannot use, and at most
-        ``max_acquiring`` acquisitions at a time spare the limit's server: a burst of
-        them made Prefect on SQLite stall for seconds (16 at once took 7 s to grant,
-        2 at a time ramp 16 slots up in about a second).
+    def _acquire_for_waiters(self) -> None:
+        """Start a lease for the waiters that no pending acquisition will serve.
+
+        One acquisition asks for as many slots as calls are waiting (the limit may grant
+        fewer), so a run ramps up to hundreds of slots in a few round trips. Never
+        holding or asking for more than max_in_flight slots keeps a run from snatching
+        slots it cannot use, and at most ``max_acquiring`` acquisitions at a time spare
+        the limit's server (a burst of them made Prefect on SQLite stall for seconds).
         """
         if self._shared_slot is None:
             return
-        pending = sum(not slot.entered for slot in self._held)
+        pending = [lease for lease in self._leases if not lease.entered]
+        asked = sum(lease.wanted for lease in pending)
+        held = sum(lease.size for lease in self._leases if lease.entered)
         waiting = sum(not waiter.done() for waiter in self._waiters)
-        wanted = min(
-            waiting - pending,
-            self.max_in_flight - len(self._held),
-            self._max_acquiring - pending,
-        )
-        for _ in range(wanted):
-            opening = _RemoteSlot(self._shared_slot, self._on_entered)
-            self._held.add(opening)
-            opening.task.add_done_callback(lambda task, slot=opening: self._on_closed(slot, task))
+        wanted = min(waiting - asked, self.max_in_flight - held - asked)
+        if wanted < 1 or len(pending) >= self._max_acquiring:
+            return
+        opening = _RemoteLease(self._shared_slot, wanted, self._on_entered)
+        self._leases.add(opening)
+        opening.task.add_done_callback(lambda task, lease=opening: self._on_closed(lease, task))
 
-    def _on_entered(self, slot: _RemoteSlot) -> None:
+    def _on_entered(self, lease: _RemoteLease) -> None:
         self.stats.remote_acquisitions += 1
-        self._give(slot)
-        self._acquire_for_waiters()
+        for _ in range(lease.size):
+            self._give(lease)
+        self._acquire_for_waiters()  # it may have granted fewer than were waiting
 
-    def _on_closed(self, slot: _RemoteSlot, task: asyncio.Task[None]) -> None:
-        self._held.discard(slot)
-        if task.cancelled() or slot.entered:
+    def _on_closed(self, lease: _RemoteLease, task: asyncio.Task[None]) -> None:
+        self._leases.discard(lease)
+        if task.cancelled() or lease.entered:
             if not task.cancelled() and task.exception() is not None:
-                log.warning("releasing a provider slot failed: %s", task.exception())
+                log.warning("releasing provider slots failed: %s", task.exception())
             self._acquire_for_waiters()
             return
         # The acquisition itself failed: one waiter learns why.
@@ -387,23 +408,24 @@ class ProviderLimiter:
             if not waiter.done():
                 waiter.set_exception(error or RuntimeError("provider slot not acquired"))
                 return
-        log.warning("acquiring a provider slot failed: %s", error)
+        log.warning("acquiring provider slots failed: %s", error)
 
-    def _give(self, slot: _RemoteSlot) -> None:
-        """Hand a slot to a waiting call of this run, or keep it idle for a while."""
+    def _give(self, lease: _RemoteLease) -> None:
+        """Hand one slot of ``lease`` to a waiting call of this run, or keep it idle; a
+        lease with every slot idle lingers, then goes back."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(slot)
+                waiter.set_result(lease)
                 return
-        self._idle.append(slot)
-        slot.linger(self._linger_s, self._expire)
+        lease.idle += 1
+        if lease.idle == lease.size:
+            lease.linger(self._linger_s, self._expire)
 
-    def _expire(self, slot: _RemoteSlot) -> None:
-        if slot in self._idle:
-            self._idle.remove(slot)
-            self._held.discard(slot)  # on its way back; no longer counts for this run
-            slot.release()
+    def _expire(self, lease: _RemoteLease) -> None:
+        if lease in self._leases and lease.idle == lease.size:
+            self._leases.discard(lease)  # on its way back; no longer counts for this run
+            lease.release()
 
     def _settle_tokens(self, estimate: int, used: int) -> None:
         if self._tpm is not None:
@@ -413,9 +435,9 @@ class ProviderLimiter:
 
     async def aclose(self) -> None:
         """Give every held provider-wide slot back now (pending acquisitions too)."""
-        held, self._held, self._idle = list(self._held), set(), []
-        for slot in held:
-            slot.release()
-            if not slot.entered:
-                slot.task.cancel()
-        await asyncio.gather(*(s.task for s in held), return_exceptions=True)
+        leases, self._leases = list(self._leases), set()
+        for lease in leases:
+            lease.release()
+            if not lease.entered:
+                lease.task.cancel()
+        await asyncio.gather(*(lease.task for lease in leases), return_exceptions=True)
