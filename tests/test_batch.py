@@ -6,34 +6,29 @@ are counted at the server (`by_key` counts online requests and batch lines alike
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from decimal import Decimal
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from batch_support import (
+    API_KEY,
+    PRICE,
+    batch_run,
+    collect_run,
+    entries,
+    online_run,
+    open_records,
+    statuses,
+    upload,
+)
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
-from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, CollectReport, collect
-from invoiceflow.extractors.llm import TokenPrice
-from invoiceflow.extractors.openai import OpenAIExtractor
-from invoiceflow.extractors.openai_batch import BatchLimits, OpenAIBatches, split
-from invoiceflow.manifest import GroupCommitter, ManifestStore, Status
-from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, PipelineConfig
-from invoiceflow.samples import generate_corpus, generate_invoice
+from invoiceflow.extractors.openai_batch import BatchLimits, split
+from invoiceflow.manifest import Status
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
 pytestmark = pytest.mark.batch
-
-API_KEY = "sk-batch-test"
-PRICE = TokenPrice(
-    input_per_million=Decimal("0.15"),
-    cached_input_per_million=Decimal("0.075"),
-    output_per_million=Decimal("0.60"),
-    batch_input_per_million=Decimal("0.075"),
-    batch_output_per_million=Decimal("0.30"),
-)
 
 
 @pytest.fixture(scope="module")
@@ -46,95 +41,6 @@ def llm_server() -> Iterator[LLMServerHandle]:
 def llm(llm_server: LLMServerHandle) -> LLMServerHandle:
     llm_server.reset()
     return llm_server
-
-
-def upload(s3: S3Store, prefix: str, n: int, *, hybrid: bool = False) -> list[str]:
-    keys = []
-    for stem, pdf, _ in generate_corpus(n, seed=13):
-        s3.put(f"{prefix}{stem}.pdf", pdf, content_type="application/pdf")
-        keys.append(f"{prefix}{stem}.pdf")
-    if hybrid:
-        pdf, _ = generate_invoice(3, language="de", einvoice="factur-x")
-        s3.put(f"{prefix}hybrid.pdf", pdf, content_type="application/pdf")
-    return keys
-
-
-def make_extractor(llm: LLMServerHandle, **options: Any) -> OpenAIExtractor:
-    return OpenAIExtractor(
-        base_url=llm.base_url, api_key=API_KEY, model="m", price=PRICE, **options
-    )
-
-
-@contextlib.asynccontextmanager
-async def pipeline_for(
-    s3: S3Store,
-    prefix: str,
-    extractor: OpenAIExtractor,
-    run_id: str,
-    lock: Callable[[], Any] = asyncio.Lock,
-) -> AsyncIterator[InvoicePipeline]:
-    store = ManifestStore(s3, f"{prefix}manifest.json", lock=lock)
-    config = PipelineConfig(prefix, f"{prefix}results/", run_id)
-    async with GroupCommitter(store, max_wait_s=0.05) as committer:
-        yield InvoicePipeline(s3, committer, extractor, config)
-
-
-async def batch_run(
-    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "batch-run", **options: Any
-) -> tuple[list[InvoiceOutcome], list[str]]:
-    """A run in batch mode: claim, parse, e-invoices now, the rest as provider batches."""
-    async with (
-        make_extractor(llm, **options) as extractor,
-        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
-    ):
-        records = BatchRecords(s3, f"{prefix}manifest.json")
-        queue = BatchQueue(pipeline, extractor, OpenAIBatches(extractor), records)
-        pipeline.defer = queue.defer
-        items = await pipeline.claim()
-        outcomes = await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
-        settled = await queue.submit()
-        now = [o for o in outcomes if o.error_kind != QUEUED_FOR_BATCH]
-        return [*now, *settled], queue.batch_ids
-
-
-async def online_run(
-    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "online-run"
-) -> list[InvoiceOutcome]:
-    async with (
-        make_extractor(llm) as extractor,
-        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
-    ):
-        items = await pipeline.claim()
-        return list(await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items)))
-
-
-async def collect_run(
-    s3: S3Store,
-    prefix: str,
-    llm: LLMServerHandle,
-    run_id: str = "collect-run",
-    lock: Callable[[], Any] = asyncio.Lock,
-) -> CollectReport:
-    async with make_extractor(llm) as extractor:
-        provider = OpenAIBatches(extractor)
-        try:
-            async with pipeline_for(s3, prefix, extractor, run_id, lock) as pipeline:
-                records = BatchRecords(s3, f"{prefix}manifest.json")
-                return await collect(pipeline, extractor, provider, records)
-        finally:
-            await provider.aclose()
-
-
-def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
-    return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
-
-
-def statuses(s3: S3Store, prefix: str) -> dict[str, str]:
-    return {k: e["status"] for k, e in entries(s3, prefix).items()}
-
-
-def open_records(s3: S3Store, prefix: str) -> list[str]:
-    return BatchRecords(s3, f"{prefix}manifest.json").keys()
 
 
 async def test_submit_then_collect_records_done_at_batch_prices(

@@ -12,6 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
+from batch_support import ended, start_batch_run, wait_until
 from botocore.config import Config
 
 from devtools.bedrock_server import BedrockServerHandle, running_bedrock_server
@@ -19,7 +20,7 @@ from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, collec
 from invoiceflow.extractors.bedrock import BedrockExtractor
 from invoiceflow.extractors.bedrock_batch import BedrockBatches, BedrockBatchExtractor
 from invoiceflow.extractors.llm import TokenPrice
-from invoiceflow.manifest import GroupCommitter, ManifestStore, Status
+from invoiceflow.manifest import GroupCommitter, ManifestStore, RunLookup, Status
 from invoiceflow.pipeline import InvoicePipeline, PipelineConfig
 from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult
@@ -57,7 +58,11 @@ def _client(service: str, server: BedrockServerHandle) -> Any:
 
 @contextlib.asynccontextmanager
 async def bedrock_batch(
-    s3: S3Store, prefix: str, server: BedrockServerHandle, run_id: str
+    s3: S3Store,
+    prefix: str,
+    server: BedrockServerHandle,
+    run_id: str,
+    runs: RunLookup | None = None,
 ) -> AsyncIterator[tuple[InvoicePipeline, BedrockBatchExtractor, BedrockBatches, BatchRecords]]:
     extractor = BedrockExtractor(
         client=_client("bedrock-runtime", server), model_id="anthropic.claude", price=PRICE
@@ -72,7 +77,7 @@ async def bedrock_batch(
     store = ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock)
     config = PipelineConfig(prefix, f"{prefix}results/", run_id)
     async with extractor, GroupCommitter(store, max_wait_s=0.05) as committer:
-        pipeline = InvoicePipeline(s3, committer, extractor, config)
+        pipeline = InvoicePipeline(s3, committer, extractor, config, runs)
         records = BatchRecords(s3, f"{prefix}manifest.json")
         yield pipeline, BedrockBatchExtractor(extractor), provider, records
 
@@ -81,8 +86,10 @@ def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
     return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
 
 
-async def submit(s3: S3Store, prefix: str, server: BedrockServerHandle) -> list[str]:
-    async with bedrock_batch(s3, prefix, server, "batch-run") as (pipeline, ex, provider, rec):
+async def submit(
+    s3: S3Store, prefix: str, server: BedrockServerHandle, run_id: str = "batch-run"
+) -> list[str]:
+    async with bedrock_batch(s3, prefix, server, run_id) as (pipeline, ex, provider, rec):
         queue = BatchQueue(pipeline, ex, provider, rec)
         pipeline.defer = queue.defer
         items = await pipeline.claim()
@@ -93,9 +100,11 @@ async def submit(s3: S3Store, prefix: str, server: BedrockServerHandle) -> list[
         return queue.batch_ids
 
 
-async def collect_once(s3: S3Store, prefix: str, server: BedrockServerHandle) -> Any:
-    async with bedrock_batch(s3, prefix, server, "collect") as (pipeline, ex, provider, rec):
-        return await collect(pipeline, ex, provider, rec)
+async def collect_once(
+    s3: S3Store, prefix: str, server: BedrockServerHandle, runs: RunLookup | None = None
+) -> Any:
+    async with bedrock_batch(s3, prefix, server, "collect", runs) as (pipeline, ex, prov, rec):
+        return await collect(pipeline, ex, prov, rec)
 
 
 async def test_bedrock_job_submit_collect_failed_record(
@@ -147,3 +156,33 @@ async def test_an_expired_bedrock_job_releases_its_invoices(
     assert len(report.collected_batches) == 1
     final = entries(s3_store, unique_prefix)
     assert {(e["status"], e["error_kind"]) for e in final.values()} == {("failed", "batch_expired")}
+
+
+async def test_a_run_killed_after_bedrock_accepted_its_job_bills_it_once(
+    s3_store: S3Store, s3_endpoint: str, unique_prefix: str, bedrock: BedrockServerHandle
+) -> None:
+    bedrock.reset()
+    for stem, pdf, _ in generate_corpus(2, seed=73):
+        s3_store.put(f"{unique_prefix}{stem}.pdf", pdf, content_type="application/pdf")
+    bedrock.configure_batches(stall_create_s=120)
+    child = start_batch_run(
+        "bedrock", s3_endpoint, s3_store.bucket, unique_prefix, bedrock.root_url, "killed"
+    )
+    try:  # the job is accepted, and the run never hears back
+        await wait_until(lambda: bedrock.stats()["batches"] == 1, 60, "the job was created")
+    finally:
+        child.kill()
+        child.wait(10)
+    bedrock.configure_batches(stall_create_s=0)
+
+    # Prefect reports the run as crashed: a new run claims none of its invoices, and the
+    # collect finds the job by its name and records it.
+    async with bedrock_batch(s3_store, unique_prefix, bedrock, "next", ended("killed")) as (
+        pipeline, *_,
+    ):  # fmt: skip
+        assert await pipeline.claim() == []
+    report = await collect_once(s3_store, unique_prefix, bedrock, ended("killed"))
+    assert len(report.collected_batches) == 1
+    final = entries(s3_store, unique_prefix)
+    assert {e["status"] for e in final.values()} == {"done"}
+    assert bedrock.stats()["batch_lines"] == 2 and bedrock.stats()["total"] == 2

@@ -12,6 +12,7 @@ Imports nothing from Prefect.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,10 @@ from invoiceflow.extractors.openai import OpenAIExtractor, _map_api_error
 log = logging.getLogger(__name__)
 
 ENDPOINT: Final = "/v1/chat/completions"
+# The batch metadata key carrying invoiceflow's submission id (`invoiceflow.batch`).
+SUBMISSION_KEY: Final = "invoiceflow_submission"
+# How far the provider's clock may be behind ours when looking a submission up.
+CLOCK_SLACK: Final = dt.timedelta(hours=1)
 # Batch objects in these states will not change any more.
 FINISHED: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 # OpenAI's documented limits per batch (requests) and per input file (bytes).
@@ -112,22 +117,42 @@ class OpenAIBatches:
             self._client = self.extractor.batch_client()
         return self._client
 
-    async def submit(self, jsonl: bytes, metadata: Mapping[str, str]) -> str:
-        """Upload ``jsonl`` and start a batch over it; the batch id."""
+    async def submit(self, jsonl: bytes, submission_id: str, metadata: Mapping[str, str]) -> str:
+        """Upload ``jsonl`` and start a batch over it that carries ``submission_id`` in
+        its metadata; the batch id. The create is never retried blindly: a retry after a
+        lost answer would start a second, billed batch (`find` tells instead)."""
         try:
             uploaded = await self._api().files.create(
                 file=("invoiceflow-batch.jsonl", jsonl, "application/jsonl"), purpose="batch"
             )
-            batch = await self._api().batches.create(
-                input_file_id=uploaded.id,
-                endpoint=ENDPOINT,
-                completion_window=self.limits.completion_window,  # type: ignore[arg-type]
-                metadata=dict(metadata),
+            batch = (
+                await self._api()
+                .with_options(max_retries=0)
+                .batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=ENDPOINT,
+                    completion_window=self.limits.completion_window,  # type: ignore[arg-type]
+                    metadata={**metadata, SUBMISSION_KEY: submission_id},
+                )
             )
         except openai.APIError as exc:
             raise _map_api_error(exc) from exc
         log.info("submitted batch %s (%d bytes)", batch.id, len(jsonl))
         return batch.id
+
+    async def find(self, submission_id: str, since: dt.datetime) -> str | None:
+        """The batch whose metadata carries ``submission_id``. Batches are listed newest
+        first, so the search stops at the first one created before ``since``."""
+        oldest = (since - CLOCK_SLACK).timestamp()
+        try:
+            async for batch in self._api().batches.list(limit=100):
+                if (batch.metadata or {}).get(SUBMISSION_KEY) == submission_id:
+                    return batch.id
+                if batch.created_at < oldest:
+                    return None
+        except openai.APIError as exc:
+            raise _map_api_error(exc) from exc
+        return None
 
     async def state(self, batch_id: str) -> BatchState:
         try:
