@@ -25,10 +25,11 @@ The stalls are for crash tests: ``stall_upload_s`` holds the answer to a file up
 after storing the file, ``stall_create_s`` the answer to ``POST /v1/batches`` after the
 batch was accepted (and its lines counted), so a client can be killed in between; the
 next control update or reset ends them. The next ``slow_downloads`` file downloads each
-wait ``slow_download_s`` first. Each of the next creates takes the first of
-``create_failures``, ``{"status": 502, "accepted": true}``: it answers that status, after
-creating the batch when ``accepted``. ``_stats`` reports ``batches``
-(created), ``batch_lines``, ``files`` (uploaded) and ``downloads`` (started).
+wait ``slow_download_s`` first (or until the next control update). Each of the next
+creates takes the first of ``create_failures``, ``{"status": 502, "accepted": true}``:
+it answers that status, after creating the batch when ``accepted``. ``_stats`` reports
+``batches`` (created), ``batch_lines``, ``files`` (uploaded) and ``downloads``
+(started).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class BatchAPI:
         self.downloads += 1
         if self.slow_downloads > 0:
             self.slow_downloads -= 1
-            await asyncio.sleep(self.slow_download_s)
+            await stall(self.slow_download_s, self.unstalled)
         return Response(stored.content, media_type="application/octet-stream")
 
     async def create_batch(self, request: Request) -> Response:

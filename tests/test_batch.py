@@ -6,6 +6,7 @@ are counted at the server (`by_key` counts online requests and batch lines alike
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,14 @@ from batch_support import (
     open_records,
     statuses,
     upload,
+    wait_until,
 )
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
 from invoiceflow.extractors.openai_batch import BatchLimits, split
 from invoiceflow.manifest import Status
+from invoiceflow.results import write_result
+from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
@@ -209,6 +213,68 @@ async def test_two_collect_runs_at_once_record_each_invoice_once(
     assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
     assert open_records(s3_store, unique_prefix) == []
     assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+async def test_a_slower_collect_never_rewrites_a_result_the_other_recorded(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    (_, pdf, _), *_ = generate_corpus(1, seed=31)
+    keys = [f"{unique_prefix}a.pdf", f"{unique_prefix}b.pdf"]  # one is the other's twin
+    for key in keys:
+        s3_store.put(key, pdf, content_type="application/pdf")
+    await batch_run(s3_store, unique_prefix, llm)
+    shared = asyncio.Lock()  # one manifest lock, as the Prefect limit is
+
+    # The slow collect has read the manifest (both lines wait) and is downloading the
+    # output when the fast one records both, the twin marked as a duplicate.
+    llm.configure_batches(slow_downloads=1, slow_download_s=60)
+    slow = asyncio.create_task(
+        collect_run(s3_store, unique_prefix, llm, "collect-slow", lambda: shared)
+    )
+    await wait_until(lambda: llm.stats()["downloads"] == 1, 30, "the slow download started")
+    await collect_run(s3_store, unique_prefix, llm, "collect-fast", lambda: shared)
+    recorded = entries(s3_store, unique_prefix)
+    written = {k: s3_store.get(recorded[k]["result_key"]) for k in keys}
+    llm.configure_batches(slow_download_s=0)  # the slow collect goes on
+    await slow
+
+    assert entries(s3_store, unique_prefix) == recorded
+    assert {k: s3_store.get(recorded[k]["result_key"]) for k in keys} == written
+    (twin,) = [k for k in keys if recorded[k].get("duplicate_of")]
+    result = ExtractionResult.model_validate_json(written[twin].body)
+    assert result.duplicate_of == recorded[twin]["duplicate_of"] and result.needs_review
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+def test_a_result_is_written_once_per_answer(s3_store: S3Store) -> None:
+    key = "results/inv.json"
+    answer = ExtractionResult.model_validate(
+        {
+            "source_key": "in/inv.pdf",
+            "source_etag": "e1",
+            "extractor": "openai",
+            "pages": 1,
+            "invoice": {"invoice_number": "R-1", "total": "10.00"},
+            "extracted_at": "2026-01-01T00:00:00Z",
+        }
+    )
+    write_result(s3_store, key, answer)
+    created = s3_store.get(key)
+    # The same answer again (later, by another writer): left alone.
+    write_result(s3_store, key, answer.model_copy(update={"extracted_at": dt.datetime.now(dt.UTC)}))
+    assert s3_store.get(key) == created
+    # Its duplicate mark is written; the unmarked answer then leaves the mark alone.
+    marked = answer.model_copy(
+        update={"duplicate_of": "in/twin.pdf", "needs_review": True, "review_reasons": ["dup"]}
+    )
+    write_result(s3_store, key, marked)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == marked
+    write_result(s3_store, key, answer)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == marked
+    # Another answer (a new source version, or selection="all") replaces it.
+    newer = answer.model_copy(update={"source_etag": "e2"})
+    write_result(s3_store, key, newer)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == newer
 
 
 async def test_batch_and_online_runs_over_one_prefix_request_no_invoice_twice(
