@@ -228,10 +228,45 @@ class BatchQueue:
         `failed`), which replaces its placeholder from `defer`."""
         queued, self._queued = self._queued, []
         by_id = {q.invoice.custom_id: q for q in queued}
+        limits = self.provider.limits
         settled: dict[str, InvoiceOutcome] = {}
-        for lines in split(((q.invoice.custom_id, q.line) for q in queued), self.provider.limits):
-            settled |= await self._submit_one([by_id[custom_id] for custom_id, _ in lines])
+        for lines in split(((q.invoice.custom_id, q.line) for q in queued), limits):
+            batch = [by_id[custom_id] for custom_id, _ in lines]
+            if len(batch) < limits.min_requests:
+                settled |= await self._send_online(batch)
+            else:
+                settled |= await self._submit_one(batch)
         return list(settled.values())
+
+    async def _send_online(self, batch: list[_Queued]) -> dict[str, InvoiceOutcome]:
+        """Requests too few for a provider batch, sent as online calls in this run.
+
+        Holding them for a later batch run instead would release them (an attempt used
+        each time, `gave_up` after `max_attempts`) and keep a trickle of invoices waiting
+        for as long as no run gathers the minimum; a nightly run is expected to finish
+        its invoices. Online costs the full price for fewer than the minimum per run.
+        """
+        log.info(
+            "%s batches take at least %d requests; these %d are sent online (full price) "
+            "in this run", self.provider.provider, self.provider.limits.min_requests, len(batch),
+        )  # fmt: skip
+        extractor = self.pipeline.extractor
+
+        async def online(doc: ParsedDoc) -> InvoiceOutcome:
+            document = doc.document
+            assert document is not None  # only read documents were queued
+            images = {"images": document.images} if document.images else {}
+            try:
+                answer: Extraction | Exception = await extractor.extract_document(
+                    document.text, pages=document.pages, invoice_key=doc.item.key, **images
+                )
+            except Exception as exc:  # the pipeline's boundary classifies it
+                answer = exc
+            return await self.pipeline.finish(doc, answer)
+
+        self.pipeline.committer.add_producers(len(batch))
+        outcomes = await asyncio.gather(*(online(q.doc) for q in batch))
+        return {o.key: o for o in outcomes}
 
     async def _submit_one(self, batch: list[_Queued]) -> dict[str, InvoiceOutcome]:
         """Steps 1-4 of the module docstring for one provider batch."""

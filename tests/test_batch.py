@@ -93,6 +93,13 @@ def test_split_respects_requests_and_bytes() -> None:
     assert [len(b) for b in split(lines, BatchLimits(max_requests=3))] == [3, 3, 1]
     assert [len(b) for b in split(lines, BatchLimits(max_bytes=25))] == [2, 2, 2, 1]
     assert [len(b) for b in split(lines, BatchLimits(max_bytes=5))] == [1] * 7
+    # A provider minimum evens the last batch out when the one before can spare lines.
+    evened = split(lines, BatchLimits(max_requests=5, min_requests=3))
+    assert [len(b) for b in evened] == [4, 3]
+    assert [line for batch in evened for line in batch] == lines  # file order kept
+    assert [len(b) for b in split(lines, BatchLimits(max_requests=6, min_requests=2))] == [5, 2]
+    too_few = split(lines, BatchLimits(max_requests=3, min_requests=3))
+    assert [len(b) for b in too_few] == [3, 3, 1]  # the last one goes online
 
 
 async def test_byte_limit_splits_the_input_file(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
@@ -18,7 +19,7 @@ from botocore.config import Config
 from devtools.bedrock_server import BedrockServerHandle, running_bedrock_server
 from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, collect
 from invoiceflow.extractors.bedrock import BedrockExtractor
-from invoiceflow.extractors.bedrock_batch import BedrockBatches, BedrockBatchExtractor
+from invoiceflow.extractors.bedrock_batch import MIN_RECORDS, BedrockBatches, BedrockBatchExtractor
 from invoiceflow.extractors.llm import TokenPrice
 from invoiceflow.manifest import GroupCommitter, ManifestStore, RunLookup, Status
 from invoiceflow.pipeline import InvoicePipeline, PipelineConfig
@@ -63,6 +64,7 @@ async def bedrock_batch(
     server: BedrockServerHandle,
     run_id: str,
     runs: RunLookup | None = None,
+    min_records: int = 1,  # the loopback's; Bedrock's is MIN_RECORDS
 ) -> AsyncIterator[tuple[InvoicePipeline, BedrockBatchExtractor, BedrockBatches, BatchRecords]]:
     extractor = BedrockExtractor(
         client=_client("bedrock-runtime", server), model_id="anthropic.claude", price=PRICE
@@ -73,6 +75,7 @@ async def bedrock_batch(
         s3_client=s3.client,
         s3_uri=f"s3://{s3.bucket}/{prefix}bedrock-batches/",
         role_arn="arn:aws:iam::000000000000:role/bedrock-batch",
+        min_records=min_records,
     )
     store = ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock)
     config = PipelineConfig(prefix, f"{prefix}results/", run_id)
@@ -186,3 +189,34 @@ async def test_a_run_killed_after_bedrock_accepted_its_job_bills_it_once(
     final = entries(s3_store, unique_prefix)
     assert {e["status"] for e in final.values()} == {"done"}
     assert bedrock.stats()["batch_lines"] == 2 and bedrock.stats()["total"] == 2
+
+
+async def test_fewer_records_than_bedrock_takes_are_sent_online_in_the_same_run(
+    s3_store: S3Store, unique_prefix: str, bedrock: BedrockServerHandle, caplog: Any
+) -> None:
+    bedrock.reset()
+    bedrock.configure_batches(min_records=MIN_RECORDS)  # Bedrock's default quota
+    for stem, pdf, _ in generate_corpus(2, seed=74):
+        s3_store.put(f"{unique_prefix}{stem}.pdf", pdf, content_type="application/pdf")
+    async with bedrock_batch(
+        s3_store, unique_prefix, bedrock, "small-run", min_records=MIN_RECORDS
+    ) as (
+        pipeline, ex, provider, records,
+    ):  # fmt: skip
+        queue = BatchQueue(pipeline, ex, provider, records)
+        pipeline.defer = queue.defer
+        items = await pipeline.claim()
+        await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
+        with caplog.at_level(logging.INFO, logger="invoiceflow.batch"):
+            outcomes = await queue.submit()
+
+    assert {(o.status, o.recorded) for o in outcomes} == {(Status.done, True)}
+    assert "sent online" in caplog.text and f"at least {MIN_RECORDS}" in caplog.text
+    final = entries(s3_store, unique_prefix)
+    assert {e["status"] for e in final.values()} == {"done"}
+    for entry in final.values():  # billed online, at the full price
+        result = ExtractionResult.model_validate_json(s3_store.get(entry["result_key"]).body)
+        assert result.usage is not None and result.cost == PRICE.cost(result.usage)
+    stats = bedrock.stats()
+    assert (stats["batches"], stats["batch_lines"], stats["total"]) == (0, 0, 2)
+    assert BatchRecords(s3_store, f"{unique_prefix}manifest.json").keys() == []

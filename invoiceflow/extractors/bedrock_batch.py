@@ -19,6 +19,7 @@ Imports nothing from Prefect.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -54,7 +55,9 @@ _STATES: Final = {
     "Stopped": "cancelled",
     "Expired": "expired",
 }
-# Bedrock's documented bounds: at least 100 records and at most 50,000 a job.
+# Bedrock's bounds per job. The minimum is the quota "Minimum number of records per
+# batch inference job for <model>" (Amazon Bedrock endpoints and quotas, AWS General
+# Reference), 100 by default; a job of fewer records is refused as a whole.
 MIN_RECORDS: Final = 100
 MAX_RECORDS: Final = 50_000
 
@@ -167,6 +170,7 @@ class BedrockBatches:
         s3_uri: str,
         role_arn: str,
         limits: BatchLimits | None = None,
+        min_records: int = MIN_RECORDS,
     ) -> None:
         if not s3_uri.startswith("s3://"):
             raise ValueError(f"s3_uri must be s3://bucket/prefix/, not {s3_uri!r}")
@@ -176,7 +180,8 @@ class BedrockBatches:
         self.bucket, _, prefix = s3_uri.removeprefix("s3://").partition("/")
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.role_arn = role_arn
-        self.limits = limits or BatchLimits(max_requests=MAX_RECORDS)
+        limits = limits or BatchLimits(max_requests=MAX_RECORDS)
+        self.limits = dataclasses.replace(limits, min_requests=min_records)
         self._count = 0
 
     def record_id(self, key: str) -> str:

@@ -41,11 +41,13 @@ MAX_FILE_BYTES: Final = 200 * 1024 * 1024
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """How a provider batch is split: requests per batch, bytes per input file."""
+    """How a provider batch is split: requests per batch, bytes per input file, and the
+    fewest requests the provider takes in one batch (Bedrock: a per-model quota)."""
 
     max_requests: int = MAX_REQUESTS
     max_bytes: int = MAX_FILE_BYTES
     completion_window: str = "24h"
+    min_requests: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,25 @@ def split(lines: Iterable[tuple[str, bytes]], limits: BatchLimits) -> list[list[
         size += len(line)
     if current:
         batches.append(current)
-    return batches
+    return _even_out(batches, limits)
+
+
+def _even_out(
+    batches: list[list[tuple[str, bytes]]], limits: BatchLimits
+) -> list[list[tuple[str, bytes]]]:
+    """Give a last batch below the minimum lines from the one before, when both then
+    meet it and the byte limit: 50,001 records are 49,900 + 101, not 50,000 + 1. A batch
+    still below the minimum is the caller's to send otherwise."""
+    if len(batches) < 2 or len(batches[-1]) >= limits.min_requests:
+        return batches
+    before, last = batches[-2], batches[-1]
+    need = limits.min_requests - len(last)
+    moved = before[-need:]
+    if len(before) - need < limits.min_requests or (
+        sum(len(line) for _, line in moved + last) > limits.max_bytes
+    ):
+        return batches
+    return [*batches[:-2], before[:-need], moved + last]
 
 
 class OpenAIBatches:
