@@ -18,11 +18,12 @@ invoice twice:
 4. the provider's batch id goes into the record and onto the entries.
 
 A run that dies between 2 and 4 leaves a record without a batch id; so does a create
-whose outcome is unknown (a timeout). `collect` looks the submission up at the provider:
-found, the batch is adopted (step 4) and collected like any other; not found once the
-submitting run has ended (Prefect says so, or the claim timeout has passed, as for
-claims), its invoices are released as transient failures for the next run. A create
-the provider refused releases them at once.
+whose outcome is unknown (a timeout). Once the submitting run has ended (Prefect says
+so, or the claim timeout has passed, as for claims), `collect` looks the submission up
+at the provider: found, the batch is adopted (step 4) and collected like any other; not
+found, its invoices are released as transient failures for the next run. A create the
+provider refused releases them at once; a create that failed but reached the provider
+all the same is adopted at once.
 
 `collect` (the collect-batches flow, and the end of every online run) polls the
 batches of the open records. A finished batch's lines go through the pipeline's
@@ -102,7 +103,8 @@ class BatchRecord(BaseModel):
     provider: str
     model: str
     run_id: str
-    # When the submission started: the provider's batch is not older.
+    # When the submission started: the claim timeout counts from here when Prefect
+    # cannot tell whether the submitting run still lives.
     submitted_at: dt.datetime
     invoices: list[BatchInvoice]
 
@@ -121,7 +123,7 @@ class BatchProvider(Protocol):
         self, jsonl: bytes, submission_id: str, metadata: Mapping[str, str]
     ) -> str: ...
 
-    async def find(self, submission_id: str, since: dt.datetime) -> str | None:
+    async def find(self, submission_id: str) -> str | None:
         """The id of the batch this submission created, None if the provider has none."""
         ...
 
@@ -326,7 +328,7 @@ class BatchQueue:
             else ExtractionError("batch_submit_failed", str(exc), transient=True)
         )
         try:
-            found = await self.provider.find(record.submission_id, record.submitted_at)
+            found = await self.provider.find(record.submission_id)
         except Exception as lookup:
             log.warning("looking up submission %s failed: %s", record.submission_id, lookup)
             found, unsure = None, True
@@ -463,10 +465,14 @@ async def _settle_submission(
     record: BatchRecord,
     report: CollectReport,
 ) -> BatchRecord | None:
-    """A record whose run never learnt (or recorded) the provider's batch id: adopt the
-    batch the provider has for the submission, or release the invoices once the run
-    can no longer create it. The record to collect, or None."""
-    found = await provider.find(record.submission_id, record.submitted_at)
+    """A record without the provider's batch id. While its run may still record (or
+    settle) it, it stays open; once that run has ended, the batch the provider has for
+    the submission is adopted, or, if it has none, the invoices are released. The
+    record to collect, or None."""
+    if not await _submitter_gone(pipeline, record):
+        report.open_batches.append(record.submission_id)  # its run records it, or settles it
+        return None
+    found = await provider.find(record.submission_id)
     if found is not None:
         log.warning(
             "submission %s of run %s: adopting provider batch %s, which that run never "
@@ -474,9 +480,6 @@ async def _settle_submission(
         )  # fmt: skip
         await record_accepted(pipeline, records, record, found, await _waiting(pipeline, record))
         return record.model_copy(update={"batch_id": found})
-    if not await _submitter_gone(pipeline, record):
-        report.open_batches.append(record.submission_id)  # its run may be creating it now
-        return None
     message = f"run {record.run_id} ended before provider batch {record.submission_id} existed"
     failure = ExtractionError("batch_not_submitted", message, transient=True)
     docs = [i.parsed() for i in await _waiting(pipeline, record)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -224,7 +223,7 @@ class BedrockBatches:
         log.info("submitted Bedrock batch job %s (%d bytes)", job["jobArn"], len(jsonl))
         return str(job["jobArn"])
 
-    async def find(self, submission_id: str, since: dt.datetime) -> str | None:
+    async def find(self, submission_id: str) -> str | None:
         """The ARN of the job named after ``submission_id``, if Bedrock has one."""
         name = job_name(submission_id)
         try:

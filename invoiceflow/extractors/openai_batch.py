@@ -12,7 +12,6 @@ Imports nothing from Prefect.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -30,8 +29,6 @@ log = logging.getLogger(__name__)
 ENDPOINT: Final = "/v1/chat/completions"
 # The batch metadata key carrying invoiceflow's submission id (`invoiceflow.batch`).
 SUBMISSION_KEY: Final = "invoiceflow_submission"
-# How far the provider's clock may be behind ours when looking a submission up.
-CLOCK_SLACK: Final = dt.timedelta(hours=1)
 # Batch objects in these states will not change any more.
 FINISHED: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 # OpenAI's documented limits per batch (requests) and per input file (bytes).
@@ -160,16 +157,14 @@ class OpenAIBatches:
         log.info("submitted batch %s (%d bytes)", batch.id, len(jsonl))
         return batch.id
 
-    async def find(self, submission_id: str, since: dt.datetime) -> str | None:
-        """The batch whose metadata carries ``submission_id``. Batches are listed newest
-        first, so the search stops at the first one created before ``since``."""
-        oldest = (since - CLOCK_SLACK).timestamp()
+    async def find(self, submission_id: str) -> str | None:
+        """The batch whose metadata carries ``submission_id``. The API filters by neither
+        metadata nor date and does not document its order, so every page is read: this
+        is for the rare submission no run recorded a batch id for."""
         try:
             async for batch in self._api().batches.list(limit=100):
                 if (batch.metadata or {}).get(SUBMISSION_KEY) == submission_id:
                     return batch.id
-                if batch.created_at < oldest:
-                    return None
         except openai.APIError as exc:
             raise _map_api_error(exc) from exc
         return None
