@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from invoiceflow.documents import ReadDocument
 from invoiceflow.extractors import Extraction, ExtractionError
@@ -173,6 +173,9 @@ class BatchRecords:
             return BatchRecord.model_validate_json(self.s3.get(key).body)
         except KeyError:
             return None  # collected meanwhile by a concurrent collect
+        except ValidationError as exc:  # not one of ours: it must not stop the others
+            log.error("batch record %s is unreadable, left as it is: %s", key, exc)
+            return None
 
     def delete(self, key: str) -> None:
         self.s3.client.delete_object(Bucket=self.s3.bucket, Key=key)
