@@ -14,7 +14,12 @@
   ``{"error": {"errorCode": 500, ...}}``. With ``expire`` on, the job ends ``Expired``
   with no output.
 
-Control: ``POST /_control/batches`` ``{"delay_s", "fail", "expire", "min_records"}``.
+* ``GET /model-invocation-jobs`` (``list_model_invocation_jobs``) lists the jobs whose
+  name contains ``nameContains``, newest first, in one page.
+
+Control: ``POST /_control/batches`` ``{"delay_s", "fail", "expire", "min_records",
+"stall_create_s"}``; ``stall_create_s`` holds the answer to a create after the job was
+accepted (its records counted), so a crash test can kill the client in between.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import boto3
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from devtools.openai_batches import stall
 
 if TYPE_CHECKING:
     from devtools.bedrock_server import BedrockServer
@@ -87,6 +94,11 @@ class BedrockJobs:
         self.fail: list[str] = []
         self.expire = False
         self.min_records = 1
+        self.stall_create_s = 0.0
+        # Set by the next control update or reset: stalled answers go out at once.
+        if (stalled := getattr(self, "unstalled", None)) is not None:
+            stalled.set()
+        self.unstalled = asyncio.Event()
         self.lines_received = 0
 
     def stats(self) -> dict[str, Any]:
@@ -95,6 +107,7 @@ class BedrockJobs:
     def routes(self) -> list[Route]:
         return [
             Route("/model-invocation-job", self.create, methods=["POST"]),
+            Route("/model-invocation-jobs", self.list, methods=["GET"]),
             Route("/model-invocation-job/{arn:path}", self.get, methods=["GET"]),
             Route("/_control/batches", self.control, methods=["POST"]),
         ]
@@ -133,7 +146,16 @@ class BedrockJobs:
             self.tokens[token] = arn
         self.server.total += len(records)
         self.lines_received += len(records)
+        await stall(self.stall_create_s, self.unstalled)  # accepted: a client killed now is billed
         return JSONResponse({"jobArn": arn})
+
+    async def list(self, request: Request) -> Response:
+        if (denied := self.server._sigv4_error(request)) is not None:
+            return denied
+        needle = request.query_params.get("nameContains", "")
+        jobs = sorted(self.jobs.values(), key=lambda j: j.started, reverse=True)
+        summaries = [job.describe() for job in jobs if needle in job.name]
+        return JSONResponse({"invocationJobSummaries": summaries})
 
     async def get(self, request: Request) -> Response:
         if (denied := self.server._sigv4_error(request)) is not None:
@@ -156,7 +178,12 @@ class BedrockJobs:
         self.fail = list(update.get("fail", self.fail))
         self.expire = bool(update.get("expire", self.expire))
         self.min_records = int(update.get("min_records", self.min_records))
-        return JSONResponse({"delay_s": self.delay_s, "fail": self.fail, "expire": self.expire})
+        self.stall_create_s = float(update.get("stall_create_s", self.stall_create_s))
+        self.unstalled.set()
+        self.unstalled = asyncio.Event()
+        return JSONResponse({"delay_s": self.delay_s, "fail": self.fail, "expire": self.expire,
+                             "min_records": self.min_records,
+                             "stall_create_s": self.stall_create_s})  # fmt: skip
 
     async def _finish(self, job: _Job) -> None:
         if self.expire:

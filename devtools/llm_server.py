@@ -958,12 +958,15 @@ class LLMServerHandle:
         fail: Sequence[str] | None = None,
         expire: bool | None = None,
         max_requests: int | None = None,
+        **more: float | int | None,
     ) -> dict[str, Any]:
-        """Batch API behaviour (`devtools.openai_batches`): answer ``delay_s`` after
-        creation, fail lines matching a ``fail`` needle, ``expire`` batches instead of
-        answering them, refuse batches over ``max_requests``. Partial update."""
+        """Batch API behaviour (`devtools.openai_batches`, `devtools.bedrock_batches`):
+        answer ``delay_s`` after creation, fail lines matching a ``fail`` needle,
+        ``expire`` batches instead of answering them, refuse batches over
+        ``max_requests``; ``more`` are the server's other controls (stalls, slow
+        downloads, Bedrock's ``min_records``). Partial update."""
         update = {"delay_s": delay_s, "fail": list(fail) if fail is not None else None,
-                  "expire": expire, "max_requests": max_requests}  # fmt: skip
+                  "expire": expire, "max_requests": max_requests, **more}  # fmt: skip
         return self._call(
             "POST", "/_control/batches", {k: v for k, v in update.items() if v is not None}
         )

@@ -15,15 +15,27 @@
   to the error file as ``{"custom_id", "response": null, "error": {"code":
   "server_error", ...}}``. With ``expire`` on, the batch ends ``expired`` instead,
   every line in the error file with code ``batch_expired``.
+* ``GET /v1/batches`` lists batches newest first (``limit``, ``after``: a cursor page
+  with ``has_more``), as ``batches.list`` pages through them.
 
 Control: ``POST /_control/batches`` ``{"delay_s": 0.5, "fail": ["needle"], "expire":
-false, "max_requests": 50000}`` (partial update); ``_stats`` reports ``batches``
-(created) and ``batch_lines``.
+false, "max_requests": 50000, "stall_upload_s": 0, "stall_create_s": 0,
+"slow_downloads": 0, "slow_download_s": 0, "create_failures": []}`` (partial update).
+The stalls are for crash tests: ``stall_upload_s`` holds the answer to a file upload
+after storing the file, ``stall_create_s`` the answer to ``POST /v1/batches`` after the
+batch was accepted (and its lines counted), so a client can be killed in between; the
+next control update or reset ends them. The next ``slow_downloads`` file downloads each
+wait ``slow_download_s`` first (or until the next control update). Each of the next
+creates takes the first of ``create_failures``, ``{"status": 502, "accepted": true}``:
+it answers that status, after creating the batch when ``accepted``. ``_stats`` reports
+``batches`` (created), ``batch_lines``, ``files`` (uploaded) and ``downloads``
+(started).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.parser
 import email.policy
 import json
@@ -122,9 +134,25 @@ class BatchAPI:
         self.expire = False
         self.max_requests = 50_000
         self.lines_received = 0
+        self.stall_upload_s = 0.0
+        self.stall_create_s = 0.0
+        # Set by the next control update or reset: stalled answers go out at once.
+        if (stalled := getattr(self, "unstalled", None)) is not None:
+            stalled.set()
+        self.unstalled = asyncio.Event()
+        self.slow_downloads = 0
+        self.slow_download_s = 0.0
+        self.create_failures: list[dict[str, Any]] = []
+        self.uploads = 0
+        self.downloads = 0
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": len(self.batches), "batch_lines": self.lines_received}
+        return {
+            "batches": len(self.batches),
+            "batch_lines": self.lines_received,
+            "files": self.uploads,
+            "downloads": self.downloads,
+        }
 
     def routes(self) -> list[Route]:
         return [
@@ -132,6 +160,7 @@ class BatchAPI:
             Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
             Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
             Route("/v1/batches", self.create_batch, methods=["POST"]),
+            Route("/v1/batches", self.list_batches, methods=["GET"]),
             Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
             Route("/_control/batches", self.control, methods=["POST"]),
         ]
@@ -150,9 +179,10 @@ class BatchAPI:
         if "file" not in parts or "purpose" not in parts:
             return _bad("multipart fields 'file' and 'purpose' are required")
         filename, content = parts["file"]
-        return JSONResponse(
-            self._new_file(filename or "upload", parts["purpose"][1].decode(), content).describe()
-        )
+        stored = self._new_file(filename or "upload", parts["purpose"][1].decode(), content)
+        self.uploads += 1
+        await stall(self.stall_upload_s, self.unstalled)  # stored: a client killed now sent a file
+        return JSONResponse(stored.describe())
 
     async def get_file(self, request: Request) -> Response:
         if (denied := self.server._auth_error(request)) is not None:
@@ -166,12 +196,19 @@ class BatchAPI:
         stored = self.files.get(request.path_params["file_id"])
         if stored is None:
             return _not_found("file")
+        self.downloads += 1
+        if self.slow_downloads > 0:
+            self.slow_downloads -= 1
+            await stall(self.slow_download_s, self.unstalled)
         return Response(stored.content, media_type="application/octet-stream")
 
     async def create_batch(self, request: Request) -> Response:
         if (denied := self.server._auth_error(request)) is not None:
             return denied
         body = json.loads(await request.body() or b"{}")
+        failure = self.create_failures.pop(0) if self.create_failures else None
+        if failure is not None and not failure.get("accepted"):
+            return _error(int(failure["status"]), "scripted create failure (nothing created)")
         stored = self.files.get(str(body.get("input_file_id")))
         if stored is None or stored.purpose != "batch":
             return _bad("input_file_id must name an uploaded file with purpose 'batch'")
@@ -194,7 +231,30 @@ class BatchAPI:
             self.server.total += 1
             self.server.by_key[line["custom_id"]] += 1
         self.lines_received += len(lines)
+        await stall(self.stall_create_s, self.unstalled)  # accepted: a client killed now is billed
+        if failure is not None:  # accepted, but the answer says otherwise (a gateway 502)
+            return _error(int(failure["status"]), "scripted create failure (batch created)")
         return JSONResponse(batch.describe())
+
+    async def list_batches(self, request: Request) -> Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        newest_first = sorted(self.batches.values(), key=lambda b: b.started, reverse=True)
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+        limit = int(request.query_params.get("limit", 20))
+        page = newest_first[:limit]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [b.describe() for b in page],
+                "first_id": page[0].id if page else None,
+                "last_id": page[-1].id if page else None,
+                "has_more": len(newest_first) > limit,
+            }
+        )
 
     async def get_batch(self, request: Request) -> Response:
         if (denied := self.server._auth_error(request)) is not None:
@@ -213,12 +273,24 @@ class BatchAPI:
         self.fail = list(update.get("fail", self.fail))
         self.expire = bool(update.get("expire", self.expire))
         self.max_requests = int(update.get("max_requests", self.max_requests))
+        self.stall_upload_s = float(update.get("stall_upload_s", self.stall_upload_s))
+        self.stall_create_s = float(update.get("stall_create_s", self.stall_create_s))
+        self.slow_downloads = int(update.get("slow_downloads", self.slow_downloads))
+        self.slow_download_s = float(update.get("slow_download_s", self.slow_download_s))
+        self.create_failures = list(update.get("create_failures", self.create_failures))
+        self.unstalled.set()
+        self.unstalled = asyncio.Event()
         return JSONResponse(
             {
                 "delay_s": self.delay_s,
                 "fail": self.fail,
                 "expire": self.expire,
                 "max_requests": self.max_requests,
+                "stall_upload_s": self.stall_upload_s,
+                "stall_create_s": self.stall_create_s,
+                "slow_downloads": self.slow_downloads,
+                "slow_download_s": self.slow_download_s,
+                "create_failures": self.create_failures,
             }
         )
 
@@ -248,6 +320,13 @@ class BatchAPI:
             batch.error_file_id = self._new_file("errors.jsonl", "batch_output", _jsonl(errors)).id
         batch.status = "expired" if self.expire else "completed"
         batch.finished_at = int(time.time())
+
+
+async def stall(seconds: float, unstalled: asyncio.Event) -> None:
+    """Hold an answer ``seconds``, or until the next control update (a test's cue)."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(unstalled.wait(), seconds)
 
 
 def _checked_lines(content: bytes, max_requests: int) -> list[dict[str, Any]]:
@@ -298,8 +377,13 @@ def _error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
 
 
 def _bad(message: str) -> JSONResponse:
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-    return JSONResponse({"error": error}, status_code=400)
+    return _error(400, message)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": message, "type": kind, "param": None, "code": None}
+    return JSONResponse({"error": error}, status_code=status)
 
 
 def _not_found(what: str) -> JSONResponse:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from blocks.extractor import ExtractorBlock
 from flows.params import ProcessInvoicesParams
+from flows.tally import RunTally
 from flows.tasks import open_pipeline
 from invoiceflow.batch import (
     BatchExtractor,
@@ -57,6 +58,22 @@ async def batch_queue(pipeline: InvoicePipeline, params: ProcessInvoicesParams) 
     queue = BatchQueue(pipeline, extractor, provider, _records(pipeline))
     pipeline.defer = queue.defer
     return queue
+
+
+async def finish_llm_requests(
+    pipeline: InvoicePipeline,
+    params: ProcessInvoicesParams,
+    queue: BatchQueue | None,
+    tally: RunTally,
+) -> None:
+    """The end of a run's LLM work. Batch mode (``queue``): send the queued requests as
+    provider batches and tally what became of each invoice. Online: collect the
+    provider batches that have finished meanwhile."""
+    if queue is not None:
+        for outcome in await queue.submit():
+            tally.add(outcome)
+    else:
+        await collect_after_online_run(pipeline, params)
 
 
 async def has_open_batches(pipeline: InvoicePipeline) -> bool:

@@ -3,7 +3,8 @@
 invoices = claim_invoices(prefix)          # claim new ones in the manifest
 parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
 results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
-(llm_mode="batch": LLM requests go out as provider batches; collect-batches records them)
+finish_llm_requests(queue)                 # batch: send the queued requests as provider
+                                           # batches; online: collect finished batches
 every status change is group-committed to the manifest under a slot of size one
 """
 
@@ -15,7 +16,7 @@ from prefect import flow, unmapped
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.collect_batches import batch_queue, collect_after_online_run
+from flows.collect_batches import batch_queue, finish_llm_requests
 from flows.notify import notify_failure
 from flows.params import ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
@@ -42,11 +43,7 @@ async def process_invoices(
         await asyncio.gather(
             *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
         )
-        if queue is not None:  # batch mode: send the queued LLM requests as batches
-            for outcome in await queue.submit():
-                tally.add(outcome)
-        else:  # an online run also collects finished provider batches
-            await collect_after_online_run(pipeline, params)
+        await finish_llm_requests(pipeline, params, queue, tally)
     return await summarize(
         params,
         tally,

@@ -114,8 +114,11 @@ class ManifestEntry(BaseModel):
     needs_review: bool | None = None
     review_reasons: list[str] | None = None
     duplicate_of: str | None = None
-    # The provider batch holding the invoice's request (batch mode).
+    # The provider batch holding the invoice's request (batch mode), and the submission
+    # that sends it: recorded before the provider is asked, so a crash in between is
+    # settled by collect (invoiceflow.batch), never by sending the invoice again.
     batch_id: str | None = None
+    submission_id: str | None = None
 
 
 def utcnow() -> dt.datetime:
@@ -255,7 +258,7 @@ class Claim:
 
     def _refusal(self, prev: ManifestEntry, now: dt.datetime) -> str:
         if prev.status is Status.submitted:  # billed once, in its batch: never again
-            return f"in provider batch {prev.batch_id}"
+            return f"in provider batch {prev.batch_id or f'submission {prev.submission_id}'}"
         if prev.status in LIVE:
             if prev.run_id == self.run_id or prev.run_id in self.abandoned_runs:
                 return ""

@@ -56,6 +56,7 @@ from invoiceflow.manifest import (
     done_fields,
 )
 from invoiceflow.redact import redact
+from invoiceflow.results import write_result
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import SOURCE_SUFFIXES, S3Store, invoice_id, result_key
 from invoiceflow.validate import validate_extraction
@@ -488,7 +489,7 @@ class InvoicePipeline:
     async def _write_result(self, item: WorkItem, result: ExtractionResult) -> None:
         key = self._result_key(item)
         try:
-            await asyncio.to_thread(self.s3.put, key, result.model_dump_json(indent=2).encode())
+            await asyncio.to_thread(write_result, self.s3, key, result)
         except (BotoCoreError, ClientError) as exc:  # after botocore's retries
             raise InvoiceFailed(
                 "s3_error", f"writing {key} failed: {exc}", transient=True

@@ -6,34 +6,33 @@ are counted at the server (`by_key` counts online requests and batch lines alike
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from decimal import Decimal
+import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from batch_support import (
+    API_KEY,
+    PRICE,
+    batch_run,
+    collect_run,
+    entries,
+    online_run,
+    open_records,
+    statuses,
+    upload,
+    wait_until,
+)
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
-from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, CollectReport, collect
-from invoiceflow.extractors.llm import TokenPrice
-from invoiceflow.extractors.openai import OpenAIExtractor
-from invoiceflow.extractors.openai_batch import BatchLimits, OpenAIBatches, split
-from invoiceflow.manifest import GroupCommitter, ManifestStore, Status
-from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, PipelineConfig
-from invoiceflow.samples import generate_corpus, generate_invoice
+from invoiceflow.extractors.openai_batch import BatchLimits, split
+from invoiceflow.manifest import Status
+from invoiceflow.results import write_result
+from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store
 
 pytestmark = pytest.mark.batch
-
-API_KEY = "sk-batch-test"
-PRICE = TokenPrice(
-    input_per_million=Decimal("0.15"),
-    cached_input_per_million=Decimal("0.075"),
-    output_per_million=Decimal("0.60"),
-    batch_input_per_million=Decimal("0.075"),
-    batch_output_per_million=Decimal("0.30"),
-)
 
 
 @pytest.fixture(scope="module")
@@ -46,95 +45,6 @@ def llm_server() -> Iterator[LLMServerHandle]:
 def llm(llm_server: LLMServerHandle) -> LLMServerHandle:
     llm_server.reset()
     return llm_server
-
-
-def upload(s3: S3Store, prefix: str, n: int, *, hybrid: bool = False) -> list[str]:
-    keys = []
-    for stem, pdf, _ in generate_corpus(n, seed=13):
-        s3.put(f"{prefix}{stem}.pdf", pdf, content_type="application/pdf")
-        keys.append(f"{prefix}{stem}.pdf")
-    if hybrid:
-        pdf, _ = generate_invoice(3, language="de", einvoice="factur-x")
-        s3.put(f"{prefix}hybrid.pdf", pdf, content_type="application/pdf")
-    return keys
-
-
-def make_extractor(llm: LLMServerHandle, **options: Any) -> OpenAIExtractor:
-    return OpenAIExtractor(
-        base_url=llm.base_url, api_key=API_KEY, model="m", price=PRICE, **options
-    )
-
-
-@contextlib.asynccontextmanager
-async def pipeline_for(
-    s3: S3Store,
-    prefix: str,
-    extractor: OpenAIExtractor,
-    run_id: str,
-    lock: Callable[[], Any] = asyncio.Lock,
-) -> AsyncIterator[InvoicePipeline]:
-    store = ManifestStore(s3, f"{prefix}manifest.json", lock=lock)
-    config = PipelineConfig(prefix, f"{prefix}results/", run_id)
-    async with GroupCommitter(store, max_wait_s=0.05) as committer:
-        yield InvoicePipeline(s3, committer, extractor, config)
-
-
-async def batch_run(
-    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "batch-run", **options: Any
-) -> tuple[list[InvoiceOutcome], list[str]]:
-    """A run in batch mode: claim, parse, e-invoices now, the rest as provider batches."""
-    async with (
-        make_extractor(llm, **options) as extractor,
-        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
-    ):
-        records = BatchRecords(s3, f"{prefix}manifest.json")
-        queue = BatchQueue(pipeline, extractor, OpenAIBatches(extractor), records)
-        pipeline.defer = queue.defer
-        items = await pipeline.claim()
-        outcomes = await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
-        settled = await queue.submit()
-        now = [o for o in outcomes if o.error_kind != QUEUED_FOR_BATCH]
-        return [*now, *settled], queue.batch_ids
-
-
-async def online_run(
-    s3: S3Store, prefix: str, llm: LLMServerHandle, run_id: str = "online-run"
-) -> list[InvoiceOutcome]:
-    async with (
-        make_extractor(llm) as extractor,
-        pipeline_for(s3, prefix, extractor, run_id) as pipeline,
-    ):
-        items = await pipeline.claim()
-        return list(await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items)))
-
-
-async def collect_run(
-    s3: S3Store,
-    prefix: str,
-    llm: LLMServerHandle,
-    run_id: str = "collect-run",
-    lock: Callable[[], Any] = asyncio.Lock,
-) -> CollectReport:
-    async with make_extractor(llm) as extractor:
-        provider = OpenAIBatches(extractor)
-        try:
-            async with pipeline_for(s3, prefix, extractor, run_id, lock) as pipeline:
-                records = BatchRecords(s3, f"{prefix}manifest.json")
-                return await collect(pipeline, extractor, provider, records)
-        finally:
-            await provider.aclose()
-
-
-def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
-    return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
-
-
-def statuses(s3: S3Store, prefix: str) -> dict[str, str]:
-    return {k: e["status"] for k, e in entries(s3, prefix).items()}
-
-
-def open_records(s3: S3Store, prefix: str) -> list[str]:
-    return BatchRecords(s3, f"{prefix}manifest.json").keys()
 
 
 async def test_submit_then_collect_records_done_at_batch_prices(
@@ -183,6 +93,13 @@ def test_split_respects_requests_and_bytes() -> None:
     assert [len(b) for b in split(lines, BatchLimits(max_requests=3))] == [3, 3, 1]
     assert [len(b) for b in split(lines, BatchLimits(max_bytes=25))] == [2, 2, 2, 1]
     assert [len(b) for b in split(lines, BatchLimits(max_bytes=5))] == [1] * 7
+    # A provider minimum evens the last batch out when the one before can spare lines.
+    evened = split(lines, BatchLimits(max_requests=5, min_requests=3))
+    assert [len(b) for b in evened] == [4, 3]
+    assert [line for batch in evened for line in batch] == lines  # file order kept
+    assert [len(b) for b in split(lines, BatchLimits(max_requests=6, min_requests=2))] == [5, 2]
+    too_few = split(lines, BatchLimits(max_requests=3, min_requests=3))
+    assert [len(b) for b in too_few] == [3, 3, 1]  # the last one goes online
 
 
 async def test_byte_limit_splits_the_input_file(
@@ -303,6 +220,68 @@ async def test_two_collect_runs_at_once_record_each_invoice_once(
     assert set(statuses(s3_store, unique_prefix).values()) == {"done"}
     assert open_records(s3_store, unique_prefix) == []
     assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+async def test_a_slower_collect_never_rewrites_a_result_the_other_recorded(
+    s3_store: S3Store, unique_prefix: str, llm: LLMServerHandle
+) -> None:
+    (_, pdf, _), *_ = generate_corpus(1, seed=31)
+    keys = [f"{unique_prefix}a.pdf", f"{unique_prefix}b.pdf"]  # one is the other's twin
+    for key in keys:
+        s3_store.put(key, pdf, content_type="application/pdf")
+    await batch_run(s3_store, unique_prefix, llm)
+    shared = asyncio.Lock()  # one manifest lock, as the Prefect limit is
+
+    # The slow collect has read the manifest (both lines wait) and is downloading the
+    # output when the fast one records both, the twin marked as a duplicate.
+    llm.configure_batches(slow_downloads=1, slow_download_s=60)
+    slow = asyncio.create_task(
+        collect_run(s3_store, unique_prefix, llm, "collect-slow", lambda: shared)
+    )
+    await wait_until(lambda: llm.stats()["downloads"] == 1, 30, "the slow download started")
+    await collect_run(s3_store, unique_prefix, llm, "collect-fast", lambda: shared)
+    recorded = entries(s3_store, unique_prefix)
+    written = {k: s3_store.get(recorded[k]["result_key"]) for k in keys}
+    llm.configure_batches(slow_download_s=0)  # the slow collect goes on
+    await slow
+
+    assert entries(s3_store, unique_prefix) == recorded
+    assert {k: s3_store.get(recorded[k]["result_key"]) for k in keys} == written
+    (twin,) = [k for k in keys if recorded[k].get("duplicate_of")]
+    result = ExtractionResult.model_validate_json(written[twin].body)
+    assert result.duplicate_of == recorded[twin]["duplicate_of"] and result.needs_review
+    assert llm.stats()["by_key"] == dict.fromkeys(keys, 1)
+
+
+def test_a_result_is_written_once_per_answer(s3_store: S3Store) -> None:
+    key = "results/inv.json"
+    answer = ExtractionResult.model_validate(
+        {
+            "source_key": "in/inv.pdf",
+            "source_etag": "e1",
+            "extractor": "openai",
+            "pages": 1,
+            "invoice": {"invoice_number": "R-1", "total": "10.00"},
+            "extracted_at": "2026-01-01T00:00:00Z",
+        }
+    )
+    write_result(s3_store, key, answer)
+    created = s3_store.get(key)
+    # The same answer again (later, by another writer): left alone.
+    write_result(s3_store, key, answer.model_copy(update={"extracted_at": dt.datetime.now(dt.UTC)}))
+    assert s3_store.get(key) == created
+    # Its duplicate mark is written; the unmarked answer then leaves the mark alone.
+    marked = answer.model_copy(
+        update={"duplicate_of": "in/twin.pdf", "needs_review": True, "review_reasons": ["dup"]}
+    )
+    write_result(s3_store, key, marked)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == marked
+    write_result(s3_store, key, answer)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == marked
+    # Another answer (a new source version, or selection="all") replaces it.
+    newer = answer.model_copy(update={"source_etag": "e2"})
+    write_result(s3_store, key, newer)
+    assert ExtractionResult.model_validate_json(s3_store.get(key).body) == newer
 
 
 async def test_batch_and_online_runs_over_one_prefix_request_no_invoice_twice(

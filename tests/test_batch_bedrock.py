@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from typing import Any
 
 import boto3
 import pytest
+from batch_support import ended, start_batch_run, wait_until
 from botocore.config import Config
 
 from devtools.bedrock_server import BedrockServerHandle, running_bedrock_server
 from invoiceflow.batch import QUEUED_FOR_BATCH, BatchQueue, BatchRecords, collect
 from invoiceflow.extractors.bedrock import BedrockExtractor
-from invoiceflow.extractors.bedrock_batch import BedrockBatches, BedrockBatchExtractor
+from invoiceflow.extractors.bedrock_batch import MIN_RECORDS, BedrockBatches, BedrockBatchExtractor
 from invoiceflow.extractors.llm import TokenPrice
-from invoiceflow.manifest import GroupCommitter, ManifestStore, Status
+from invoiceflow.manifest import GroupCommitter, ManifestStore, RunLookup, Status
 from invoiceflow.pipeline import InvoicePipeline, PipelineConfig
 from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import ExtractionResult
@@ -57,7 +59,12 @@ def _client(service: str, server: BedrockServerHandle) -> Any:
 
 @contextlib.asynccontextmanager
 async def bedrock_batch(
-    s3: S3Store, prefix: str, server: BedrockServerHandle, run_id: str
+    s3: S3Store,
+    prefix: str,
+    server: BedrockServerHandle,
+    run_id: str,
+    runs: RunLookup | None = None,
+    min_records: int = 1,  # the loopback's; Bedrock's is MIN_RECORDS
 ) -> AsyncIterator[tuple[InvoicePipeline, BedrockBatchExtractor, BedrockBatches, BatchRecords]]:
     extractor = BedrockExtractor(
         client=_client("bedrock-runtime", server), model_id="anthropic.claude", price=PRICE
@@ -68,11 +75,12 @@ async def bedrock_batch(
         s3_client=s3.client,
         s3_uri=f"s3://{s3.bucket}/{prefix}bedrock-batches/",
         role_arn="arn:aws:iam::000000000000:role/bedrock-batch",
+        min_records=min_records,
     )
     store = ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock)
     config = PipelineConfig(prefix, f"{prefix}results/", run_id)
     async with extractor, GroupCommitter(store, max_wait_s=0.05) as committer:
-        pipeline = InvoicePipeline(s3, committer, extractor, config)
+        pipeline = InvoicePipeline(s3, committer, extractor, config, runs)
         records = BatchRecords(s3, f"{prefix}manifest.json")
         yield pipeline, BedrockBatchExtractor(extractor), provider, records
 
@@ -81,8 +89,10 @@ def entries(s3: S3Store, prefix: str) -> dict[str, dict[str, Any]]:
     return ManifestStore(s3, f"{prefix}manifest.json", lock=asyncio.Lock).read_sync().entries
 
 
-async def submit(s3: S3Store, prefix: str, server: BedrockServerHandle) -> list[str]:
-    async with bedrock_batch(s3, prefix, server, "batch-run") as (pipeline, ex, provider, rec):
+async def submit(
+    s3: S3Store, prefix: str, server: BedrockServerHandle, run_id: str = "batch-run"
+) -> list[str]:
+    async with bedrock_batch(s3, prefix, server, run_id) as (pipeline, ex, provider, rec):
         queue = BatchQueue(pipeline, ex, provider, rec)
         pipeline.defer = queue.defer
         items = await pipeline.claim()
@@ -93,9 +103,11 @@ async def submit(s3: S3Store, prefix: str, server: BedrockServerHandle) -> list[
         return queue.batch_ids
 
 
-async def collect_once(s3: S3Store, prefix: str, server: BedrockServerHandle) -> Any:
-    async with bedrock_batch(s3, prefix, server, "collect") as (pipeline, ex, provider, rec):
-        return await collect(pipeline, ex, provider, rec)
+async def collect_once(
+    s3: S3Store, prefix: str, server: BedrockServerHandle, runs: RunLookup | None = None
+) -> Any:
+    async with bedrock_batch(s3, prefix, server, "collect", runs) as (pipeline, ex, prov, rec):
+        return await collect(pipeline, ex, prov, rec)
 
 
 async def test_bedrock_job_submit_collect_failed_record(
@@ -147,3 +159,64 @@ async def test_an_expired_bedrock_job_releases_its_invoices(
     assert len(report.collected_batches) == 1
     final = entries(s3_store, unique_prefix)
     assert {(e["status"], e["error_kind"]) for e in final.values()} == {("failed", "batch_expired")}
+
+
+async def test_a_run_killed_after_bedrock_accepted_its_job_bills_it_once(
+    s3_store: S3Store, s3_endpoint: str, unique_prefix: str, bedrock: BedrockServerHandle
+) -> None:
+    bedrock.reset()
+    for stem, pdf, _ in generate_corpus(2, seed=73):
+        s3_store.put(f"{unique_prefix}{stem}.pdf", pdf, content_type="application/pdf")
+    bedrock.configure_batches(stall_create_s=120)
+    child = start_batch_run(
+        "bedrock", s3_endpoint, s3_store.bucket, unique_prefix, bedrock.root_url, "killed"
+    )
+    try:  # the job is accepted, and the run never hears back
+        await wait_until(lambda: bedrock.stats()["batches"] == 1, 60, "the job was created")
+    finally:
+        child.kill()
+        child.wait(10)
+    bedrock.configure_batches(stall_create_s=0)
+
+    # Prefect reports the run as crashed: a new run claims none of its invoices, and the
+    # collect finds the job by its name and records it.
+    async with bedrock_batch(s3_store, unique_prefix, bedrock, "next", ended("killed")) as (
+        pipeline, *_,
+    ):  # fmt: skip
+        assert await pipeline.claim() == []
+    report = await collect_once(s3_store, unique_prefix, bedrock, ended("killed"))
+    assert len(report.collected_batches) == 1
+    final = entries(s3_store, unique_prefix)
+    assert {e["status"] for e in final.values()} == {"done"}
+    assert bedrock.stats()["batch_lines"] == 2 and bedrock.stats()["total"] == 2
+
+
+async def test_fewer_records_than_bedrock_takes_are_sent_online_in_the_same_run(
+    s3_store: S3Store, unique_prefix: str, bedrock: BedrockServerHandle, caplog: Any
+) -> None:
+    bedrock.reset()
+    bedrock.configure_batches(min_records=MIN_RECORDS)  # Bedrock's default quota
+    for stem, pdf, _ in generate_corpus(2, seed=74):
+        s3_store.put(f"{unique_prefix}{stem}.pdf", pdf, content_type="application/pdf")
+    async with bedrock_batch(
+        s3_store, unique_prefix, bedrock, "small-run", min_records=MIN_RECORDS
+    ) as (
+        pipeline, ex, provider, records,
+    ):  # fmt: skip
+        queue = BatchQueue(pipeline, ex, provider, records)
+        pipeline.defer = queue.defer
+        items = await pipeline.claim()
+        await asyncio.gather(*(pipeline.process(pipeline.parse(i)) for i in items))
+        with caplog.at_level(logging.INFO, logger="invoiceflow.batch"):
+            outcomes = await queue.submit()
+
+    assert {(o.status, o.recorded) for o in outcomes} == {(Status.done, True)}
+    assert "sent online" in caplog.text and f"at least {MIN_RECORDS}" in caplog.text
+    final = entries(s3_store, unique_prefix)
+    assert {e["status"] for e in final.values()} == {"done"}
+    for entry in final.values():  # billed online, at the full price
+        result = ExtractionResult.model_validate_json(s3_store.get(entry["result_key"]).body)
+        assert result.usage is not None and result.cost == PRICE.cost(result.usage)
+    stats = bedrock.stats()
+    assert (stats["batches"], stats["batch_lines"], stats["total"]) == (0, 0, 2)
+    assert BatchRecords(s3_store, f"{unique_prefix}manifest.json").keys() == []

@@ -19,9 +19,9 @@ Imports nothing from Prefect.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -54,7 +54,9 @@ _STATES: Final = {
     "Stopped": "cancelled",
     "Expired": "expired",
 }
-# Bedrock's documented bounds: at least 100 records and at most 50,000 a job.
+# Bedrock's bounds per job. The minimum is the quota "Minimum number of records per
+# batch inference job for <model>" (Amazon Bedrock endpoints and quotas, AWS General
+# Reference), 100 by default; a job of fewer records is refused as a whole.
 MIN_RECORDS: Final = 100
 MAX_RECORDS: Final = 50_000
 
@@ -147,6 +149,12 @@ class BedrockBatchExtractor:
         )
 
 
+def job_name(submission_id: str) -> str:
+    """The job name (and client request token) of a submission: letters, digits and
+    hyphens, at most 63 characters."""
+    return f"invoiceflow-{submission_id}"
+
+
 class BedrockBatches:
     """Bedrock batch inference jobs, with input and output under ``s3_uri``."""
 
@@ -161,6 +169,7 @@ class BedrockBatches:
         s3_uri: str,
         role_arn: str,
         limits: BatchLimits | None = None,
+        min_records: int = MIN_RECORDS,
     ) -> None:
         if not s3_uri.startswith("s3://"):
             raise ValueError(f"s3_uri must be s3://bucket/prefix/, not {s3_uri!r}")
@@ -170,7 +179,8 @@ class BedrockBatches:
         self.bucket, _, prefix = s3_uri.removeprefix("s3://").partition("/")
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.role_arn = role_arn
-        self.limits = limits or BatchLimits(max_requests=MAX_RECORDS)
+        limits = limits or BatchLimits(max_requests=MAX_RECORDS)
+        self.limits = dataclasses.replace(limits, min_requests=min_records)
         self._count = 0
 
     def record_id(self, key: str) -> str:
@@ -182,10 +192,11 @@ class BedrockBatches:
     def line(record_id: str, body: Mapping[str, Any]) -> bytes:
         return json.dumps({"recordId": record_id, "modelInput": body}).encode() + b"\n"
 
-    async def submit(self, jsonl: bytes, metadata: Mapping[str, str]) -> str:
-        """Upload ``jsonl`` and start a job; the job's ARN. Bedrock refuses jobs of
-        fewer than 100 records (`MIN_RECORDS`): those fail like any refused batch."""
-        name = f"invoiceflow-{uuid.uuid4().hex[:16]}"
+    async def submit(self, jsonl: bytes, submission_id: str, metadata: Mapping[str, str]) -> str:
+        """Upload ``jsonl`` and start a job named after ``submission_id``; the job's ARN.
+        The name is the client request token too, so a retried create makes no second
+        job. Bedrock refuses jobs of fewer records than its per-model minimum."""
+        name = job_name(submission_id)
         key = f"{self.prefix}{name}/input.jsonl"
         try:
             await asyncio.to_thread(self._s3.put_object, Bucket=self.bucket, Key=key, Body=jsonl)
@@ -194,7 +205,7 @@ class BedrockBatches:
                 jobName=name,
                 roleArn=self.role_arn,
                 modelId=self.extractor.model,
-                clientRequestToken=name,  # a retried create makes no second job
+                clientRequestToken=name,
                 inputDataConfig={
                     "s3InputDataConfig": {
                         "s3Uri": f"s3://{self.bucket}/{key}",
@@ -211,6 +222,24 @@ class BedrockBatches:
             raise map_bedrock_error(exc) from exc
         log.info("submitted Bedrock batch job %s (%d bytes)", job["jobArn"], len(jsonl))
         return str(job["jobArn"])
+
+    async def find(self, submission_id: str) -> str | None:
+        """The ARN of the job named after ``submission_id``, if Bedrock has one."""
+        name = job_name(submission_id)
+        try:
+            listed = await asyncio.to_thread(
+                self._control.list_model_invocation_jobs, nameContains=name
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise map_bedrock_error(exc) from exc
+        return next(
+            (
+                str(job["jobArn"])
+                for job in listed.get("invocationJobSummaries", [])
+                if job.get("jobName") == name
+            ),
+            None,
+        )
 
     async def state(self, batch_id: str) -> BatchState:
         try:

@@ -27,6 +27,8 @@ from invoiceflow.extractors.openai import OpenAIExtractor, _map_api_error
 log = logging.getLogger(__name__)
 
 ENDPOINT: Final = "/v1/chat/completions"
+# The batch metadata key carrying invoiceflow's submission id (`invoiceflow.batch`).
+SUBMISSION_KEY: Final = "invoiceflow_submission"
 # Batch objects in these states will not change any more.
 FINISHED: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 # OpenAI's documented limits per batch (requests) and per input file (bytes).
@@ -36,11 +38,13 @@ MAX_FILE_BYTES: Final = 200 * 1024 * 1024
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """How a provider batch is split: requests per batch, bytes per input file."""
+    """How a provider batch is split: requests per batch, bytes per input file, and the
+    fewest requests the provider takes in one batch (Bedrock: a per-model quota)."""
 
     max_requests: int = MAX_REQUESTS
     max_bytes: int = MAX_FILE_BYTES
     completion_window: str = "24h"
+    min_requests: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,25 @@ def split(lines: Iterable[tuple[str, bytes]], limits: BatchLimits) -> list[list[
         size += len(line)
     if current:
         batches.append(current)
-    return batches
+    return _even_out(batches, limits)
+
+
+def _even_out(
+    batches: list[list[tuple[str, bytes]]], limits: BatchLimits
+) -> list[list[tuple[str, bytes]]]:
+    """Give a last batch below the minimum lines from the one before, when both then
+    meet it and the byte limit: 50,001 records are 49,900 + 101, not 50,000 + 1. A batch
+    still below the minimum is the caller's to send otherwise."""
+    if len(batches) < 2 or len(batches[-1]) >= limits.min_requests:
+        return batches
+    before, last = batches[-2], batches[-1]
+    need = limits.min_requests - len(last)
+    moved = before[-need:]
+    if len(before) - need < limits.min_requests or (
+        sum(len(line) for _, line in moved + last) > limits.max_bytes
+    ):
+        return batches
+    return [*batches[:-2], before[:-need], moved + last]
 
 
 class OpenAIBatches:
@@ -112,22 +134,40 @@ class OpenAIBatches:
             self._client = self.extractor.batch_client()
         return self._client
 
-    async def submit(self, jsonl: bytes, metadata: Mapping[str, str]) -> str:
-        """Upload ``jsonl`` and start a batch over it; the batch id."""
+    async def submit(self, jsonl: bytes, submission_id: str, metadata: Mapping[str, str]) -> str:
+        """Upload ``jsonl`` and start a batch over it that carries ``submission_id`` in
+        its metadata; the batch id. The create is never retried blindly: a retry after a
+        lost answer would start a second, billed batch (`find` tells instead)."""
         try:
             uploaded = await self._api().files.create(
                 file=("invoiceflow-batch.jsonl", jsonl, "application/jsonl"), purpose="batch"
             )
-            batch = await self._api().batches.create(
-                input_file_id=uploaded.id,
-                endpoint=ENDPOINT,
-                completion_window=self.limits.completion_window,  # type: ignore[arg-type]
-                metadata=dict(metadata),
+            batch = (
+                await self._api()
+                .with_options(max_retries=0)
+                .batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=ENDPOINT,
+                    completion_window=self.limits.completion_window,  # type: ignore[arg-type]
+                    metadata={**metadata, SUBMISSION_KEY: submission_id},
+                )
             )
         except openai.APIError as exc:
             raise _map_api_error(exc) from exc
         log.info("submitted batch %s (%d bytes)", batch.id, len(jsonl))
         return batch.id
+
+    async def find(self, submission_id: str) -> str | None:
+        """The batch whose metadata carries ``submission_id``. The API filters by neither
+        metadata nor date and does not document its order, so every page is read: this
+        is for the rare submission no run recorded a batch id for."""
+        try:
+            async for batch in self._api().batches.list(limit=100):
+                if (batch.metadata or {}).get(SUBMISSION_KEY) == submission_id:
+                    return batch.id
+        except openai.APIError as exc:
+            raise _map_api_error(exc) from exc
+        return None
 
     async def state(self, batch_id: str) -> BatchState:
         try:
