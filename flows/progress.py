@@ -114,11 +114,19 @@ def expect(total: int) -> None:
 
 async def _artifact_publisher() -> Publish:
     from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+    from prefect.logging import get_run_logger
 
     artifact_id: UUID | None = None
+    logged_decile = -1
 
     async def publish(percent: float, description: str) -> None:
-        nonlocal artifact_id
+        # The run log says how far the run is every 10% (invoices themselves are logged
+        # only when they fail: a line per invoice cost the event loop and the server
+        # more than the rest of the bookkeeping at thousands of invoices a minute).
+        nonlocal artifact_id, logged_decile
+        if (decile := int(percent // 10)) > logged_decile:
+            logged_decile = decile
+            get_run_logger().info("progress: %s", description)
         if artifact_id is None:
             artifact_id = await acreate_progress_artifact(
                 percent, key=PROGRESS_ARTIFACT_KEY, description=description

@@ -90,6 +90,8 @@ DEFAULT_OUTPUT_ESTIMATE = 1_000
 # An invoice answer is a few KB. Far more means a broken or hostile endpoint, whose
 # answer the SDK would otherwise read whole into memory.
 DEFAULT_MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+# Connections per HTTP pool; more connections are spread over several pools.
+CONNECTIONS_PER_POOL = 32
 # OpenAI refuses images over 20 MB each.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
@@ -295,17 +297,17 @@ class OpenAIExtractor:
         self.batch_max_requests = batch_max_requests
         self.batch_max_bytes = batch_max_bytes
         self.batch_completion_window = batch_completion_window
-        self._client: AsyncOpenAI | None = None
+        self._clients: list[AsyncOpenAI] = []
+        self._next_client = 0
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         # Never the key.
         return f"OpenAIExtractor(base_url={self._base_url!r}, model={self.model!r})"
 
-    def _new_client(self) -> AsyncOpenAI:
+    def _new_client(self, max_connections: int) -> AsyncOpenAI:
         limits = httpx.Limits(
-            max_connections=self._max_connections,
-            max_keepalive_connections=self._max_connections,
+            max_connections=max_connections, max_keepalive_connections=max_connections
         )
         return AsyncOpenAI(
             base_url=self._base_url,
@@ -347,13 +349,20 @@ class OpenAIExtractor:
     def _client_for_running_loop(self) -> AsyncOpenAI:
         # Pooled connections belong to the event loop that opened them; reusing them
         # from another loop (e.g. sync Prefect tasks each running their own loop) fails
-        # deep inside the HTTP stack. A new loop therefore gets a new client; the old
-        # one cannot be closed from here and is left to the garbage collector.
+        # deep inside the HTTP stack. A new loop therefore gets new clients; the old
+        # ones cannot be closed from here and are left to the garbage collector.
         loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            self._client = self._new_client()
+        if not self._clients or self._client_loop is not loop:
+            # The connection pool scans all its connections on every request and
+            # every response close (httpcore's _assign_requests_to_connections), so
+            # one pool of 256 made each call cost O(256) on the event loop. Pools of at
+            # most CONNECTIONS_PER_POOL, taken in turn, keep that scan short.
+            pools = -(-self._max_connections // CONNECTIONS_PER_POOL)
+            size = -(-self._max_connections // pools)
+            self._clients = [self._new_client(size) for _ in range(pools)]
             self._client_loop = loop
-        return self._client
+        self._next_client = (self._next_client + 1) % len(self._clients)
+        return self._clients[self._next_client]
 
     async def extract(self, text: str) -> Invoice:
         return (await self.extract_document(text)).invoice
@@ -551,8 +560,8 @@ class OpenAIExtractor:
         return str(choice.message.content)
 
     async def aclose(self) -> None:
-        client, self._client, self._client_loop = self._client, None, None
-        if client is not None:
+        clients, self._clients, self._client_loop = self._clients, [], None
+        for client in clients:
             await client.close()
 
     async def __aenter__(self) -> OpenAIExtractor:
