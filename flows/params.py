@@ -21,6 +21,10 @@ from invoiceflow.storage import RESULT_SUFFIX, SOURCE_SUFFIXES
 
 T = TypeVar("T")
 
+# The flow's thread pool: parse threads only download and wait on the document worker
+# processes (which do the CPU work, off the flow's GIL), so a few keep the pool busy.
+PARSE_THREADS = 4
+
 DOCUMENT_DEFAULTS = DocumentLimits()
 
 
@@ -254,8 +258,17 @@ class ProcessInvoicesParams(BaseModel):
         """The parse stage's task inputs."""
         if self.invoices_per_task:
             return chunked(items, self.invoices_per_task)
-        # ≤50 invoices: one per task. Beyond, ~50 chunks per stage keeps task runs (each
-        # ~60 ms of server CPU) a small share of the work while still pipelining; the
-        # first chunks are small so the first LLM calls start within a second or so.
+        # ≤50 invoices: one per task. Beyond, ~50 chunks per stage (of at most 100)
+        # keeps task runs (each ~60 ms of server CPU) a small share of the work while
+        # still pipelining; the first chunks are small so the first LLM calls start
+        # within a second or so.
         n = len(items)
-        return chunked(items, 1 if n <= 50 else -(-n // 50), ramp=True)
+        return chunked(items, 1 if n <= 50 else min(100, -(-n // 50)), ramp=True)
+
+    def chunks_in_flight(self, chunk_size: int) -> int:
+        """Chunks parsed or being extracted at once: the parse threads' chunks, plus
+        parsed ones for twice the LLM concurrency (at least three, so one chunk's last
+        calls never leave the LLM slots idle). Documents are read only this far ahead
+        of the LLM calls, so memory follows what is in flight, not the run's size."""
+        llm_chunks = -(-2 * self.max_llm_concurrency // max(chunk_size, 1))
+        return PARSE_THREADS + max(3, llm_chunks)

@@ -1,8 +1,9 @@
 """Process the invoice PDFs under an S3 prefix into one JSON result each.
 
 invoices = claim_invoices(prefix)          # claim new ones in the manifest
-parsed   = parse_invoices.map(chunks)      # download + read, on the thread pool
-results  = extract_invoices(parsed)        # per invoice: extract, validate, write, record
+for each chunk, a bounded window of chunks at a time:
+    parsed = parse_invoices(chunk)         # download + read, on the thread pool
+    extract_invoices(parsed)               # per invoice: extract, validate, write, record
 finish_llm_requests(queue)                 # batch: send the queued requests as provider
                                            # batches; online: collect finished batches
 every status change is group-committed to the manifest under a slot of size one
@@ -12,23 +13,21 @@ from __future__ import annotations
 
 import asyncio
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.collect_batches import batch_queue, finish_llm_requests
 from flows.notify import notify_failure
-from flows.params import ProcessInvoicesParams
+from flows.params import PARSE_THREADS, ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
 from flows.tally import RunTally
-from flows.tasks import claim_invoices, extract_when_parsed, open_pipeline, parse_invoices
+from flows.tasks import claim_invoices, open_pipeline, parse_and_extract
 
 
-# Parse threads only download and wait on the document worker processes (which do the
-# CPU work, off this process's GIL), so a few of them keep the pool busy.
 @flow(
     name="process-invoices",
-    task_runner=ThreadPoolTaskRunner(max_workers=4),
+    task_runner=ThreadPoolTaskRunner(max_workers=PARSE_THREADS),
     on_failure=[notify_failure],
 )
 async def process_invoices(
@@ -39,10 +38,7 @@ async def process_invoices(
     async with open_pipeline(params) as pipeline:
         queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
         invoices = await claim_invoices(pipeline, params.selection)
-        parsing = list(parse_invoices.map(params.chunks(invoices), unmapped(pipeline)))
-        await asyncio.gather(
-            *(extract_when_parsed(parsing, i, pipeline, tally) for i in range(len(parsing)))
-        )
+        await parse_and_extract(invoices, pipeline, params, tally)
         await finish_llm_requests(pipeline, params, queue, tally)
     return await summarize(
         params,

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import SyncClientContext
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from prefect_aws import S3Bucket
 
 # Imported with the flow rather than at the run's first LLM call: the openai SDK takes
@@ -125,20 +126,28 @@ async def extract_invoices(
     return len(docs)
 
 
-async def extract_when_parsed(
-    parsing: list[PrefectFuture[list[ParsedDoc]] | None],
-    index: int,
+async def parse_and_extract(
+    invoices: list[WorkItem],
     pipeline: InvoicePipeline,
+    params: ProcessInvoicesParams,
     tally: RunTally,
-) -> int:
-    """Extract chunk `index` once parsed. Its future leaves `parsing` first, so the
-    chunk's documents (text, page images) are freed when the chunk is done, not when
-    the run is."""
-    future, parsing[index] = parsing[index], None
-    assert future is not None
-    docs = await resolved(future)
-    del future
-    return await extract_invoices(docs, pipeline, tally)
+) -> None:
+    """Each chunk of `invoices`: parse it on the thread pool, then finish its invoices;
+    a bounded window of chunks at a time, in order. A chunk's documents (text, page
+    images) are freed when it is done, and no more are read ahead than the window
+    holds, so memory follows what is in flight, not the run's size."""
+    chunks = params.chunks(invoices)
+    in_flight = params.chunks_in_flight(max(map(len, chunks), default=1))
+    window = asyncio.Semaphore(in_flight)
+
+    async def parse_then_extract(chunk: list[WorkItem]) -> None:
+        async with window:
+            docs = await resolved(parse_invoices.submit(chunk, pipeline))
+            # quote: Prefect would otherwise walk every document (text, page reads)
+            # on the event loop looking for futures in the task's inputs.
+            await extract_invoices(quote(docs), pipeline, tally)
+
+    await asyncio.gather(*(parse_then_extract(chunk) for chunk in chunks))
 
 
 async def resolved(future: PrefectFuture[T]) -> T:
