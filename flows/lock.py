@@ -5,9 +5,12 @@ server increments only active limits and still answers with the limit, see
 `prefect/server/api/concurrency_limits_v2.py`, `_acquire_concurrency_slots`), and raises
 a bare `ConcurrencySlotAcquisitionError` when it is missing (`strict=True`, see
 `prefect/concurrency/_asyncio.py`, `aacquire_concurrency_slots_with_lease`).
-`manifest_lock` turns both into a wait: it retries with backoff while the limit is
-missing or inactive, and after a bounded time raises `ManifestLockLost` naming the
-command that restores it, so no run ever crashes on Prefect's raw error.
+`manifest_lock` takes its slot through the lease API (`flows/leases.py`: Prefect's
+`concurrency()` queues acquisitions on a thread it shares with log and event shipping,
+and an uncontended slot took 2-6 s to come back at saturation) and turns a missing or
+inactive limit into a wait: it retries with backoff, and after a bounded time raises
+`ManifestLockLost` naming the command that restores it, so no run ever crashes on
+Prefect's raw error.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
-from prefect.concurrency.asyncio import concurrency
 from prefect.exceptions import ObjectNotFound
 
+from flows.leases import prefect_slots
 from invoiceflow import defaults
 from invoiceflow.manifest import ManifestLockLost
 
@@ -108,6 +111,7 @@ class _ManifestLock:
     def __init__(self, name: str, wait_s: float) -> None:
         self.name = name
         self.wait_s = wait_s
+        self._slots = prefect_slots(name, lease_duration_s=LEASE_SECONDS)
         self._verified_at: float | None = None
 
     @contextlib.asynccontextmanager
@@ -129,10 +133,10 @@ class _ManifestLock:
         deadline = loop.time() + self.wait_s
         delay = 0.2
         while True:
-            slot = concurrency(self.name, occupy=1, strict=True, lease_duration=LEASE_SECONDS)
+            slot = self._slots(1)
             try:
                 await slot.__aenter__()
-            except Exception as exc:  # ConcurrencySlotAcquisitionError: missing, or the API
+            except Exception as exc:  # LimitMissing, or the API
                 problem = f"{type(exc).__name__}: {exc}"
                 self._verified_at = None
             else:

@@ -374,7 +374,7 @@ async def test_a_lease_gets_the_free_slots_then_waits_for_one(local_stack: Any) 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 
-    from flows.llm_limits import prefect_slot
+    from flows.leases import prefect_slots
 
     name = f"invoiceflow-llm:lease-{uuid.uuid4().hex[:8]}"
     async with get_client() as client:
@@ -383,7 +383,7 @@ async def test_a_lease_gets_the_free_slots_then_waits_for_one(local_stack: Any) 
             names=[name], slots=3, mode="concurrency", lease_duration=60
         )
         other_run = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-        slots = prefect_slot(name)
+        slots = prefect_slots(name)
         async with slots(4) as granted:
             assert granted == 1
             assert (await client.read_global_concurrency_limit_by_name(name)).active_slots == 4
