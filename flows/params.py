@@ -265,10 +265,9 @@ class ProcessInvoicesParams(BaseModel):
         n = len(items)
         return chunked(items, 1 if n <= 50 else min(100, -(-n // 50)), ramp=True)
 
-    def chunks_in_flight(self, chunk_size: int) -> int:
-        """Chunks parsed or being extracted at once: the parse threads' chunks, plus
-        parsed ones for twice the LLM concurrency (at least three, so one chunk's last
-        calls never leave the LLM slots idle). Documents are read only this far ahead
-        of the LLM calls, so memory follows what is in flight, not the run's size."""
-        llm_chunks = -(-2 * self.max_llm_concurrency // max(chunk_size, 1))
-        return PARSE_THREADS + max(3, llm_chunks)
+    def invoices_in_flight(self, chunk_size: int) -> int:
+        """Invoices read and not yet finished, at most: the parse threads' chunks plus
+        four times the LLM concurrency (an invoice waits on its `processing` and `done`
+        commits about as long as on its LLM call). Documents are read only this far
+        ahead of the LLM calls, so memory follows what is in flight, not the run's size."""
+        return PARSE_THREADS * chunk_size + 4 * self.max_llm_concurrency

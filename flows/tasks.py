@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from prefect import task
@@ -114,16 +114,41 @@ def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[Par
 
 @task(cache_policy=NO_CACHE)
 async def extract_invoices(
-    docs: list[ParsedDoc], pipeline: InvoicePipeline, tally: RunTally
+    docs: list[ParsedDoc],
+    pipeline: InvoicePipeline,
+    tally: RunTally,
+    finished: Callable[[], None] | None = None,
 ) -> int:
     """Finish each parsed invoice; its outcome goes into the run's tally (and progress)
-    as it arrives, not into a list kept to the end of the run."""
+    as it arrives, not into a list kept to the end of the run; `finished` is told."""
 
     async def extract_and_count(doc: ParsedDoc) -> None:
         tally.add(observe(await pipeline.process(doc)))
+        if finished is not None:
+            finished()
 
     await asyncio.gather(*(extract_and_count(doc) for doc in docs))
     return len(docs)
+
+
+class InvoiceWindow:
+    """At most `size` invoices parsed and not yet finished; chunks enter in order."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._freed = asyncio.Event()
+        self._turn = asyncio.Lock()  # FIFO: chunks are parsed in the order they come
+
+    async def enter(self, count: int) -> None:
+        async with self._turn:
+            while self.free < count:
+                self._freed.clear()
+                await self._freed.wait()
+            self.free -= count
+
+    def leave(self) -> None:
+        self.free += 1
+        self._freed.set()
 
 
 async def parse_and_extract(
@@ -132,20 +157,22 @@ async def parse_and_extract(
     params: ProcessInvoicesParams,
     tally: RunTally,
 ) -> None:
-    """Each chunk of `invoices`: parse it on the thread pool, then finish its invoices;
-    a bounded window of chunks at a time, in order. A chunk's documents (text, page
-    images) are freed when it is done, and no more are read ahead than the window
-    holds, so memory follows what is in flight, not the run's size."""
+    """Each chunk of `invoices`: parse it on the thread pool, then finish its invoices.
+
+    A chunk is parsed only once its invoices fit in the run's window of invoices read
+    and not yet finished (each leaves it as it finishes), so documents (text, page
+    images) are read only that far ahead of the LLM calls and memory follows what is
+    in flight, not the run's size.
+    """
     chunks = params.chunks(invoices)
-    in_flight = params.chunks_in_flight(max(map(len, chunks), default=1))
-    window = asyncio.Semaphore(in_flight)
+    window = InvoiceWindow(params.invoices_in_flight(max(map(len, chunks), default=1)))
 
     async def parse_then_extract(chunk: list[WorkItem]) -> None:
-        async with window:
-            docs = await resolved(parse_invoices.submit(chunk, pipeline))
-            # quote: Prefect would otherwise walk every document (text, page reads)
-            # on the event loop looking for futures in the task's inputs.
-            await extract_invoices(quote(docs), pipeline, tally)
+        await window.enter(len(chunk))
+        docs = await resolved(parse_invoices.submit(chunk, pipeline))
+        # quote: Prefect would otherwise walk every document (text, page reads) on the
+        # event loop looking for futures in the task's inputs.
+        await extract_invoices(quote(docs), pipeline, tally, window.leave)
 
     await asyncio.gather(*(parse_then_extract(chunk) for chunk in chunks))
 

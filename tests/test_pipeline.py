@@ -353,3 +353,49 @@ async def test_an_unforeseen_error_quoting_a_secret_is_recorded_masked(
     entry = entries(s3_store, unique_prefix)[key]
     assert entry["error_kind"] == "internal_error" and "[REDACTED]" in entry["error_message"]
     assert secret not in entry["error_message"] and secret not in (outcome.error_message or "")
+
+
+def test_chunks_ramp_up_then_hold_their_size() -> None:
+    from invoiceflow.pipeline import chunked
+
+    items = list(range(100))
+    ramped = chunked(items, 20, ramp=True)
+    assert [len(c) for c in ramped] == [1, 2, 4, 8, 16, 20, 20, 20, 9]
+    assert [i for c in ramped for i in c] == items  # every item once, in order
+    assert [len(c) for c in chunked(items, 30)] == [30, 30, 30, 10]
+
+
+def test_the_parse_window_follows_the_llm_concurrency_not_the_run_size() -> None:
+    """Issue 13 #4: documents are read only a bounded distance ahead of the LLM."""
+    from flows.params import PARSE_THREADS, ProcessInvoicesParams
+
+    params = ProcessInvoicesParams(max_llm_concurrency=32)
+    for n in (1_000, 10_000, 100_000):
+        chunks = params.chunks(list(range(n)))
+        size = max(map(len, chunks))
+        assert size <= 100
+        # Whatever the number of invoices: the parse threads' chunks plus 4x C.
+        assert params.invoices_in_flight(size) <= PARSE_THREADS * 100 + 4 * 32
+
+
+async def test_the_invoice_window_admits_chunks_in_order_as_invoices_finish() -> None:
+    from flows.tasks import InvoiceWindow
+
+    window = InvoiceWindow(10)
+    entered: list[str] = []
+
+    async def chunk(name: str, count: int) -> None:
+        await window.enter(count)
+        entered.append(name)
+
+    await window.enter(8)
+    later = [asyncio.create_task(chunk(name, n)) for name, n in (("a", 5), ("b", 1))]
+    await asyncio.sleep(0.01)
+    assert entered == []  # "b" would fit, but waits its turn behind "a"
+    for _ in range(3):
+        window.leave()
+    await asyncio.sleep(0.01)
+    assert entered == ["a"] and window.free == 0
+    window.leave()
+    await asyncio.gather(*later)
+    assert entered == ["a", "b"] and window.free == 0
