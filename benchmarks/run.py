@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import math
 import os
@@ -60,7 +59,6 @@ from invoiceflow.storage import S3Store, make_s3_client
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "bench-results.json"
 BUCKET = "invoiceflow-bench"
-SLOT_EVENT = "prefect.concurrency-limit.acquired"
 CONTENDER_ORDER: tuple[ContenderName, ...] = ("seed", "pipeline", "naive")
 STDERR_TAIL_CHARS = 3000
 
@@ -132,51 +130,6 @@ async def _provision(info: stack.StackInfo, lock_names: list[str], block: str, a
     ).save(block, overwrite=True)
 
 
-async def _count_slot_events(lock_name: str, since: dt.datetime) -> int:
-    """`prefect.concurrency-limit.acquired` events the server recorded for one limit.
-
-    Prefect's `concurrency()` emits one per acquisition, and each contender has a lock
-    of its own, so this counts exactly that contender's slot acquisitions.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import (
-        EventFilter,
-        EventNameFilter,
-        EventOccurredFilter,
-        EventResourceFilter,
-    )
-
-    async with get_client() as client:
-        limit = await client.read_global_concurrency_limit_by_name(lock_name)
-        page = await client.read_events(
-            EventFilter(
-                occurred=EventOccurredFilter(
-                    since=since - dt.timedelta(minutes=1),
-                    until=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
-                ),
-                event=EventNameFilter(name=[SLOT_EVENT]),
-                resource=EventResourceFilter(id=[f"prefect.concurrency-limit.{limit.id}"]),
-            ),
-            limit=1,
-        )
-        return page.total
-
-
-def slot_acquisitions_from_events(
-    lock_name: str, since: dt.datetime, timeout_s: float = 30
-) -> int | None:
-    """Poll the event count until it stops moving (events are persisted in batches)."""
-    deadline = time.monotonic() + timeout_s
-    previous = -1
-    while time.monotonic() < deadline:
-        count = asyncio.run(_count_slot_events(lock_name, since))
-        if count == previous and count > 0:
-            return count
-        previous = count
-        time.sleep(1)
-    return previous if previous > 0 else None
-
-
 # ---------------------------------------------------------------- one contender
 
 
@@ -227,7 +180,6 @@ def run_contender(bench: Bench, name: ContenderName, n: int, timeout_s: float) -
 
     bench.llm.reset()
     load_before = load_average()
-    since = dt.datetime.now(dt.UTC)
     windows = {
         "prefect_server": CpuWindow(bench.info.prefect_pid).start(),
         "s3_server": CpuWindow(bench.info.s3_pid).start(),
@@ -263,9 +215,6 @@ def run_contender(bench: Bench, name: ContenderName, n: int, timeout_s: float) -
         wait_until_quiet(bench.info.prefect_pid, threshold_cores=bench.server_idle_cores + 0.05)
         if name != "seed"
         else 0.0
-    )
-    slot_events = (
-        slot_acquisitions_from_events(bench.lock_name(name), since) if name != "seed" else None
     )
     for window in windows.values():
         window.stop()
@@ -318,7 +267,7 @@ def run_contender(bench: Bench, name: ContenderName, n: int, timeout_s: float) -
     detail["s3_server_cpu_s"] = round(windows["s3_server"].cpu_s, 3)
     if "llm_server" in windows:
         detail["llm_server_cpu_s"] = round(windows["llm_server"].cpu_s, 3)
-    _add_slot_figures(detail, name, report, slot_events)
+    _add_slot_figures(detail, name, report)
     # Seed and naive take the lock once per manifest update, so wall / acquisitions is
     # what one update costs them; the pipeline batches, so the figure means nothing there.
     if report is not None and name != "pipeline" and detail.get("slot_acquisitions"):
@@ -383,30 +332,23 @@ def _add_manifest_figures(bench: Bench, detail: dict[str, Any], spec: ContenderS
 
 
 def _add_slot_figures(
-    detail: dict[str, Any],
-    name: ContenderName,
-    report: ContenderReport | None,
-    slot_events: int | None,
+    detail: dict[str, Any], name: ContenderName, report: ContenderReport | None
 ) -> None:
     store_count = report.store_lock_acquisitions if report is not None else None
-    # Prefect's events arrive batched and late, some not at all under load: a reported
-    # cross-check only, never the figure (29 events for 30 writes failed a test once).
-    detail["slot_acquisitions_events"] = slot_events
+    # Counted where they happen (the store). Prefect's concurrency events used to be a
+    # cross-check; slots are now taken through the lease API (flows/leases.py), which
+    # emits none, so the key stays for the file's shape and is null.
+    detail["slot_acquisitions_events"] = None
     if store_count is not None:
         source = "asyncio.Lock (ManifestStore)" if name == "seed" else "ManifestStore counter"
         detail["slot_acquisitions"], detail["slot_acquisitions_source"] = store_count, source
-    elif slot_events is not None:
-        detail["slot_acquisitions"] = slot_events
-        detail["slot_acquisitions_source"] = f"Prefect events {SLOT_EVENT} (lower bound)"
     else:
-        # No events (disabled?): every write took the slot once, so writes is a floor.
+        # No counter: every write took the slot once, so writes is a floor.
         detail["slot_acquisitions"] = detail.get("manifest_writes")
         detail["slot_acquisitions_source"] = "manifest revision (lower bound)"
     if report is not None and report.store_writes is not None:
         detail["store_writes"] = report.store_writes
         detail["store_conflicts"] = report.store_conflicts
-    if slot_events is not None:
-        detail["slot_events"] = slot_events
 
 
 def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
