@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -125,15 +125,15 @@ async def test_an_unfinished_batch_stays_submitted(
 
 
 class LockThatDies:
-    """A manifest lock that works `works` times, then fails (a deleted Prefect limit)."""
+    """A manifest lock that fails (a deleted Prefect limit) once `dead()` says so: here,
+    once the first batch is recorded, however many commits that took."""
 
-    def __init__(self, works: int) -> None:
-        self.left = works
+    def __init__(self, dead: Callable[[], bool]) -> None:
+        self.dead = dead
         self.lock = asyncio.Lock()
 
     def __call__(self) -> Any:
-        self.left -= 1
-        if self.left < 0:
+        if self.dead():
             raise RuntimeError("the manifest lock is gone")
         return self.lock
 
@@ -147,8 +147,11 @@ async def test_a_collect_that_crashes_halfway_is_rerun_without_new_requests(
 
     # The first collect records one batch, writes the other's results, then loses its
     # manifest lock before recording them.
+    def first_batch_recorded() -> bool:
+        return list(statuses(s3_store, unique_prefix).values()).count("done") >= 3
+
     with pytest.raises(RuntimeError, match="lock is gone"):
-        await collect_run(s3_store, unique_prefix, llm, lock=LockThatDies(works=1))
+        await collect_run(s3_store, unique_prefix, llm, lock=LockThatDies(first_batch_recorded))
     half = sorted(statuses(s3_store, unique_prefix).values())
     assert half == ["done"] * 3 + ["submitted"] * 3
     assert len(open_records(s3_store, unique_prefix)) == 1
