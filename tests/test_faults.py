@@ -622,8 +622,10 @@ async def test_prefect_server_restarted_mid_run_leaves_no_slot_stuck(
     s3.ensure_bucket()
     prefix = unique("restart") + "/"
     listed = upload(s3, prefix, good_invoices(24, seed=53))
+    # Slow enough calls (24 invoices, 2 at a time, ~18 s) that the restart lands mid-run:
+    # at 0.5 s a run sometimes finished before the test could take the manifest slot.
     with (
-        running_llm_server(latency_s=0.5, jitter_s=0.1, api_key=API_KEY) as llm,
+        running_llm_server(latency_s=1.5, jitter_s=0.1, api_key=API_KEY) as llm,
         temporary_settings({PREFECT_API_URL: own_stack.api_url}),
     ):
         lock = await create_lock(unique("lock"))
