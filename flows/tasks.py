@@ -44,12 +44,16 @@ T = TypeVar("T")
 async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoicePipeline]:
     """Load the blocks, verify the manifest lock, start the document workers, the
     extractor and one group committer."""
-    await check_manifest_lock(params.manifest_lock)
-    await warn_about_lease_storage()  # loud in the run log when leases are per replica
-    bucket = await S3Bucket.load(params.bucket_block)
-    extractor_block = await ExtractorBlock.load(params.extractor_block)
-    await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
-    s3 = s3_store(bucket)
+    bucket, extractor_block = await load_blocks(params)
+    # Built on a thread (botocore reads its service model: ~0.2 s that would stall the
+    # loop), beside the provider limits' setup.
+    s3, limiter = await asyncio.gather(
+        asyncio.to_thread(s3_store, bucket),
+        # Provider-wide limits (in flight, RPM, TPM) shared with every run of this block.
+        provider_limiter(
+            extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
+        ),
+    )
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
     config = PipelineConfig(
@@ -60,10 +64,6 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
         limits=params.document_limits(**extractor_block.vision_limits()),
         claim_timeout=params.claim_timeout,
         max_attempts=params.max_attempts,
-    )
-    # Provider-wide limits (in flight, RPM, TPM) shared with every run using this block.
-    limiter = await provider_limiter(
-        extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
     )
     try:
         # One sync API client for every sync task run of this flow: otherwise each
@@ -96,6 +96,19 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     finally:
         if limiter is not None:
             await limiter.aclose()  # provider slots go back to the other runs now
+
+
+async def load_blocks(params: ProcessInvoicesParams) -> tuple[S3Bucket, ExtractorBlock]:
+    """The run's blocks, loaded while the manifest lock and the lease storage are
+    checked, with their secrets registered for redaction."""
+    bucket, extractor_block, *_ = await asyncio.gather(
+        S3Bucket.load(params.bucket_block),
+        ExtractorBlock.load(params.extractor_block),
+        check_manifest_lock(params.manifest_lock),
+        warn_about_lease_storage(),  # loud in the run log when leases are per replica
+    )
+    await redact_run_secrets(bucket, extractor_block, notify=params.failure_notification_block)
+    return bucket, extractor_block
 
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
