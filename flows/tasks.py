@@ -35,7 +35,7 @@ from invoiceflow.pipeline import (
     PipelineConfig,
     WorkItem,
 )
-from invoiceflow.sandbox import DocumentWorkers
+from invoiceflow.sandbox import DocumentWorkers, start_fork_server
 
 T = TypeVar("T")
 
@@ -44,6 +44,7 @@ T = TypeVar("T")
 async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoicePipeline]:
     """Load the blocks, verify the manifest lock, start the document workers, the
     extractor and one group committer."""
+    start_fork_server()  # the document workers' imports, while the blocks load
     bucket, extractor_block = await load_blocks(params)
     # Built on a thread (botocore reads its service model: ~0.2 s that would stall the
     # loop), beside the provider limits' setup.

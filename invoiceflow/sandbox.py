@@ -73,6 +73,21 @@ def _context() -> Any:
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the workers' fork server in the background, without waiting for it.
+
+    Its first start imports pypdf and pdfium (~0.5-1 s on 2 cores); a run calls this
+    first thing, so that happens while it loads its blocks and lists its invoices.
+    """
+
+    def ensure_running() -> None:
+        _context()
+        with contextlib.suppress(Exception):  # the first worker start tries again, loudly
+            forkserver.ensure_running()
+
+    threading.Thread(target=ensure_running, name="fork-server-start", daemon=True).start()
+
+
 class _PopenWithoutMain(popen_forkserver.Popen):
     """Starts a worker without re-running the parent's ``__main__`` in it.
 

@@ -242,6 +242,25 @@ async def test_flush_cuts_the_batch_window_short(s3_store: S3Store) -> None:
     assert store.writes == 1
 
 
+async def test_the_first_commit_windows_are_short_then_grow_to_max_wait(
+    s3_store: S3Store,
+) -> None:
+    """A run's first LLM calls wait on their `processing` commits: the first windows are
+    max_wait_s / 16, doubling, so they are not held for whole windows while slots idle."""
+    store = store_with(s3_store, asyncio.Lock())
+    loop = asyncio.get_running_loop()
+    async with GroupCommitter(store, max_wait_s=4) as committer:
+        await committer.submit(claim("a.pdf"))  # idle committer: at once
+        waits = []
+        for name in ("b", "c", "d", "e"):  # windows of 0.5, 1, 2, then 4 s
+            started = loop.time()
+            await asyncio.wait_for(committer.submit(claim(f"{name}.pdf")), timeout=20)
+            waits.append(loop.time() - started)
+        assert waits[0] < 2  # a full window would be 4 s
+        assert waits[-1] >= 3.7  # grown to max_wait_s: at most one commit per 4 s
+    assert store.writes == 5
+
+
 # -- claims that live as long as their run ---------------------------------------------
 
 
