@@ -254,16 +254,18 @@ class ProcessInvoicesParams(BaseModel):
             **vision,
         )
 
-    def chunks(self, items: list[T]) -> list[list[T]]:
-        """The parse stage's task inputs."""
+    def chunks(self, items: list[T], *, claimed_before: int = 0) -> list[list[T]]:
+        """The parse stage's task inputs for `items`, a page of claims that follows
+        `claimed_before` others of the run."""
         if self.invoices_per_task:
             return chunked(items, self.invoices_per_task)
-        # ≤50 invoices: one per task. Beyond, ~50 chunks per stage (of at most 100)
-        # keeps task runs (each ~60 ms of server CPU) a small share of the work while
-        # still pipelining; the first chunks are small so the first LLM calls start
-        # within a second or so.
-        n = len(items)
-        return chunked(items, 1 if n <= 50 else min(100, -(-n // 50)), ramp=True)
+        # ≤50 invoices: one per task. Beyond, ~50 chunks per stage (of at most 100) of
+        # what the run has claimed so far keeps task runs (each ~60 ms of server CPU) a
+        # small share of the work while still pipelining; the run's first chunks are
+        # small so its first LLM calls start within a second or so.
+        n = claimed_before + len(items)
+        size = 1 if n <= 50 else min(100, -(-n // 50))
+        return chunked(items, size, ramp=claimed_before == 0)
 
     def invoices_in_flight(self, chunk_size: int) -> int:
         """Invoices read and not yet finished, at most: the parse threads' chunks plus

@@ -1,6 +1,6 @@
 """Process the invoice PDFs under an S3 prefix into one JSON result each.
 
-invoices = claim_invoices(prefix)          # claim new ones in the manifest
+invoices = claim_invoices(prefix)          # claim new ones in the manifest, page by page
 for each chunk, a bounded window of chunks at a time:
     parsed = parse_invoices(chunk)         # download + read, on the thread pool
     extract_invoices(parsed)               # per invoice: extract, validate, write, record
@@ -37,7 +37,7 @@ async def process_invoices(
     tally = RunTally(get_run_logger())
     async with open_pipeline(params) as pipeline:
         queue = await batch_queue(pipeline, params) if params.llm_mode == "batch" else None
-        invoices = await claim_invoices(pipeline, params.selection)
+        invoices = claim_invoices(pipeline, params.selection)
         await parse_and_extract(invoices, pipeline, params, tally)
         await finish_llm_requests(pipeline, params, queue, tally)
     return await summarize(

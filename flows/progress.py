@@ -43,9 +43,9 @@ class RunProgress:
         self._last_publish = float("-inf")
         self._changed = asyncio.Event()
 
-    def expect(self, total: int) -> None:
-        """The run claimed `total` invoices."""
-        self.total = total
+    def expect(self, count: int) -> None:
+        """The run claimed `count` more invoices (it claims them a listing page at a time)."""
+        self.total = (self.total or 0) + count
         self._changed.set()
 
     def observe(self, outcome: InvoiceOutcome) -> None:
@@ -106,10 +106,10 @@ def observe(outcome: InvoiceOutcome) -> InvoiceOutcome:
     return outcome
 
 
-def expect(total: int) -> None:
+def expect(count: int) -> None:
     progress = _current.get()
     if progress is not None:
-        progress.expect(total)
+        progress.expect(count)
 
 
 async def _artifact_publisher() -> Publish:

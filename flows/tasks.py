@@ -113,12 +113,14 @@ async def load_blocks(params: ProcessInvoicesParams) -> tuple[S3Bucket, Extracto
 
 
 # Pipeline objects are live (clients, the committer); they are not cache inputs.
-@task(cache_policy=NO_CACHE)
-async def claim_invoices(pipeline: InvoicePipeline, selection: Selection) -> list[WorkItem]:
-    """List the prefix and claim, in the manifest, the invoices this run processes."""
-    items = await pipeline.claim(selection)
-    expect(len(items))  # the progress artifact's 100%
-    return items
+async def claim_invoices(
+    pipeline: InvoicePipeline, selection: Selection
+) -> AsyncIterator[list[WorkItem]]:
+    """List the prefix and claim, in the manifest, the invoices this run processes: a
+    listing page (1,000 keys) at a time, so the first ones start while S3 lists on."""
+    async for invoices in pipeline.claim_pages(selection):
+        expect(len(invoices))  # towards the progress artifact's 100%
+        yield invoices
 
 
 @task(cache_policy=NO_CACHE)
@@ -148,10 +150,17 @@ async def extract_invoices(
 class InvoiceWindow:
     """At most `size` invoices parsed and not yet finished; chunks enter in order."""
 
-    def __init__(self, size: int) -> None:
-        self.free = size
+    def __init__(self) -> None:
+        self.size = self.free = 0
         self._freed = asyncio.Event()
         self._turn = asyncio.Lock()  # FIFO: chunks are parsed in the order they come
+
+    def widen(self, size: int) -> None:
+        """Make the window `size` invoices, if that is wider than it is."""
+        if size > self.size:
+            self.free += size - self.size
+            self.size = size
+            self._freed.set()
 
     async def enter(self, count: int) -> None:
         async with self._turn:
@@ -166,20 +175,20 @@ class InvoiceWindow:
 
 
 async def parse_and_extract(
-    invoices: list[WorkItem],
+    pages: AsyncIterator[list[WorkItem]],
     pipeline: InvoicePipeline,
     params: ProcessInvoicesParams,
     tally: RunTally,
 ) -> None:
-    """Each chunk of `invoices`: parse it on the thread pool, then finish its invoices.
+    """Each chunk of each page of claimed invoices: parse it on the thread pool, then
+    finish its invoices.
 
     A chunk is parsed only once its invoices fit in the run's window of invoices read
     and not yet finished (each leaves it as it finishes), so documents (text, page
     images) are read only that far ahead of the LLM calls and memory follows what is
     in flight, not the run's size.
     """
-    chunks = params.chunks(invoices)
-    window = InvoiceWindow(params.invoices_in_flight(max(map(len, chunks), default=1)))
+    window = InvoiceWindow()
 
     async def parse_then_extract(chunk: list[WorkItem]) -> None:
         await window.enter(len(chunk))
@@ -188,7 +197,14 @@ async def parse_and_extract(
         # event loop looking for futures in the task's inputs.
         await extract_invoices(quote(docs), pipeline, tally, window.leave)
 
-    await asyncio.gather(*(parse_then_extract(chunk) for chunk in chunks))
+    claimed = 0
+    async with asyncio.TaskGroup() as chunks_in_flight:
+        async for invoices in pages:
+            chunks = params.chunks(invoices, claimed_before=claimed)
+            claimed += len(invoices)
+            window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))
+            for chunk in chunks:
+                chunks_in_flight.create_task(parse_then_extract(chunk))
 
 
 async def resolved(future: PrefectFuture[T]) -> T:

@@ -28,7 +28,7 @@ import datetime as dt
 import functools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -58,7 +58,7 @@ from invoiceflow.manifest import (
 from invoiceflow.redact import redact
 from invoiceflow.results import write_result
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
-from invoiceflow.storage import SOURCE_SUFFIXES, S3Store, invoice_id, result_key
+from invoiceflow.storage import SOURCE_SUFFIXES, ListedObject, S3Store, invoice_id, result_key
 from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
@@ -289,13 +289,37 @@ class InvoicePipeline:
     # -- claim -------------------------------------------------------------------------
 
     async def claim(self, selection: Selection = "new") -> list[WorkItem]:
-        """List PDFs under the prefix and claim the ones this run should process."""
-        prefix = self.config.source_prefix
-        listed = await asyncio.to_thread(
-            lambda: list(self.s3.list_sources(prefix, self.config.source_suffixes))
+        """List the prefix and claim the invoices this run should process."""
+        return [item async for page in self.claim_pages(selection) for item in page]
+
+    async def claim_pages(
+        self, selection: Selection = "new", *, page_size: int = 1000
+    ) -> AsyncIterator[list[WorkItem]]:
+        """`claim`, a listing page at a time: each page is claimed (one commit) as S3
+        lists it, so the first invoices are read and extracted while the rest of a
+        large prefix is still being listed (S3 lists 1,000 keys a request)."""
+        snapshot: Snapshot | None = None
+        async for listed in self._listed_pages(page_size):
+            # One read: it only spares claims of what is plainly done (`needs_claim`);
+            # `Claim.apply` decides on the manifest as it is at each commit.
+            snapshot = snapshot or await self.committer.store.read()
+            yield await self.claim_listed(listed, snapshot, selection)
+
+    async def _listed_pages(self, page_size: int) -> AsyncIterator[list[ListedObject]]:
+        config = self.config
+        pages = self.s3.list_source_pages(
+            config.source_prefix, config.source_suffixes, page_size=page_size
         )
-        snapshot = await self.committer.store.read()
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            yield page
+
+    async def claim_listed(
+        self, listed: list[ListedObject], snapshot: Snapshot, selection: Selection = "new"
+    ) -> list[WorkItem]:
+        """Claim, in one commit, the invoices of `listed` this run should process."""
         candidates = [o for o in listed if needs_claim(snapshot, o.key, o.etag, selection)]
+        if not candidates:
+            return []
         runs = await self._claim_holders(snapshot, [o.key for o in candidates])
         outcomes = await self.committer.submit_many(
             Claim(

@@ -110,15 +110,28 @@ class S3Store:
         page_size: int = 1000,
     ) -> Iterator[ListedObject]:
         """Every invoice under `prefix` (keys ending in `suffixes`, any case), paginated."""
+        for page in self.list_source_pages(prefix, suffixes, page_size=page_size):
+            yield from page
+
+    def list_source_pages(
+        self,
+        prefix: str,
+        suffixes: tuple[str, ...] = SOURCE_SUFFIXES,
+        *,
+        page_size: int = 1000,
+    ) -> Iterator[list[ListedObject]]:
+        """`list_sources` a listing page at a time, as S3 answers them."""
         wanted = tuple(s.lower() for s in suffixes)
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(
             Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
         )
         for page in pages:
-            for obj in page.get("Contents", []):
-                if obj["Key"].lower().endswith(wanted):
-                    yield ListedObject(obj["Key"], _clean_etag(obj["ETag"]), obj["Size"])
+            yield [
+                ListedObject(obj["Key"], _clean_etag(obj["ETag"]), obj["Size"])
+                for obj in page.get("Contents", [])
+                if obj["Key"].lower().endswith(wanted)
+            ]
 
     def get(self, key: str, *, max_bytes: int | None = None) -> S3Object:
         """Body and ETag; NoSuchKey surfaces as KeyError."""

@@ -371,7 +371,7 @@ def test_the_parse_window_follows_the_llm_concurrency_not_the_run_size() -> None
 
     params = ProcessInvoicesParams(max_llm_concurrency=32)
     for n in (1_000, 10_000, 100_000):
-        chunks = params.chunks(list(range(n)))
+        chunks = params.chunks(list(range(1000)), claimed_before=n - 1000)
         size = max(map(len, chunks))
         assert size <= 100
         # Whatever the number of invoices: the parse threads' chunks plus 4x C.
@@ -381,7 +381,8 @@ def test_the_parse_window_follows_the_llm_concurrency_not_the_run_size() -> None
 async def test_the_invoice_window_admits_chunks_in_order_as_invoices_finish() -> None:
     from flows.tasks import InvoiceWindow
 
-    window = InvoiceWindow(10)
+    window = InvoiceWindow()
+    window.widen(10)
     entered: list[str] = []
 
     async def chunk(name: str, count: int) -> None:
@@ -399,3 +400,40 @@ async def test_the_invoice_window_admits_chunks_in_order_as_invoices_finish() ->
     window.leave()
     await asyncio.gather(*later)
     assert entered == ["a", "b"] and window.free == 0
+    waiting = asyncio.create_task(chunk("c", 3))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    window.widen(13)  # a later page's larger chunks: the window grows, never shrinks
+    await asyncio.wait_for(waiting, 5)
+    window.widen(4)
+    assert entered == ["a", "b", "c"] and (window.size, window.free) == (13, 0)
+
+
+def test_chunks_grow_with_what_the_run_has_claimed_and_only_its_first_page_ramps() -> None:
+    from flows.params import ProcessInvoicesParams
+
+    params = ProcessInvoicesParams()
+    first = params.chunks(list(range(1000)))
+    assert [len(c) for c in first[:6]] == [1, 2, 4, 8, 16, 20]  # ~50 chunks of 1,000
+    later = params.chunks(list(range(1000)), claimed_before=4000)
+    assert {len(c) for c in later} == {100}  # 5,000 claimed so far: chunks of 100
+
+
+
+async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """The first invoices of a large prefix start while S3 lists the rest (issue 13 #3:
+    the first LLM call within 1.5 s at 5,000 invoices). Each page is one claim commit."""
+    keys = upload(s3_store, unique_prefix, 5)
+    async with running_pipeline(s3_store, unique_prefix, CountingExtractor()) as pipeline:
+        store = pipeline.committer.store
+        pages, writes = [], []
+        async for page in pipeline.claim_pages(page_size=2):
+            pages.append(sorted(item.key for item in page))
+            writes.append(store.writes)  # committed by the time the page is handed on
+        assert pages == [sorted(keys)[:2], sorted(keys)[2:4], sorted(keys)[4:]]
+        assert writes == [1, 2, 3]
+    assert {k: e["status"] for k, e in entries(s3_store, unique_prefix).items()} == {
+        k: "pending" for k in keys
+    }
