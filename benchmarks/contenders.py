@@ -85,6 +85,9 @@ class ContenderReport(BaseModel):
     # time.monotonic() when the run started (after imports): on Linux the same clock as
     # the LLM server's, so the harness can tell when the first LLM call arrived.
     started_monotonic: float = 0.0
+    # time.monotonic() when the flow run entered Running (its on_running hook), just
+    # before Prefect called the flow function; Prefect contenders only.
+    flow_started_monotonic: float | None = None
     summary: dict[str, Any] = {}
     store_writes: int | None = None
     store_lock_acquisitions: int | None = None
@@ -247,8 +250,12 @@ def run_flow(spec: ContenderSpec) -> dict[str, Any]:
         max_llm_concurrency=spec.concurrency,
         **spec.flow_overrides,
     )
+    flow_started: list[float] = []
+    flow = process_invoices.with_options(
+        on_running=[lambda *_: flow_started.append(time.monotonic())]
+    )
     try:
-        summary = asyncio.run(process_invoices(params))
+        summary = asyncio.run(flow(params))
     finally:
         _flush_prefect()
     return {
@@ -256,6 +263,7 @@ def run_flow(spec: ContenderSpec) -> dict[str, Any]:
         # Counted by the flow's ManifestStore where the slot is taken: exact, unlike
         # Prefect's batched, eventually consistent `concurrency-limit.acquired` events.
         "store_lock_acquisitions": summary.lock_acquisitions,
+        "flow_started_monotonic": flow_started[0] if flow_started else None,
     }
 
 
