@@ -254,16 +254,19 @@ class ProcessInvoicesParams(BaseModel):
             **vision,
         )
 
-    def chunks(self, items: list[T], *, claimed_before: int = 0) -> list[list[T]]:
+    def chunks(
+        self, items: list[T], *, claimed_before: int = 0, more_to_come: bool = False
+    ) -> list[list[T]]:
         """The parse stage's task inputs for `items`, a page of claims that follows
-        `claimed_before` others of the run."""
+        `claimed_before` others of the run; `more_to_come` when the page was full."""
         if self.invoices_per_task:
             return chunked(items, self.invoices_per_task)
         # ≤50 invoices: one per task. Beyond, ~50 chunks per stage (of at most 100) of
-        # what the run has claimed so far keeps task runs (each ~60 ms of server CPU) a
-        # small share of the work while still pipelining; the run's first chunks are
-        # small so its first LLM calls start within a second or so.
-        n = claimed_before + len(items)
+        # what the run has claimed so far (counting a full page twice: one at least
+        # follows) keeps task runs (each ~60 ms of server CPU) a small share of the work
+        # while still pipelining; the run's first chunks are small so its first LLM
+        # calls start within a second or so.
+        n = claimed_before + len(items) * (2 if more_to_come else 1)
         size = 1 if n <= 50 else min(100, -(-n // 50))
         return chunked(items, size, ramp=claimed_before == 0)
 

@@ -36,6 +36,7 @@ from invoiceflow.pipeline import (
     WorkItem,
 )
 from invoiceflow.sandbox import DocumentWorkers, start_fork_server
+from invoiceflow.storage import LISTING_PAGE_SIZE
 
 T = TypeVar("T")
 
@@ -200,7 +201,9 @@ async def parse_and_extract(
     claimed = 0
     async with asyncio.TaskGroup() as chunks_in_flight:
         async for invoices in pages:
-            chunks = params.chunks(invoices, claimed_before=claimed)
+            chunks = params.chunks(
+                invoices, claimed_before=claimed, more_to_come=len(invoices) >= LISTING_PAGE_SIZE
+            )
             claimed += len(invoices)
             window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))
             for chunk in chunks:

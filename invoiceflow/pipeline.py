@@ -58,7 +58,14 @@ from invoiceflow.manifest import (
 from invoiceflow.redact import redact
 from invoiceflow.results import write_result
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
-from invoiceflow.storage import SOURCE_SUFFIXES, ListedObject, S3Store, invoice_id, result_key
+from invoiceflow.storage import (
+    LISTING_PAGE_SIZE,
+    SOURCE_SUFFIXES,
+    ListedObject,
+    S3Store,
+    invoice_id,
+    result_key,
+)
 from invoiceflow.validate import validate_extraction
 
 log = logging.getLogger(__name__)
@@ -293,7 +300,7 @@ class InvoicePipeline:
         return [item async for page in self.claim_pages(selection) for item in page]
 
     async def claim_pages(
-        self, selection: Selection = "new", *, page_size: int = 1000
+        self, selection: Selection = "new", *, page_size: int = LISTING_PAGE_SIZE
     ) -> AsyncIterator[list[WorkItem]]:
         """`claim`, a listing page at a time: each page is claimed (one commit) as S3
         lists it, so the first invoices are read and extracted while the rest of a

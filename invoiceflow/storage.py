@@ -95,6 +95,10 @@ def _clean_etag(etag: str) -> str:
     return etag.strip('"')
 
 
+# Keys per ListObjectsV2 request: S3's maximum.
+LISTING_PAGE_SIZE = 1000
+
+
 class S3Store:
     """One bucket, addressed by key. Thread-safe (boto3 clients are)."""
 
@@ -107,7 +111,7 @@ class S3Store:
         prefix: str,
         suffixes: tuple[str, ...] = SOURCE_SUFFIXES,
         *,
-        page_size: int = 1000,
+        page_size: int = LISTING_PAGE_SIZE,
     ) -> Iterator[ListedObject]:
         """Every invoice under `prefix` (keys ending in `suffixes`, any case), paginated."""
         for page in self.list_source_pages(prefix, suffixes, page_size=page_size):
@@ -118,7 +122,7 @@ class S3Store:
         prefix: str,
         suffixes: tuple[str, ...] = SOURCE_SUFFIXES,
         *,
-        page_size: int = 1000,
+        page_size: int = LISTING_PAGE_SIZE,
     ) -> Iterator[list[ListedObject]]:
         """`list_sources` a listing page at a time, as S3 answers them."""
         wanted = tuple(s.lower() for s in suffixes)

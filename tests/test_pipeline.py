@@ -415,6 +415,8 @@ def test_chunks_grow_with_what_the_run_has_claimed_and_only_its_first_page_ramps
     params = ProcessInvoicesParams()
     first = params.chunks(list(range(1000)))
     assert [len(c) for c in first[:6]] == [1, 2, 4, 8, 16, 20]  # ~50 chunks of 1,000
+    full = params.chunks(list(range(1000)), more_to_come=True)  # at least 2,000 then
+    assert [len(c) for c in full[:7]] == [1, 2, 4, 8, 16, 32, 40]
     later = params.chunks(list(range(1000)), claimed_before=4000)
     assert {len(c) for c in later} == {100}  # 5,000 claimed so far: chunks of 100
 
