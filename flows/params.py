@@ -17,7 +17,7 @@ from invoiceflow.manifest import (
     key_collisions,
 )
 from invoiceflow.pipeline import chunked
-from invoiceflow.storage import RESULT_SUFFIX, SOURCE_SUFFIXES
+from invoiceflow.storage import LISTING_PAGE_SIZE, RESULT_SUFFIX, SOURCE_SUFFIXES
 
 T = TypeVar("T")
 
@@ -258,15 +258,15 @@ class ProcessInvoicesParams(BaseModel):
         self, items: list[T], *, claimed_before: int = 0, more_to_come: bool = False
     ) -> list[list[T]]:
         """The parse stage's task inputs for `items`, a page of claims that follows
-        `claimed_before` others of the run; `more_to_come` when the page was full."""
+        `claimed_before` others of the run; `more_to_come` when the listing goes on."""
         if self.invoices_per_task:
             return chunked(items, self.invoices_per_task)
         # ≤50 invoices: one per task. Beyond, ~50 chunks per stage (of at most 100) of
-        # what the run has claimed so far (counting a full page twice: one at least
-        # follows) keeps task runs (each ~60 ms of server CPU) a small share of the work
-        # while still pipelining; the run's first chunks are small so its first LLM
-        # calls start within a second or so.
-        n = claimed_before + len(items) * (2 if more_to_come else 1)
+        # what the run will have claimed by this page's end (a listing that goes on has
+        # a page of 1,000 more at least) keeps task runs (each ~60 ms of server CPU) a
+        # small share of the work while still pipelining; the run's first chunks are
+        # small so its first LLM calls start within a second or so.
+        n = claimed_before + len(items) + (LISTING_PAGE_SIZE if more_to_come else 0)
         size = 1 if n <= 50 else min(100, -(-n // 50))
         return chunked(items, size, ramp=claimed_before == 0)
 

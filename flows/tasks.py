@@ -36,7 +36,7 @@ from invoiceflow.pipeline import (
     WorkItem,
 )
 from invoiceflow.sandbox import DocumentWorkers, start_fork_server
-from invoiceflow.storage import LISTING_PAGE_SIZE
+from invoiceflow.storage import FIRST_LISTING_PAGE_SIZE, LISTING_PAGE_SIZE
 
 T = TypeVar("T")
 
@@ -201,8 +201,10 @@ async def parse_and_extract(
     claimed = 0
     async with asyncio.TaskGroup() as chunks_in_flight:
         async for invoices in pages:
+            # A page as long as was asked for: the listing goes on (it was truncated).
+            full = FIRST_LISTING_PAGE_SIZE if claimed == 0 else LISTING_PAGE_SIZE
             chunks = params.chunks(
-                invoices, claimed_before=claimed, more_to_come=len(invoices) >= LISTING_PAGE_SIZE
+                invoices, claimed_before=claimed, more_to_come=len(invoices) >= full
             )
             claimed += len(invoices)
             window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))

@@ -59,6 +59,7 @@ from invoiceflow.redact import redact
 from invoiceflow.results import write_result
 from invoiceflow.schema import ExtractionResult, Invoice, Usage
 from invoiceflow.storage import (
+    FIRST_LISTING_PAGE_SIZE,
     LISTING_PAGE_SIZE,
     SOURCE_SUFFIXES,
     ListedObject,
@@ -300,22 +301,31 @@ class InvoicePipeline:
         return [item async for page in self.claim_pages(selection) for item in page]
 
     async def claim_pages(
-        self, selection: Selection = "new", *, page_size: int = LISTING_PAGE_SIZE
+        self,
+        selection: Selection = "new",
+        *,
+        page_size: int = LISTING_PAGE_SIZE,
+        first_page_size: int = FIRST_LISTING_PAGE_SIZE,
     ) -> AsyncIterator[list[WorkItem]]:
         """`claim`, a listing page at a time: each page is claimed (one commit) as S3
         lists it, so the first invoices are read and extracted while the rest of a
         large prefix is still being listed (S3 lists 1,000 keys a request)."""
         snapshot: Snapshot | None = None
-        async for listed in self._listed_pages(page_size):
+        async for listed in self._listed_pages(page_size, first_page_size):
             # One read: it only spares claims of what is plainly done (`needs_claim`);
             # `Claim.apply` decides on the manifest as it is at each commit.
             snapshot = snapshot or await self.committer.store.read()
             yield await self.claim_listed(listed, snapshot, selection)
 
-    async def _listed_pages(self, page_size: int) -> AsyncIterator[list[ListedObject]]:
+    async def _listed_pages(
+        self, page_size: int, first_page_size: int
+    ) -> AsyncIterator[list[ListedObject]]:
         config = self.config
         pages = self.s3.list_source_pages(
-            config.source_prefix, config.source_suffixes, page_size=page_size
+            config.source_prefix,
+            config.source_suffixes,
+            page_size=page_size,
+            first_page_size=first_page_size,
         )
         while (page := await asyncio.to_thread(next, pages, None)) is not None:
             yield page

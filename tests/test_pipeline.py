@@ -421,7 +421,6 @@ def test_chunks_grow_with_what_the_run_has_claimed_and_only_its_first_page_ramps
     assert {len(c) for c in later} == {100}  # 5,000 claimed so far: chunks of 100
 
 
-
 async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
     s3_store: S3Store, unique_prefix: str
 ) -> None:
@@ -431,10 +430,11 @@ async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
     async with running_pipeline(s3_store, unique_prefix, CountingExtractor()) as pipeline:
         store = pipeline.committer.store
         pages, writes = [], []
-        async for page in pipeline.claim_pages(page_size=2):
+        async for page in pipeline.claim_pages(page_size=3, first_page_size=1):
             pages.append(sorted(item.key for item in page))
             writes.append(store.writes)  # committed by the time the page is handed on
-        assert pages == [sorted(keys)[:2], sorted(keys)[2:4], sorted(keys)[4:]]
+        # The first request asks for fewer keys: its invoices start soonest.
+        assert pages == [sorted(keys)[:1], sorted(keys)[1:4], sorted(keys)[4:]]
         assert writes == [1, 2, 3]
     assert {k: e["status"] for k, e in entries(s3_store, unique_prefix).items()} == {
         k: "pending" for k in keys
