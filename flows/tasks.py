@@ -199,7 +199,8 @@ async def parse_and_extract(
         await extract_invoices(quote(docs), pipeline, tally, window.leave)
 
     claimed = 0
-    async with asyncio.TaskGroup() as chunks_in_flight:
+    started: list[asyncio.Task[None]] = []
+    try:
         async for invoices in pages:
             # A page as long as was asked for: the listing goes on (it was truncated).
             full = FIRST_LISTING_PAGE_SIZE if claimed == 0 else LISTING_PAGE_SIZE
@@ -208,8 +209,14 @@ async def parse_and_extract(
             )
             claimed += len(invoices)
             window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))
-            for chunk in chunks:
-                chunks_in_flight.create_task(parse_then_extract(chunk))
+            started += [asyncio.create_task(parse_then_extract(chunk)) for chunk in chunks]
+    finally:
+        # A page that cannot be claimed (an unreadable manifest, a lost lock) ends the
+        # run, but only once the invoices already claimed are finished.
+        finished = await asyncio.gather(*started, return_exceptions=True)
+    for outcome in finished:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def resolved(future: PrefectFuture[T]) -> T:
