@@ -310,12 +310,18 @@ class InvoicePipeline:
         """`claim`, a listing page at a time: each page is claimed (one commit) as S3
         lists it, so the first invoices are read and extracted while the rest of a
         large prefix is still being listed (S3 lists 1,000 keys a request)."""
-        snapshot: Snapshot | None = None
-        async for listed in self._listed_pages(page_size, first_page_size):
-            # One read: it only spares claims of what is plainly done (`needs_claim`);
-            # `Claim.apply` decides on the manifest as it is at each commit.
-            snapshot = snapshot or await self.committer.store.read()
-            yield await self.claim_listed(listed, snapshot, selection)
+        # One read, beside the first listing request: it only spares claims of what is
+        # plainly done (`needs_claim`); `Claim.apply` decides on the manifest as it is
+        # at each commit.
+        reading = asyncio.ensure_future(self.committer.store.read())
+        # Its error is raised by the `await` below; should the listing fail first, it
+        # is still marked as seen (asyncio would log it as never retrieved).
+        reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            async for listed in self._listed_pages(page_size, first_page_size):
+                yield await self.claim_listed(listed, await reading, selection)
+        finally:
+            reading.cancel()
 
     async def _listed_pages(
         self, page_size: int, first_page_size: int
