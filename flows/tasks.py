@@ -118,7 +118,8 @@ async def claim_invoices(
     pipeline: InvoicePipeline, selection: Selection
 ) -> AsyncIterator[list[WorkItem]]:
     """List the prefix and claim, in the manifest, the invoices this run processes: a
-    listing page (1,000 keys) at a time, so the first ones start while S3 lists on."""
+    listing page at a time (127 keys first, then 1,000), so the first ones start while
+    S3 lists on."""
     async for invoices in pipeline.claim_pages(selection):
         expect(len(invoices))  # towards the progress artifact's 100%
         yield invoices
