@@ -126,8 +126,12 @@ async def claim_invoices(
 
 
 @task(cache_policy=NO_CACHE)
-def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> list[ParsedDoc]:
-    return pipeline.parse_many(items)
+def parse_invoices(items: list[WorkItem], pipeline: InvoicePipeline) -> quote[list[ParsedDoc]]:
+    # Quoted, so Prefect links the task's state to the list but not to each document
+    # (`link_state_to_result`): an entry per invoice that lived to the end of the run.
+    # Passed on as it is, it also keeps Prefect from walking every document (text, page
+    # images) on the event loop looking for futures in the next task's inputs.
+    return quote(pipeline.parse_many(items))
 
 
 @task(cache_policy=NO_CACHE)
@@ -195,9 +199,7 @@ async def parse_and_extract(
     async def parse_then_extract(chunk: list[WorkItem]) -> None:
         await window.enter(len(chunk))
         docs = await resolved(parse_invoices.submit(chunk, pipeline))
-        # quote: Prefect would otherwise walk every document (text, page reads) on the
-        # event loop looking for futures in the task's inputs.
-        await extract_invoices(quote(docs), pipeline, tally, window.leave)
+        await extract_invoices(docs, pipeline, tally, window.leave)
 
     claimed = 0
     started: list[asyncio.Task[None]] = []

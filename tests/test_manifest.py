@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from invoiceflow.manifest import (
     Claim,
+    Entries,
     GroupCommitter,
     ManifestStore,
+    Renew,
     Status,
     Transition,
 )
@@ -501,3 +505,28 @@ def test_no_result_or_backup_can_collide_with_the_manifest_or_a_source(
     # The reported break: results_prefix="" and a source manifest.pdf -> manifest.json.
     if (results_prefix, manifest_key) == ("", "manifest.json") and source_prefix == "":
         assert collides and refused
+
+
+def test_finished_entries_are_kept_as_json_and_read_back_as_dicts() -> None:
+    stamp = "2026-11-29T10:00:00Z"
+    done = {"status": "done", "source_etag": "e1", "run_id": "r", "attempts": 1,
+            "created_at": stamp, "updated_at": stamp, "vendor_name": "ACME GmbH"}  # fmt: skip
+    live = {"status": "pending", "source_etag": "e2", "run_id": "r", "attempts": 1,
+            "created_at": stamp, "updated_at": stamp}  # fmt: skip
+    entries = Entries()
+    entries["a.pdf"], entries["b.pdf"] = done, live
+
+    stored = dict.__getitem__(entries, "a.pdf")
+    assert type(stored) is str and sys.getsizeof(stored) < 250  # ~2 KB as a dict of strings
+    assert dict.__getitem__(entries, "b.pdf") is live  # live: renewals change it in place
+    assert entries["a.pdf"] == entries.get("a.pdf") == done and entries.get("x") is None
+    assert dict(entries) == {**entries} == dict(entries.items()) == {"a.pdf": done, "b.pdf": live}
+    assert list(entries.values()) == [done, live] and entries == {"a.pdf": done, "b.pdf": live}
+    assert json.loads(orjson.dumps({"entries": entries.encode()})) == {"entries": entries}
+    # A fresh read keeps them the same way.
+    assert type(dict.__getitem__(Entries.decode({"a.pdf": done}), "a.pdf")) is str
+
+    later = dt.datetime(2026, 11, 29, 10, 5, tzinfo=dt.UTC)
+    assert Renew("r").apply(entries, later).attempt == 1  # renewed: the live one only
+    assert entries["b.pdf"]["updated_at"] == "2026-11-29T10:05:00Z"
+    assert entries["a.pdf"] == done  # a finished entry is never renewed

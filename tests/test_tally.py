@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from decimal import Decimal
 
 import pytest
 
-from flows.tally import RunTally
+from flows.tally import RunTally, row
 from invoiceflow.batch import QUEUED_FOR_BATCH
 from invoiceflow.manifest import Status
 from invoiceflow.pipeline import InvoiceOutcome, run_totals
@@ -61,3 +62,15 @@ def test_tally_agrees_with_the_totals_over_a_list(caplog: pytest.LogCaptureFixtu
         "failed",
         "skipped",
     ]
+
+
+def test_table_rows_are_kept_as_json_and_make_the_artifacts_data() -> None:
+    tally = RunTally.of(OUTCOMES)
+
+    rows = list(tally.rows)
+    assert len(tally.rows) == len(rows) == len(OUTCOMES)
+    assert rows == [row(o) for o in OUTCOMES]
+    assert rows[0]["vendor"] == "" and rows[0]["total"] == "10.00"
+    # The artifact's data: one JSON array of the rows, the shape a list of dicts has.
+    assert json.loads(tally.rows.json()) == rows
+    assert json.loads(RunTally().rows.json()) == []
