@@ -198,8 +198,11 @@ async def parse_and_extract(
 
     async def parse_then_extract(chunk: list[WorkItem]) -> None:
         await window.enter(len(chunk))
-        docs = await resolved(parse_invoices.submit(chunk, pipeline))
-        await extract_invoices(docs, pipeline, tally, window.leave)
+        try:
+            docs = await resolved(parse_invoices.submit(chunk, pipeline))
+            await extract_invoices(docs, pipeline, tally, window.leave)
+        finally:
+            pipeline.first_started.set()  # also when the chunk failed: list on
 
     claimed = 0
     started: list[asyncio.Task[None]] = []
@@ -213,6 +216,12 @@ async def parse_and_extract(
             claimed += len(invoices)
             window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))
             started += [asyncio.create_task(parse_then_extract(chunk)) for chunk in chunks]
+            if started:
+                # The next page is listed and claimed once the run's first invoice is
+                # `processing` (or finished): its result lookup and `processing` commit,
+                # which its LLM call waits on, then neither share the GIL with the
+                # listing's XML parsing nor queue behind a claim commit of 1,000 invoices.
+                await pipeline.first_started.wait()
     finally:
         # A page that cannot be claimed (an unreadable manifest, a lost lock) ends the
         # run, but only once the invoices already claimed are finished.

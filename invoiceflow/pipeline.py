@@ -272,6 +272,9 @@ class InvoicePipeline:
         # Batch mode (invoiceflow.batch): called instead of the extractor once an invoice
         # is `processing`; queues its request for a provider batch.
         self.defer: Callable[[ParsedDoc], InvoiceOutcome] | None = None
+        # Set once an invoice of the run is `processing` or finished: the flow lists and
+        # claims its next page only then (`flows/tasks.py`, `parse_and_extract`).
+        self.first_started = asyncio.Event()
 
     @property
     def lock_acquisitions(self) -> int:
@@ -441,6 +444,7 @@ class InvoicePipeline:
                 error_message=str(stopped),
             )  # fmt: skip
         finally:
+            self.first_started.set()
             self.committer.producer_done()
 
     async def _process(self, doc: ParsedDoc) -> InvoiceOutcome:
@@ -515,6 +519,7 @@ class InvoicePipeline:
             )
         )
         if outcome.applied:
+            self.first_started.set()
             return None
         log.warning("skipping %s: its claim is no longer this run's (%s)", item.key, outcome.reason)
         return InvoiceOutcome(

@@ -421,6 +421,42 @@ def test_chunks_grow_with_what_the_run_has_claimed_and_only_its_first_page_ramps
     assert {len(c) for c in later} == {100}  # 5,000 claimed so far: chunks of 100
 
 
+async def test_a_run_lists_its_next_page_once_its_first_invoice_is_processing(
+    local_stack: Any, s3_store: S3Store, unique_prefix: str
+) -> None:
+    """The first LLM call waits neither behind the next page's claim commit nor beside
+    its listing (issue 13 #3: the first LLM call within 1.5 s at 5,000 invoices)."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.params import ProcessInvoicesParams
+    from flows.tally import RunTally
+    from flows.tasks import parse_and_extract
+
+    keys = upload(s3_store, unique_prefix, 4)
+    extractor = CountingExtractor()
+    started_when_asked: list[bool] = []
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    async def run() -> RunTally:
+        tally = RunTally()
+        async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+
+            async def pages() -> AsyncIterator[list[Any]]:
+                async for page in pipeline.claim_pages(page_size=2, first_page_size=1):
+                    yield page
+                    # Resumed when the flow asks for the next page.
+                    started_when_asked.append(pipeline.first_started.is_set())
+
+            await parse_and_extract(pages(), pipeline, ProcessInvoicesParams(), tally)
+        return tally
+
+    tally = await run()
+    assert tally.statuses[Status.done] == len(keys)
+    assert extractor.calls == {k: 1 for k in keys}
+    assert len(started_when_asked) >= 3 and all(started_when_asked), started_when_asked
+
+
 async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
     s3_store: S3Store, unique_prefix: str
 ) -> None:
