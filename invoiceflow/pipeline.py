@@ -8,6 +8,7 @@ One invoice travels through these steps, each a small method below:
     -------   `process`, under one boundary, for each parsed invoice:
     reuse     `_written_result`  a result already written for this source and ETag? done
     start     `_start`           `processing`, committed: is the claim still this run's?
+                                 (beside `reuse`, for an invoice bound for the extractor)
     extract   `_extract`         the extractor (LLM, rules) or the e-invoice XML
     validate  `validate_extraction`
     write     `_write_result`    results/<invoice>.json
@@ -448,17 +449,30 @@ class InvoicePipeline:
             self.committer.producer_done()
 
     async def _process(self, doc: ParsedDoc) -> InvoiceOutcome:
-        item = doc.item
-        if (written := await self._written_result(item)) is not None:
+        item, document = doc.item, doc.document
+        einvoice = None
+        if document is not None and self.config.einvoice_fast_path:
+            einvoice = document.einvoice  # exact values from the XML: no extractor call
+        # An invoice bound for the extractor is started beside its result lookup: its
+        # LLM call waits on both round trips. A result found makes the start moot (the
+        # entry goes `processing`, then `done` with nothing billed).
+        to_start = doc.error is None and einvoice is None
+        written, lost = await asyncio.gather(
+            self._written_result(item),
+            self._start(item) if to_start else _nothing(),
+            return_exceptions=True,  # both finish before either's error goes on
+        )
+        for step in (written, lost):
+            if isinstance(step, BaseException):
+                raise step
+        if written is not None:
             return await self._record_done(item, written, billed=False)
         if doc.error is not None:
             raise doc.error
-        document = doc.document
         assert document is not None  # a ParsedDoc has a document or an error
-        einvoice = document.einvoice if self.config.einvoice_fast_path else None
         if einvoice is not None:
-            extraction = einvoice  # exact values from the XML; no extractor call
-        elif (lost := await self._start(item)) is not None:
+            extraction = einvoice
+        elif lost is not None:
             return lost
         elif self.defer is not None:
             return self.defer(doc)  # batch mode: its request goes into a provider batch
@@ -647,6 +661,10 @@ def _result(item: WorkItem, document: ReadDocument, extraction: Extraction) -> E
         truncation=extraction.truncation,
         read_as="einvoice" if extraction.source == "einvoice" else document.read_as,
     )
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _usage_dict(usage: Usage | None) -> dict[str, int]:

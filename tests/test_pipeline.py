@@ -23,7 +23,7 @@ from invoiceflow.manifest import Claim, GroupCommitter, ManifestStore, Status
 from invoiceflow.pipeline import InvoiceOutcome, InvoicePipeline, PipelineConfig
 from invoiceflow.samples import generate_corpus
 from invoiceflow.schema import Invoice
-from invoiceflow.storage import S3Store
+from invoiceflow.storage import S3Object, S3Store
 
 
 class CountingExtractor:
@@ -165,6 +165,31 @@ async def test_a_crash_in_any_step_fails_only_its_invoice_permanently(
     async with running_pipeline(s3_store, unique_prefix, extractor, run_id="run-2") as pipeline:
         assert await pipeline.claim() == []
     assert extractor.calls == {k: 1 for k in keys}
+
+
+async def test_an_invoice_is_started_beside_its_result_lookup(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """Its `processing` commit does not wait for the result lookup (issue 13 #3: both
+    are round trips before the first LLM call)."""
+    upload(s3_store, unique_prefix, 1)
+    writes_during_lookup: list[int] = []
+
+    class SlowResultLookups(S3Store):  # our own store, slow to answer a result read
+        def get(self, key: str, *, max_bytes: int | None = None) -> S3Object:
+            if key.startswith(f"{unique_prefix}results/"):
+                before = pipeline.committer.store.writes
+                time.sleep(0.5)
+                writes_during_lookup.append(pipeline.committer.store.writes - before)
+            return super().get(key, max_bytes=max_bytes)
+
+    slow = SlowResultLookups(s3_store.client, s3_store.bucket)
+    extractor = CountingExtractor()
+    async with running_pipeline(slow, unique_prefix, extractor) as pipeline:
+        outcomes = await run_all(pipeline)
+
+    assert [o.status for o in outcomes.values()] == [Status.done]
+    assert writes_during_lookup == [1]  # the `processing` commit, while the lookup ran
 
 
 async def test_results_written_before_a_lost_lock_are_recorded_later_without_a_call(
