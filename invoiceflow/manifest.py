@@ -416,7 +416,10 @@ class Entries(dict[str, dict[str, Any]]):
         return _decoded(super().__getitem__(key))
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return _decoded(super().get(key, default))
+        try:
+            return self[key]
+        except KeyError:
+            return default  # as given: only a stored entry is decoded
 
     def __iter__(self) -> Iterator[str]:
         # Not dict's own iterator, so `dict(entries)` and `{**entries}` take the slow

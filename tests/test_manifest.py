@@ -520,6 +520,7 @@ def test_finished_entries_are_kept_as_json_and_read_back_as_dicts() -> None:
     assert type(stored) is str and sys.getsizeof(stored) < 250  # ~2 KB as a dict of strings
     assert dict.__getitem__(entries, "b.pdf") is live  # live: renewals change it in place
     assert entries["a.pdf"] == entries.get("a.pdf") == done and entries.get("x") is None
+    assert entries.get("x", "{}") == "{}"  # only what is stored is decoded, not a default
     assert dict(entries) == {**entries} == dict(entries.items()) == {"a.pdf": done, "b.pdf": live}
     assert list(entries.values()) == [done, live] and entries == {"a.pdf": done, "b.pdf": live}
     assert json.loads(orjson.dumps({"entries": entries.encode()})) == {"entries": entries}
