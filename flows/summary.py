@@ -82,9 +82,7 @@ async def summarize(
         malformed_entries=malformed_entries or [],
     )
     if tally.rows:
-        await create_table_artifact(
-            "invoices", tally.rows, f"Invoices processed from `{params.source_prefix}`"
-        )
+        await create_table_artifact("invoices", tally.rows, _table_description(params, tally.rows))
     await acreate_markdown_artifact(
         key="run-summary",
         markdown=_markdown(params, summary),
@@ -112,6 +110,16 @@ async def create_table_artifact(key: str, rows: TableRows, description: str) -> 
     )
     async with get_client() as client:
         await client.create_artifact(artifact=artifact)
+
+
+def _table_description(params: ProcessInvoicesParams, rows: TableRows) -> str:
+    description = f"Invoices processed from `{params.source_prefix}`"
+    if rows.total > len(rows):
+        description += (
+            f": {len(rows)} of {rows.total} shown, those that need a look first; the "
+            f"manifest `{params.manifest_key}` has every invoice"
+        )
+    return description
 
 
 def _markdown(params: ProcessInvoicesParams, s: RunSummary) -> str:

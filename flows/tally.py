@@ -21,31 +21,52 @@ from invoiceflow.batch import QUEUED_FOR_BATCH
 from invoiceflow.manifest import Status
 from invoiceflow.pipeline import InvoiceOutcome
 
+# A table artifact of 10,000 rows is ~3 MB kept to the end of the run and a page no one
+# reads; the manifest lists every invoice, the table the ones a person should see.
+MAX_TABLE_ROWS = 1000
+
 
 class TableRows:
-    """The rows of the run's table artifact, each kept as its JSON text.
+    """The rows of the run's table artifact, each kept as its JSON text; at most `limit`.
 
     A row as a dict of eleven strings took ~1 KB; its JSON text takes ~0.3 KB, and the
-    artifact's data is the rows' JSON anyway, so the end of a 10,000-invoice run joins
-    them once instead of building a list of dicts, a sanitized copy of it and its JSON.
+    artifact's data is the rows' JSON anyway, so the end of a run joins them once
+    instead of building a list of dicts, a sanitized copy of it and its JSON.
+
+    Rows of invoices that need a look (failed, skipped, to review) come first, and
+    over the limit one takes the place of the latest routine row; past `limit` of
+    those, rows are only counted (`total`).
     """
 
-    def __init__(self) -> None:
-        self._encoded: list[str] = []
+    def __init__(self, limit: int = MAX_TABLE_ROWS) -> None:
+        self.limit = limit
+        self.total = 0
+        self._needing_a_look: list[str] = []
+        self._routine: list[str] = []
 
-    def append(self, row: dict[str, str]) -> None:
+    def append(self, row: dict[str, str], *, needs_a_look: bool = False) -> None:
+        self.total += 1
+        if len(self) >= self.limit:
+            if not (needs_a_look and self._routine):
+                return
+            self._routine.pop()
         # Text, not orjson's bytes: those keep the capacity they were written into.
-        self._encoded.append(orjson.dumps(row).decode())
+        rows = self._needing_a_look if needs_a_look else self._routine
+        rows.append(orjson.dumps(row).decode())
 
     def __len__(self) -> int:
-        return len(self._encoded)
+        return len(self._needing_a_look) + len(self._routine)
+
+    def _encoded(self) -> Iterator[str]:
+        yield from self._needing_a_look
+        yield from self._routine
 
     def __iter__(self) -> Iterator[dict[str, str]]:
-        return (orjson.loads(encoded) for encoded in self._encoded)
+        return (orjson.loads(encoded) for encoded in self._encoded())
 
     def json(self) -> str:
         """The rows as one JSON array: a table artifact's data."""
-        return "[" + ",".join(self._encoded) + "]"
+        return "[" + ",".join(self._encoded()) + "]"
 
 
 class RunTally:
@@ -83,7 +104,7 @@ class RunTally:
         self.statuses[o.status] += 1
         if self._logger is not None:
             self._logger.log(*log_line(o))
-        self.rows.append(row(o))
+        self.rows.append(row(o), needs_a_look=needs_a_look(o))
         if o.status is Status.failed:
             self.failures[o.key] = f"{o.error_kind}: {o.error_message}"
         if not o.finished:
@@ -120,6 +141,13 @@ def log_line(o: InvoiceOutcome) -> tuple[int, str]:
         return logging.WARNING, f"skipped {o.key}: {o.error_kind}: {o.error_message}"
     kind = "transient" if o.transient else "permanent"
     return logging.WARNING, f"failed {o.key} ({kind}): {o.error_kind}: {o.error_message}"
+
+
+def needs_a_look(o: InvoiceOutcome) -> bool:
+    """Failed, let go unfinished, or done but flagged for review."""
+    if o.status is Status.submitted:
+        return False
+    return o.status is not Status.done or o.needs_review
 
 
 def _tokens(o: InvoiceOutcome) -> int:

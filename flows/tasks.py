@@ -153,12 +153,21 @@ async def extract_invoices(
     return len(docs)
 
 
+# Claimed invoices waiting to be read, at most, before the next page is claimed: ~10 s
+# of work at saturation. A claim is a live manifest entry and a work item until its
+# invoice finishes, so claiming no further ahead keeps a run over 10,000 invoices about
+# as small as one over 1,000, and leaves the rest of the prefix to other runs meanwhile.
+CLAIM_AHEAD = LISTING_PAGE_SIZE // 2
+
+
 class InvoiceWindow:
     """At most `size` invoices parsed and not yet finished; chunks enter in order."""
 
     def __init__(self) -> None:
         self.size = self.free = 0
+        self.queued = 0  # invoices claimed that have not entered yet
         self._freed = asyncio.Event()
+        self._entered = asyncio.Event()
         self._turn = asyncio.Lock()  # FIFO: chunks are parsed in the order they come
 
     def widen(self, size: int) -> None:
@@ -168,15 +177,27 @@ class InvoiceWindow:
             self.size = size
             self._freed.set()
 
+    def queue(self, count: int) -> None:
+        """`count` more invoices will `enter`."""
+        self.queued += count
+
     async def enter(self, count: int) -> None:
         async with self._turn:
             while self.free < count:
                 self._freed.clear()
                 await self._freed.wait()
             self.free -= count
+        self.queued -= count
+        self._entered.set()
 
-    def leave(self) -> None:
-        self.free += 1
+    async def queued_below(self, count: int) -> None:
+        """Wait until fewer than `count` invoices are queued to enter."""
+        while self.queued >= count:
+            self._entered.clear()
+            await self._entered.wait()
+
+    def leave(self, count: int = 1) -> None:
+        self.free += count
         self._freed.set()
 
 
@@ -185,6 +206,8 @@ async def parse_and_extract(
     pipeline: InvoicePipeline,
     params: ProcessInvoicesParams,
     tally: RunTally,
+    *,
+    claim_ahead: int = CLAIM_AHEAD,
 ) -> None:
     """Each chunk of each page of claimed invoices: parse it on the thread pool, then
     finish its invoices.
@@ -192,16 +215,26 @@ async def parse_and_extract(
     A chunk is parsed only once its invoices fit in the run's window of invoices read
     and not yet finished (each leaves it as it finishes), so documents (text, page
     images) are read only that far ahead of the LLM calls and memory follows what is
-    in flight, not the run's size.
+    in flight, not the run's size. The next page is claimed once fewer than
+    `claim_ahead` claimed invoices wait to enter the window.
     """
     window = InvoiceWindow()
 
     async def parse_then_extract(chunk: list[WorkItem]) -> None:
         await window.enter(len(chunk))
+        left = 0
+
+        def leave(count: int = 1) -> None:
+            nonlocal left
+            count = min(count, len(chunk) - left)
+            left += count
+            window.leave(count)
+
         try:
             docs = await resolved(parse_invoices.submit(chunk, pipeline))
-            await extract_invoices(docs, pipeline, tally, window.leave)
+            await extract_invoices(docs, pipeline, tally, leave)
         finally:
+            leave(len(chunk))  # what is left of a chunk that failed leaves all the same
             pipeline.first_started.set()  # also when the chunk failed: list on
 
     claimed = 0
@@ -215,6 +248,7 @@ async def parse_and_extract(
             )
             claimed += len(invoices)
             window.widen(params.invoices_in_flight(max(map(len, chunks), default=1)))
+            window.queue(len(invoices))
             started += [asyncio.create_task(parse_then_extract(chunk)) for chunk in chunks]
             if started:
                 # The next page is listed and claimed once the run's first invoice is
@@ -222,6 +256,7 @@ async def parse_and_extract(
                 # which its LLM call waits on, then neither share the GIL with the
                 # listing's XML parsing nor queue behind a claim commit of 1,000 invoices.
                 await pipeline.first_started.wait()
+            await window.queued_below(claim_ahead)
     finally:
         # A page that cannot be claimed (an unreadable manifest, a lost lock) ends the
         # run, but only once the invoices already claimed are finished.

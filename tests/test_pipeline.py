@@ -482,6 +482,68 @@ async def test_a_run_lists_its_next_page_once_its_first_invoice_is_processing(
     assert len(started_when_asked) >= 3 and all(started_when_asked), started_when_asked
 
 
+async def test_a_run_claims_the_next_page_only_when_its_claims_run_short(
+    local_stack: Any, s3_store: S3Store, unique_prefix: str
+) -> None:
+    """Claims are made a page at a time as the window drains, not all at the start:
+    each is a live manifest entry and a work item until its invoice finishes (issue 13
+    #4: peak memory at 10,000 invoices within 1.1x of that at 1,000)."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.params import PARSE_THREADS, ProcessInvoicesParams
+    from flows.tally import RunTally
+    from flows.tasks import parse_and_extract
+
+    keys = upload(s3_store, unique_prefix, 14)
+    gate = asyncio.Event()
+
+    class Gated(CountingExtractor):
+        async def extract_document(self, text: str, **kwargs: Any) -> Extraction:
+            extraction = await super().extract_document(text, **kwargs)
+            await gate.wait()
+            return extraction
+
+    extractor = Gated()
+    # One invoice per chunk; a window of PARSE_THREADS + 4 invoices read, not finished.
+    params = ProcessInvoicesParams(invoices_per_task=1, max_llm_concurrency=1)
+    window = params.invoices_in_flight(1)
+    assert window == PARSE_THREADS + 4 < len(keys) - 4
+    claimed: list[int] = []
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    async def run() -> RunTally:
+        tally = RunTally()
+        async with running_pipeline(s3_store, unique_prefix, extractor) as pipeline:
+
+            async def pages() -> AsyncIterator[list[Any]]:
+                async for page in pipeline.claim_pages(page_size=2, first_page_size=1):
+                    claimed.append(len(page))
+                    yield page
+
+            async def release_once_the_window_is_full() -> None:
+                deadline = asyncio.get_running_loop().time() + 30
+                while sum(extractor.calls.values()) < window:
+                    assert asyncio.get_running_loop().time() < deadline, extractor.calls
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # time enough to claim pages it should not
+                claimed.append(0)  # the mark: what came before, the window held back
+                gate.set()
+
+            await asyncio.gather(
+                parse_and_extract(pages(), pipeline, params, tally, claim_ahead=2),
+                release_once_the_window_is_full(),
+            )
+        return tally
+
+    tally = await run()
+    held = sum(claimed[: claimed.index(0)])
+    # The window's invoices, and pages until 2 or more wait behind it: 1+2+...+2.
+    assert held == window + 3, claimed
+    assert sum(claimed) == len(keys) and tally.statuses[Status.done] == len(keys)
+    assert extractor.calls == {k: 1 for k in keys}
+
+
 async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
     s3_store: S3Store, unique_prefix: str
 ) -> None:

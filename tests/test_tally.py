@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from flows.tally import RunTally, row
+from flows.tally import RunTally, TableRows, needs_a_look, row
 from invoiceflow.batch import QUEUED_FOR_BATCH
 from invoiceflow.manifest import Status
 from invoiceflow.pipeline import InvoiceOutcome, run_totals
@@ -74,3 +74,23 @@ def test_table_rows_are_kept_as_json_and_make_the_artifacts_data() -> None:
     # The artifact's data: one JSON array of the rows, the shape a list of dicts has.
     assert json.loads(tally.rows.json()) == rows
     assert json.loads(RunTally().rows.json()) == []
+
+
+def test_the_table_keeps_at_most_its_limit_of_rows_those_that_need_a_look_first() -> None:
+    rows = TableRows(limit=3)
+    outcomes = [
+        InvoiceOutcome("1.pdf", Status.done, True),
+        InvoiceOutcome("2.pdf", Status.done, True),
+        InvoiceOutcome("3.pdf", Status.failed, True, error_kind="x", error_message="y"),
+        InvoiceOutcome("4.pdf", Status.done, True),  # over the limit, routine: counted only
+        InvoiceOutcome("5.pdf", Status.done, True, needs_review=True),  # takes 2's place
+        InvoiceOutcome("6.pdf", Status.pending, False, error_kind="claim_lost"),  # 1's
+        InvoiceOutcome("7.pdf", Status.failed, True, error_kind="x"),  # full of such: counted
+    ]
+    for o in outcomes:
+        rows.append(row(o), needs_a_look=needs_a_look(o))
+
+    assert [r["invoice"] for r in rows] == ["3.pdf", "5.pdf", "6.pdf"]
+    assert (len(rows), rows.total) == (3, 7)
+    assert [r["invoice"] for r in json.loads(rows.json())] == ["3.pdf", "5.pdf", "6.pdf"]
+    assert [needs_a_look(o) for o in OUTCOMES] == [True, True, True, True, False]
