@@ -27,11 +27,17 @@ gate while it waits in another.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
 from prefect.concurrency.asyncio import rate_limit
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from blocks.extractor import ExtractorBlock
 from flows.leases import prefect_slots
@@ -69,30 +75,46 @@ def prefect_rate(names: ProviderLimitNames) -> RateTaker:
 
 async def ensure_provider_limits(block: ExtractorBlock, names: ProviderLimitNames) -> None:
     """Create or update the global limits to match the block's configuration."""
+    wanted = [
+        (names.in_flight, block.max_in_flight, None),
+        (names.requests, block.requests_per_minute, _per_second(block.requests_per_minute)),
+        (names.tokens, block.tokens_per_minute, _per_second(block.tokens_per_minute)),
+    ]
     async with get_client() as client:
-        wanted = [
-            (names.in_flight, block.max_in_flight, None),
-            (
-                names.requests,
-                block.requests_per_minute,
-                block.requests_per_minute / 60 if block.requests_per_minute else None,
-            ),
-            (
-                names.tokens,
-                block.tokens_per_minute,
-                block.tokens_per_minute / 60 if block.tokens_per_minute else None,
-            ),
-        ]
-        for name, limit, decay in wanted:
-            if not limit:
-                continue
-            await client.upsert_global_concurrency_limit_by_name(
-                name, limit, slot_decay_per_second=decay
+        # Side by side, each one read, and a write only when it is missing or differs
+        # (Prefect's `upsert_global_concurrency_limit_by_name` reads, then writes, and
+        # the `active` flag takes another read): the run's first LLM call waits on this.
+        await asyncio.gather(
+            *(_ensure(client, name, limit, decay) for name, limit, decay in wanted if limit)
+        )
+
+
+async def _ensure(client: PrefectClient, name: str, limit: int, decay: float | None) -> None:
+    try:
+        current = await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        try:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=limit, **_decay(decay))
             )
+            return
+        except ObjectAlreadyExists:  # another run created it meanwhile: update that one
             current = await client.read_global_concurrency_limit_by_name(name)
-            if not current.active:
-                # Prefect treats an inactive limit as always acquired.
-                log.warning("provider limit %s is inactive: only this run's limits apply", name)
+    if current.limit != limit or (decay is not None and current.slot_decay_per_second != decay):
+        update = GlobalConcurrencyLimitUpdate(limit=limit, **_decay(decay))
+        await client.update_global_concurrency_limit(name, update)
+    if not current.active:
+        # Prefect treats an inactive limit as always acquired.
+        log.warning("provider limit %s is inactive: only this run's limits apply", name)
+
+
+def _decay(per_second: float | None) -> dict[str, float]:
+    # Left unset for a concurrency limit, as Prefect's own upsert does.
+    return {} if per_second is None else {"slot_decay_per_second": per_second}
+
+
+def _per_second(per_minute: int | None) -> float | None:
+    return per_minute / 60 if per_minute else None
 
 
 async def provider_limiter(

@@ -397,3 +397,46 @@ async def test_a_lease_gets_the_free_slots_then_waits_for_one(local_stack: Any) 
         assert limit.active_slots == 1  # the first lease went back; the second is held
         await second.__aexit__(None, None, None)
         assert (await client.read_global_concurrency_limit_by_name(name)).active_slots == 0
+
+
+async def test_provider_limits_follow_the_block_and_are_written_only_when_they_differ(
+    local_stack: Any,
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from blocks.extractor import ExtractorBlock
+    from flows.llm_limits import ProviderLimitNames, ensure_provider_limits
+
+    names = ProviderLimitNames.for_block(f"ensure-{uuid.uuid4().hex[:8]}")
+    block = ExtractorBlock(
+        kind="openai", api_key=SecretStr(API_KEY), model="m", max_in_flight=4,
+        requests_per_minute=600, tokens_per_minute=None,
+    )  # fmt: skip
+
+    async def limits() -> dict[str, tuple[int, float | None, Any]]:
+        async with get_client() as client:
+            found = {}
+            for name in (names.in_flight, names.requests, names.tokens):
+                with contextlib.suppress(Exception):
+                    limit = await client.read_global_concurrency_limit_by_name(name)
+                    found[name] = (limit.limit, limit.slot_decay_per_second, limit.updated)
+            return found
+
+    await ensure_provider_limits(block, names)
+    created = await limits()
+    assert {name: found[:2] for name, found in created.items()} == {
+        names.in_flight: (4, 0.0),
+        names.requests: (600, 10.0),
+    }
+
+    await ensure_provider_limits(block, names)  # as the block says: nothing written
+    assert await limits() == created
+
+    changed = block.model_copy(update={"max_in_flight": 9, "requests_per_minute": 120})
+    await ensure_provider_limits(changed, names)
+    updated = await limits()
+    assert {name: found[:2] for name, found in updated.items()} == {
+        names.in_flight: (9, 0.0),
+        names.requests: (120, 2.0),
+    }
+    assert all(updated[name][2] > created[name][2] for name in updated)
