@@ -35,7 +35,9 @@ class RunProgress:
     def __init__(self, publish: Publish, *, min_interval_s: float = PUBLISH_INTERVAL_S) -> None:
         self._publish = publish
         self.min_interval_s = min_interval_s
-        self.total: int | None = None
+        self.claimed: int | None = None
+        # While the listing goes on: what it counted to claim in all (`estimate`).
+        self.estimated: int | None = None
         self.finished = 0
         self.failed = 0
         self.publications = 0
@@ -45,8 +47,26 @@ class RunProgress:
 
     def expect(self, count: int) -> None:
         """The run claimed `count` more invoices (it claims them a listing page at a time)."""
-        self.total = (self.total or 0) + count
+        self.claimed = (self.claimed or 0) + count
         self._changed.set()
+
+    def estimate(self, total: int) -> None:
+        """A count of the whole listing: `total` to claim in all, as far as it knew."""
+        self.estimated = total
+        self._changed.set()
+
+    def claimed_all(self) -> None:
+        """The listing is claimed to its end: the total is what was claimed."""
+        self.estimated = None
+        self._changed.set()
+
+    @property
+    def total(self) -> int | None:
+        """The invoices claimed, or, while the run claims a page at a time, counted to
+        claim in all: the percentage does not fall back as each page is claimed."""
+        if self.estimated is None or self.claimed is None:
+            return self.claimed
+        return max(self.claimed, self.estimated)
 
     def observe(self, outcome: InvoiceOutcome) -> None:
         self.finished += 1
@@ -110,6 +130,18 @@ def expect(count: int) -> None:
     progress = _current.get()
     if progress is not None:
         progress.expect(count)
+
+
+def estimate(total: int) -> None:
+    progress = _current.get()
+    if progress is not None:
+        progress.estimate(total)
+
+
+def claimed_all() -> None:
+    progress = _current.get()
+    if progress is not None:
+        progress.claimed_all()
 
 
 async def _artifact_publisher() -> Publish:

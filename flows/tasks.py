@@ -22,12 +22,13 @@ from blocks.extractor import ExtractorBlock
 from flows.llm_limits import provider_limiter
 from flows.lock import check_manifest_lock, manifest_lock
 from flows.params import ProcessInvoicesParams
-from flows.progress import expect, observe, tracking_progress
+from flows.progress import claimed_all, estimate, expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
 from flows.s3 import load_s3_models, s3_store
 from flows.server_check import warn_about_lease_storage
 from flows.tally import RunTally
+from invoiceflow.allocator import bound_heap_growth
 from invoiceflow.manifest import GroupCommitter, ManifestStore, Selection
 from invoiceflow.pipeline import (
     InvoicePipeline,
@@ -45,6 +46,7 @@ T = TypeVar("T")
 async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoicePipeline]:
     """Load the blocks, verify the manifest lock, start the document workers, the
     extractor and one group committer."""
+    bound_heap_growth()  # a long run's heap follows what it holds, not its length
     start_fork_server()  # the document workers' imports, while the blocks load
     # S3's service model too (~0.2 s of CPU, flows/s3.py), which `s3_store` waits for.
     s3_models = asyncio.create_task(asyncio.to_thread(load_s3_models))
@@ -122,9 +124,10 @@ async def claim_invoices(
     """List the prefix and claim, in the manifest, the invoices this run processes: a
     listing page at a time (127 keys first, then 1,000), so the first ones start while
     S3 lists on."""
-    async for invoices in pipeline.claim_pages(selection):
+    async for invoices in pipeline.claim_pages(selection, counted=estimate):
         expect(len(invoices))  # towards the progress artifact's 100%
         yield invoices
+    claimed_all()
 
 
 @task(cache_policy=NO_CACHE)

@@ -310,10 +310,16 @@ class InvoicePipeline:
         *,
         page_size: int = LISTING_PAGE_SIZE,
         first_page_size: int = FIRST_LISTING_PAGE_SIZE,
+        counted: Callable[[int], None] | None = None,
     ) -> AsyncIterator[list[WorkItem]]:
         """`claim`, a listing page at a time: each page is claimed (one commit) as S3
         lists it, so the first invoices are read and extracted while the rest of a
-        large prefix is still being listed (S3 lists 1,000 keys a request)."""
+        large prefix is still being listed (S3 lists 1,000 keys a request).
+
+        A caller that claims pages only as it needs them learns, through `counted`,
+        how many the whole listing has to claim (a count made in a listing of its own,
+        which keeps nothing), once its first page is claimed.
+        """
         # One read, beside the first listing request: it only spares claims of what is
         # plainly done (`needs_claim`); `Claim.apply` decides on the manifest as it is
         # at each commit.
@@ -321,11 +327,29 @@ class InvoicePipeline:
         # Its error is raised by the `await` below; should the listing fail first, it
         # is still marked as seen (asyncio would log it as never retrieved).
         reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+        census: asyncio.Task[None] | None = None
         try:
             async for listed in self._listed_pages(page_size, first_page_size):
-                yield await self.claim_listed(listed, await reading, selection)
+                snapshot = await reading
+                yield await self.claim_listed(listed, snapshot, selection)
+                if counted is not None and census is None and len(listed) >= first_page_size:
+                    census = asyncio.create_task(self._count_to_claim(snapshot, selection, counted))
         finally:
             reading.cancel()
+            if census is not None:
+                census.cancel()
+
+    async def _count_to_claim(
+        self, snapshot: Snapshot, selection: Selection, counted: Callable[[int], None]
+    ) -> None:
+        total = 0
+        try:
+            async for listed in self._listed_pages(LISTING_PAGE_SIZE, LISTING_PAGE_SIZE):
+                total += sum(needs_claim(snapshot, o.key, o.etag, selection) for o in listed)
+        except Exception as exc:  # only progress depends on it
+            log.warning("could not count the invoices to claim under the prefix: %s", exc)
+            return
+        counted(total)
 
     async def _listed_pages(
         self, page_size: int, first_page_size: int

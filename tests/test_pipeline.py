@@ -544,6 +544,31 @@ async def test_a_run_claims_the_next_page_only_when_its_claims_run_short(
     assert extractor.calls == {k: 1 for k in keys}
 
 
+async def test_a_run_claiming_page_by_page_learns_how_many_the_listing_has_to_claim(
+    s3_store: S3Store, unique_prefix: str
+) -> None:
+    """For its progress: the run claims a page at a time as its window drains, so what
+    it claimed so far is not the run's total."""
+    done = upload(s3_store, unique_prefix, 2)
+    async with running_pipeline(s3_store, unique_prefix, CountingExtractor()) as pipeline:
+        await run_all(pipeline)
+    body, _ = s3_store.get(done[0])
+    for i in range(5):
+        s3_store.put(f"{unique_prefix}new-{i}.pdf", body, content_type="application/pdf")
+
+    counts: list[int] = []
+    extractor = CountingExtractor()
+    async with running_pipeline(s3_store, unique_prefix, extractor, run_id="run-2") as pipeline:
+        pages = pipeline.claim_pages(page_size=2, first_page_size=1, counted=counts.append)
+        claimed = len(await anext(pages))
+        deadline = time.monotonic() + 10
+        while not counts and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        claimed += sum([len(page) async for page in pages])
+    assert counts == [5]  # the two done ones are not to claim
+    assert claimed == 5
+
+
 async def test_a_run_claims_a_listing_page_at_a_time_each_in_one_commit(
     s3_store: S3Store, unique_prefix: str
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from flows.progress import expect, observe, tracking_progress
+from flows.progress import claimed_all, estimate, expect, observe, tracking_progress
 from invoiceflow.manifest import Status
 from invoiceflow.pipeline import InvoiceOutcome
 
@@ -70,3 +70,22 @@ async def test_a_failing_artifact_api_never_fails_the_run() -> None:
 async def test_outcomes_outside_a_tracked_run_are_ignored() -> None:
     assert observe(outcome(0)).key == "in/0.pdf"
     expect(5)  # no run is being tracked: nothing to do, nothing raised
+
+
+async def test_a_run_claiming_page_by_page_shows_the_listings_count_until_it_claimed_all() -> None:
+    recorder = Recorder()
+    async with tracking_progress(recorder, min_interval_s=0.0) as progress:
+        expect(10)  # the first page, claimed; then the count of the whole listing
+        estimate(40)
+        for i in range(10):
+            observe(outcome(i))
+        await asyncio.sleep(0.01)
+        assert recorder.published[-1] == (25.0, "10 of 40 invoices finished")
+        expect(20)  # the next page: the percentage holds, it does not fall back
+        await asyncio.sleep(0.01)
+        assert recorder.published[-1] == (25.0, "10 of 40 invoices finished")
+        claimed_all()  # another run took the rest: the total is what this run claimed
+        for i in range(10, 30):
+            observe(outcome(i))
+    assert recorder.published[-1] == (100.0, "30 of 30 invoices finished")
+    assert progress.total == 30
