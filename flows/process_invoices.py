@@ -22,7 +22,9 @@ from flows.notify import notify_failure
 from flows.params import PARSE_THREADS, ProcessInvoicesParams
 from flows.summary import RunSummary, summarize
 from flows.tally import RunTally
-from flows.tasks import claim_invoices, open_pipeline, parse_and_extract
+from flows.tasks import claim_invoices, open_pipeline, parse_and_extract, warm_up
+
+warm_up()  # the document workers and S3's model, while Prefect loads this flow
 
 
 @flow(

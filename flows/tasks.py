@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -47,18 +48,15 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     """Load the blocks, verify the manifest lock, start the document workers, the
     extractor and one group committer."""
     bound_heap_growth()  # a long run's heap follows what it holds, not its length
-    start_fork_server()  # the document workers' imports, while the blocks load
-    # S3's service model too (~0.2 s of CPU, flows/s3.py), which `s3_store` waits for.
-    s3_models = asyncio.create_task(asyncio.to_thread(load_s3_models))
+    warm_up()  # begun when the flow was loaded; a no-op then
     bucket, extractor_block = await load_blocks(params)
     # Built on a thread (a blocking call), beside the provider limits' setup.
-    s3, limiter, _ = await asyncio.gather(
+    s3, limiter = await asyncio.gather(
         asyncio.to_thread(s3_store, bucket),
         # Provider-wide limits (in flight, RPM, TPM) shared with every run of this block.
         provider_limiter(
             extractor_block, params.extractor_block, max_in_flight=params.max_llm_concurrency
         ),
-        s3_models,
     )
     lock = manifest_lock(params.manifest_lock, wait_s=params.manifest_lock_wait_s)
     store = ManifestStore(s3, params.manifest_key, lock=lock, max_bytes=params.max_manifest_bytes)
@@ -102,6 +100,21 @@ async def open_pipeline(params: ProcessInvoicesParams) -> AsyncIterator[InvoiceP
     finally:
         if limiter is not None:
             await limiter.aclose()  # provider slots go back to the other runs now
+
+
+def warm_up() -> None:
+    """Begin, in the background, what a run's first invoice would otherwise wait for:
+    the document workers' fork server (~0.7 s of imports: pypdf, pdfium, the schema)
+    and S3's service model (~0.2 s, `flows/s3.py`). The flow's module calls this as
+    Prefect loads it, so both overlap the engine's own start (creating the run,
+    proposing Running) rather than the run's first second."""
+    start_fork_server()
+    if not _s3_models_loading.is_set():
+        _s3_models_loading.set()
+        threading.Thread(target=load_s3_models, name="s3-models", daemon=True).start()
+
+
+_s3_models_loading = threading.Event()
 
 
 async def load_blocks(params: ProcessInvoicesParams) -> tuple[S3Bucket, ExtractorBlock]:
