@@ -11,7 +11,9 @@ finding                repair
 result matches source  entry becomes ``done`` from the result (missing, not done, wrong
 (same key and ETag)    result key, or from an older source version) — a crash between
                        the result write and the manifest commit, or a lost manifest
-done, no such result   ``failed`` (transient, ``result_missing``): the next run redoes it
+done, no such result   ``failed`` (transient, ``result_missing``): the next run redoes it;
+                       not when recorded done after the results were listed (a run
+                       finishing it meanwhile): the next reconcile decides
 claim never finished   ``failed`` (transient, ``abandoned``) when Prefect says its run
                        has ended, or, for a run Prefect cannot tell about, when older
                        than ``release_claims_after`` (default 15 minutes, the claim
@@ -144,6 +146,9 @@ class Reconcile:
     asked_about: frozenset[str] | None = None
     """The runs `runs` answers for (None: nobody was asked, the timeout decides). A claim
     taken after the question, by a run not asked about, is left for the next reconcile."""
+    planned_at: dt.datetime | None = None
+    """When the results were listed: an entry recorded `done` since may have a result
+    the listing missed, so it is left for the next reconcile, never failed."""
     report: ReconcileReport = field(default_factory=ReconcileReport)
 
     @property
@@ -194,7 +199,9 @@ class Reconcile:
         if entry.source_etag != etag:
             r.unchanged += 1  # the source changed since: the next run claims it
             return
-        if entry.status is Status.done:
+        if entry.status is Status.done and self._newer_than_the_listing(entry):
+            r.unchanged += 1
+        elif entry.status is Status.done:
             what = "points at a result that is missing" if found is None else "has a stale result"
             self._fail(entries, key, entry, now, "result_missing", f"manifest said done but {what}")
             r.result_missing.append(key)
@@ -239,6 +246,9 @@ class Reconcile:
         )
         if key not in r.rebuilt_invalid:
             r.marked_done.append(key)
+
+    def _newer_than_the_listing(self, entry: ManifestEntry) -> bool:
+        return self.planned_at is not None and entry.updated_at >= self.planned_at
 
     def _abandoned(self, entry: ManifestEntry, now: dt.datetime) -> bool:
         """A claim nobody will finish: its run ended, or it is unknown and timed out."""
@@ -313,6 +323,7 @@ def plan(
     max_workers: int = 16,
 ) -> Reconcile:
     """List the sources and read every result under `results_prefix` (I/O, no lock)."""
+    planned_at = dt.datetime.now(dt.UTC)
     listing = {o.key: o.etag for o in s3.list_sources(source_prefix)}
     result_keys = list(_list_json(s3, results_prefix))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
@@ -335,6 +346,7 @@ def plan(
         unreadable_results=unreadable,
         release_claims_after=release_claims_after,
         prune=prune,
+        planned_at=planned_at,
     )
 
 

@@ -284,6 +284,38 @@ async def test_a_claim_taken_after_prefect_was_asked_is_not_released(
     assert entry is not None and entry.status is Status.pending
 
 
+async def test_an_invoice_recorded_done_after_the_results_were_listed_stays_done(
+    s3_store: S3Store,
+) -> None:
+    """Reconcile lists the results outside the lock; a run that writes a result and
+    records it `done` in between keeps it done. (It became `failed`/`result_missing`
+    under a running flow: the listing had no result, the manifest said done.)"""
+    from invoiceflow.manifest import RunLiveness
+
+    store = _store(s3_store)
+    key = f"{SRC}late.pdf"
+    etag = _source(s3_store, key)
+    claimed = (await store.commit([Claim(key, etag, "run-live")]))[0]
+
+    async def prefect_says(run_ids: set[str]) -> RunLiveness:
+        result_key = _result(s3_store, key, etag)
+        await store.commit(
+            [Transition(key, claimed.attempt, Status.done, {"result_key": result_key})]
+        )
+        return RunLiveness(live=frozenset(run_ids))
+
+    report = await reconcile(
+        store,
+        source_prefix=SRC,
+        results_prefix=RES,
+        release_claims_after=dt.timedelta(0),
+        runs=prefect_says,
+    )
+    assert report.result_missing == []
+    entry = store.read_sync().entry(key)
+    assert entry is not None and entry.status is Status.done
+
+
 BROKEN = {
     "invalid JSON": b'{"format": 1, "entries": {"in/',
     "a list": b'[{"in/inv-0.pdf": "done"}]',
