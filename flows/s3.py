@@ -9,8 +9,9 @@ the user did choose win.
 
 Every session the block hands out (`get_boto3_session`) reads and parses S3's service
 model, endpoint rules and partitions again: ~0.2 s of CPU before a run's first request.
-The flow's sessions share one botocore loader instead, which `load_s3_models` fills
-while the run's blocks load (`flows/tasks.py`), so the client is built in ~15 ms.
+The flow's sessions share one botocore loader instead, which `start_loading_s3_models`
+fills on a thread as Prefect loads the flow (`flows/tasks.py`, `warm_up`), so the
+client is built in ~15 ms.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from invoiceflow.storage import S3Store, client_config
 
 _MODELS: Loader = create_loader()  # caches what it loads (botocore's `instance_cache`)
 _MODELS_LOADING = threading.Lock()  # one thread loads them; the others wait and share
+_models_started = threading.Event()
 
 
 def s3_store(bucket: S3Bucket) -> S3Store:
@@ -39,9 +41,15 @@ def s3_store(bucket: S3Bucket) -> S3Store:
     return S3Store(client, bucket.bucket_name)
 
 
-def load_s3_models() -> None:
+def start_loading_s3_models() -> None:
     """Read S3's service model and endpoint rules into the loader the flow's sessions
-    share (blocking: call it on a thread)."""
+    share, on a thread of its own, once per process; `s3_store` waits for it."""
+    if not _models_started.is_set():
+        _models_started.set()
+        threading.Thread(target=_load_s3_models, name="s3-models", daemon=True).start()
+
+
+def _load_s3_models() -> None:
     _s3_client(boto3.session.Session(), {"region_name": "us-east-1"})
 
 

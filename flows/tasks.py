@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -26,7 +25,7 @@ from flows.params import ProcessInvoicesParams
 from flows.progress import claimed_all, estimate, expect, observe, tracking_progress
 from flows.redaction import redact_run_secrets
 from flows.runs import flow_run_liveness
-from flows.s3 import load_s3_models, s3_store
+from flows.s3 import s3_store, start_loading_s3_models
 from flows.server_check import warn_about_lease_storage
 from flows.tally import RunTally
 from invoiceflow.allocator import bound_heap_growth
@@ -109,12 +108,7 @@ def warm_up() -> None:
     Prefect loads it, so both overlap the engine's own start (creating the run,
     proposing Running) rather than the run's first second."""
     start_fork_server()
-    if not _s3_models_loading.is_set():
-        _s3_models_loading.set()
-        threading.Thread(target=load_s3_models, name="s3-models", daemon=True).start()
-
-
-_s3_models_loading = threading.Event()
+    start_loading_s3_models()
 
 
 async def load_blocks(params: ProcessInvoicesParams) -> tuple[S3Bucket, ExtractorBlock]:

@@ -54,6 +54,17 @@ async def _done(store: ManifestStore, key: str, etag: str, result_key: str) -> N
     await store.commit([Transition(key, outcome.attempt, Status.done, {"result_key": result_key})])
 
 
+async def reconcile_releasing_every_claim(store: ManifestStore, *, runs: Any) -> Any:
+    """`reconcile` of SRC with `--release-claims-after 0`, asking `runs` about holders."""
+    return await reconcile(
+        store,
+        source_prefix=SRC,
+        results_prefix=RES,
+        release_claims_after=dt.timedelta(0),
+        runs=runs,
+    )
+
+
 async def _raw_edit(store: ManifestStore, edit: Any) -> None:
     """A manual edit of the manifest JSON, conditional like every writer's."""
     body, etag = store.s3.get(store.key)
@@ -233,13 +244,7 @@ async def test_claims_of_runs_prefect_reports_live_are_never_released(
         asked.append(run_ids)
         return RunLiveness(ended=frozenset({"run-ended"}), live=frozenset({"run-live"}))
 
-    report = await reconcile(
-        store,
-        source_prefix=SRC,
-        results_prefix=RES,
-        release_claims_after=dt.timedelta(0),
-        runs=prefect_says,
-    )
+    report = await reconcile_releasing_every_claim(store, runs=prefect_says)
 
     assert asked == [{"run-live", "run-ended", "run-unknown"}]
     assert report.released_claims == [ended, unknown]
@@ -272,13 +277,7 @@ async def test_a_claim_taken_after_prefect_was_asked_is_not_released(
         await store.commit([Claim(new, new_etag, "run-started-meanwhile")])
         return RunLiveness(ended=frozenset(run_ids))
 
-    report = await reconcile(
-        store,
-        source_prefix=SRC,
-        results_prefix=RES,
-        release_claims_after=dt.timedelta(0),
-        runs=prefect_says,
-    )
+    report = await reconcile_releasing_every_claim(store, runs=prefect_says)
     assert report.released_claims == [old]
     entry = store.read_sync().entry(new)
     assert entry is not None and entry.status is Status.pending
@@ -304,13 +303,7 @@ async def test_an_invoice_recorded_done_after_the_results_were_listed_stays_done
         )
         return RunLiveness(live=frozenset(run_ids))
 
-    report = await reconcile(
-        store,
-        source_prefix=SRC,
-        results_prefix=RES,
-        release_claims_after=dt.timedelta(0),
-        runs=prefect_says,
-    )
+    report = await reconcile_releasing_every_claim(store, runs=prefect_says)
     assert report.result_missing == []
     entry = store.read_sync().entry(key)
     assert entry is not None and entry.status is Status.done
