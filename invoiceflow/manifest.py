@@ -681,6 +681,30 @@ class ManifestStore:
             raise ManifestTooLarge(f"manifest would be {len(body)} bytes > {self.max_bytes}")
         return body
 
+    def _put(self, body: bytes, *, if_match: str | None) -> str:
+        """Write `body` if the object's ETag is still `if_match`; its new ETag.
+
+        A write can land and its answer be lost (a connection reset after S3 took it).
+        botocore's retry then meets that very write and gets 412. So on 412 the object
+        is read back: when it is exactly `body`, the write was ours and it stands.
+        """
+        try:
+            return self.s3.put_conditional(self.key, body, if_match=if_match)
+        except PreconditionFailed:
+            etag = self._etag_if_now(body)
+            if etag is None:
+                raise
+            log.info("manifest %s: our write landed, its answer was lost", self.key)
+            return etag
+
+    def _etag_if_now(self, body: bytes) -> str | None:
+        """The object's ETag if it is exactly `body` now, else None."""
+        try:
+            current, etag = self.s3.get(self.key, max_bytes=self.max_bytes)
+        except (KeyError, ValueError):
+            return None
+        return etag if current == body else None
+
     def _commit_sync(self, updates: list[Update]) -> list[Outcome]:
         for attempt in stamina.retry_context(
             on=PreconditionFailed, attempts=20, wait_initial=0.02, wait_max=1.0, timeout=60
@@ -694,7 +718,7 @@ class ManifestStore:
                     return outcomes
                 body = self._encode(snap, snap.revision + 1, now)
                 try:
-                    etag = self.s3.put_conditional(self.key, body, if_match=snap.etag)
+                    etag = self._put(body, if_match=snap.etag)
                 except PreconditionFailed:
                     self.conflicts += 1
                     log.warning("manifest %s changed under us; re-reading", self.key)
@@ -744,7 +768,7 @@ class ManifestStore:
         self._cached = None
         outcome = update.apply(entries, now)
         body = self._encode(Snapshot(entries, None, revision), revision + 1, now)
-        self.s3.put_conditional(self.key, body, if_match=etag)
+        self._put(body, if_match=etag)
         self.writes += 1
         return backup, outcome
 

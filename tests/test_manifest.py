@@ -12,7 +12,9 @@ from typing import Any
 
 import orjson
 import pytest
+from support import direct_s3
 
+from devtools.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
 from invoiceflow.manifest import (
     Claim,
     Entries,
@@ -67,6 +69,37 @@ async def test_superseded_attempt_cannot_finish(s3_store: S3Store) -> None:
     assert not stale.applied and "superseded" in stale.reason
     entry = (await store.read()).entry("a.pdf")
     assert entry is not None and entry.status is Status.pending and entry.run_id == "r2"
+
+
+async def test_a_transition_whose_answer_was_lost_is_still_applied(
+    s3_store: S3Store, s3_endpoint: str
+) -> None:
+    """The write lands but its answer is lost: botocore's retry meets its own write (412).
+
+    That write is this commit's, not another run's: the claim keeps its attempt and the
+    transitions are applied, so the caller never sees its claim as lost.
+    """
+
+    def manifest_put(r: ProxiedRequest) -> bool:
+        return r.method == "PUT" and ("if-match" in r.headers or "if-none-match" in r.headers)
+
+    with running_s3_fault_proxy(s3_endpoint) as proxy:
+        store = store_with(direct_s3(proxy.url, s3_store.bucket), asyncio.Lock())
+        for update in [
+            claim("a.pdf"),
+            Transition("a.pdf", 1, Status.processing, {"extractor": "llm"}),
+            Transition("a.pdf", 1, Status.done, {"result_key": "results/a.json"}),
+        ]:
+            proxy.add_rule(manifest_put, "reset_after")
+            [outcome] = await store.commit([update])
+            assert (outcome.applied, outcome.attempt) == (True, 1), outcome
+        assert proxy.stats()["reset_after"] == 3
+        assert (store.writes, store.conflicts) == (3, 0)
+        # A transition that differs from what landed is still refused.
+        [late] = await store.commit([Transition("a.pdf", 1, Status.done, {"result_key": "x"})])
+        assert not late.applied and late.reason == "already done"
+    entry = (await store.read()).entry("a.pdf")
+    assert entry is not None and entry.status is Status.done and entry.attempts == 1
 
 
 @pytest.mark.parametrize(
