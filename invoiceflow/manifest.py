@@ -698,12 +698,20 @@ class ManifestStore:
             return etag
 
     def _etag_if_now(self, body: bytes) -> str | None:
-        """The object's ETag if it is exactly `body` now, else None."""
+        """The object's ETag if it is exactly `body` now, else None.
+
+        When it is not, the object just read is kept, decoded, as the committer's copy:
+        the retry's read (`_read_for_commit`) then costs a 304, not a second download.
+        """
         try:
             current, etag = self.s3.get(self.key, max_bytes=self.max_bytes)
         except (KeyError, ValueError):
             return None
-        return etag if current == body else None
+        if current == body:
+            return etag
+        with contextlib.suppress(ManifestUnreadable):  # the retry's own read says so
+            self._cached = self._decode(current, etag)
+        return None
 
     def _commit_sync(self, updates: list[Update]) -> list[Outcome]:
         for attempt in stamina.retry_context(
