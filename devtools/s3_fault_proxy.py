@@ -78,6 +78,13 @@ class ProxiedRequest:
     headers: dict[str, str]
     """Header names lower-cased."""
 
+    @property
+    def conditional_put(self) -> bool:
+        """A conditional write (`If-Match` or `If-None-Match`): a manifest commit."""
+        return self.method == "PUT" and (
+            "if-match" in self.headers or "if-none-match" in self.headers
+        )
+
 
 @dataclass
 class Gate:
@@ -280,8 +287,7 @@ class S3FaultProxy:
             return fault, gate
 
     def _key_lock(self, request: ProxiedRequest) -> contextlib.AbstractContextManager[Any]:
-        conditional = "if-match" in request.headers or "if-none-match" in request.headers
-        if request.method != "PUT" or not conditional:
+        if not request.conditional_put:
             return contextlib.nullcontext()
         with self._lock:
             return self._key_locks.setdefault(request.path, threading.Lock())

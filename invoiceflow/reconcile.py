@@ -61,6 +61,7 @@ from invoiceflow.manifest import (
     Status,
     claim_holders,
     done_fields,
+    utcnow,
 )
 from invoiceflow.schema import ExtractionResult
 from invoiceflow.storage import S3Store, invoice_id, result_key
@@ -323,7 +324,7 @@ def plan(
     max_workers: int = 16,
 ) -> Reconcile:
     """List the sources and read every result under `results_prefix` (I/O, no lock)."""
-    planned_at = dt.datetime.now(dt.UTC)
+    planned_at = utcnow()
     listing = {o.key: o.etag for o in s3.list_sources(source_prefix)}
     result_keys = list(_list_json(s3, results_prefix))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
@@ -397,7 +398,7 @@ async def reconcile(
         update.asked_about = frozenset(holders)
     if dry_run:
         copy = await asyncio.to_thread(store.salvage) if rebuild else (await store.read()).entries
-        update.apply(copy, dt.datetime.now(dt.UTC))
+        update.apply(copy, utcnow())
     elif rebuild:
         backup, _ = await store.rebuild(update)
         update.report.backup_key = backup

@@ -212,10 +212,7 @@ async def test_s3_slowdown_and_connection_resets_are_retried_by_botocore(
     ) as proxy:
         # And the nastiest reset for sure: the first conditional manifest writes land,
         # but their answers are lost, so botocore's retry meets its own write (412).
-        def conditional_put(r: ProxiedRequest) -> bool:
-            return r.method == "PUT" and ("if-match" in r.headers or "if-none-match" in r.headers)
-
-        proxy.add_rule(conditional_put, "reset_after", times=2)
+        proxy.add_rule(lambda r: r.conditional_put, "reset_after", times=2)
         params = flow_params(
             prefix,
             await create_lock(unique("lock")),

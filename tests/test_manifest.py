@@ -14,7 +14,7 @@ import orjson
 import pytest
 from support import direct_s3
 
-from devtools.s3_fault_proxy import ProxiedRequest, running_s3_fault_proxy
+from devtools.s3_fault_proxy import running_s3_fault_proxy
 from invoiceflow.manifest import (
     Claim,
     Entries,
@@ -80,9 +80,6 @@ async def test_a_transition_whose_answer_was_lost_is_still_applied(
     transitions are applied, so the caller never sees its claim as lost.
     """
 
-    def manifest_put(r: ProxiedRequest) -> bool:
-        return r.method == "PUT" and ("if-match" in r.headers or "if-none-match" in r.headers)
-
     with running_s3_fault_proxy(s3_endpoint) as proxy:
         store = store_with(direct_s3(proxy.url, s3_store.bucket), asyncio.Lock())
         for update in [
@@ -90,7 +87,7 @@ async def test_a_transition_whose_answer_was_lost_is_still_applied(
             Transition("a.pdf", 1, Status.processing, {"extractor": "llm"}),
             Transition("a.pdf", 1, Status.done, {"result_key": "results/a.json"}),
         ]:
-            proxy.add_rule(manifest_put, "reset_after")
+            proxy.add_rule(lambda r: r.conditional_put, "reset_after")
             [outcome] = await store.commit([update])
             assert (outcome.applied, outcome.attempt) == (True, 1), outcome
         assert proxy.stats()["reset_after"] == 3
