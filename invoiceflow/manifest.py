@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import tempfile
 from collections.abc import (
     Awaitable,
     Callable,
@@ -39,18 +40,20 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    MutableMapping,
     ValuesView,
 )
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, BinaryIO, Literal, Protocol, TypeVar
 
 import orjson
 import stamina
 from pydantic import BaseModel, ValidationError
 
 from invoiceflow.schema import ExtractionResult
+from invoiceflow.spill import SpilledMembers
 from invoiceflow.storage import RESULT_SUFFIX, SOURCE_SUFFIXES, PreconditionFailed, S3Store
 
 T = TypeVar("T")
@@ -380,17 +383,18 @@ class Entries(dict[str, dict[str, Any]]):
     unchanged, but invisible to updates, so they cannot break a commit. A key set in
     the entries proper replaces its malformed twin on write (a run re-claimed it).
 
-    A finished entry (`FINISHED`) is stored as its JSON text, ~0.7 KB against ~1.9 KB
-    as a dict of strings, and decoded each time it is read: a run finishes its invoices and
-    rarely reads them again, so the entries it holds to its end no longer dominate its
-    memory (issue 13 #4). Reads (`[]`, `get`, `values`, `items`) return dicts; a
-    decoded copy is the caller's, so changing a finished entry takes an assignment.
+    A finished entry (`FINISHED`) is kept as JSON text in a file (`SpilledMembers`), not
+    the heap, and decoded each time it is read: a run finishes its invoices and rarely
+    reads them again, so the entries it holds to its end do not grow its memory (issue 13
+    #4). Reads (`[]`, `get`, `values`, `items`, `pop`) return dicts; a decoded copy is
+    the caller's, so changing a finished entry takes an assignment.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.indexes: dict[str, Any] = {}
         self.malformed: dict[str, Any] = {}
+        self._spilled: SpilledMembers | None = None
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
@@ -405,15 +409,27 @@ class Entries(dict[str, dict[str, Any]]):
         return entries
 
     def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        self._drop_spilled(key)
         if type(value) is dict and value.get("status") in FINISHED:
-            # As text: orjson's bytes keep the capacity they were written into (~8 KB
-            # for a 0.5 KB entry); a str copy is the size of what is in it.
-            super().__setitem__(key, orjson.dumps(value).decode())  # type: ignore[assignment]
-        else:
-            super().__setitem__(key, value)
+            if self._spilled is None:
+                self._spilled = SpilledMembers()
+            value = self._spilled.add(key, orjson.dumps(value))  # type: ignore[assignment]
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._drop_spilled(key)
+        super().__delitem__(key)
+
+    def _drop_spilled(self, key: str) -> None:
+        stored = dict.get(self, key)
+        if type(stored) is int and self._spilled is not None:
+            self._spilled.drop(stored)
 
     def __getitem__(self, key: str) -> dict[str, Any]:
-        return _decoded(super().__getitem__(key))
+        stored = super().__getitem__(key)
+        if type(stored) is int and self._spilled is not None:
+            return orjson.loads(self._spilled.value(key, stored))  # type: ignore[no-any-return]
+        return stored
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         try:
@@ -423,7 +439,7 @@ class Entries(dict[str, dict[str, Any]]):
 
     def __iter__(self) -> Iterator[str]:
         # Not dict's own iterator, so `dict(entries)` and `{**entries}` take the slow
-        # path through `__getitem__` and see dicts, never the stored JSON.
+        # path through `__getitem__` and see dicts, never a spilled entry's handle.
         return super().__iter__()
 
     def __eq__(self, other: object) -> bool:
@@ -437,16 +453,31 @@ class Entries(dict[str, dict[str, Any]]):
     def items(self) -> ItemsView[str, dict[str, Any]]:  # type: ignore[override]
         return ItemsView(self)
 
-    def encode(self) -> dict[str, Any]:
-        """The entries as `orjson.dumps` takes them: kept JSON goes in as it is."""
-        stored = {k: orjson.Fragment(v) if type(v) is str else v for k, v in dict.items(self)}
-        if not self.malformed:
-            return stored
-        return {**{k: v for k, v in self.malformed.items() if k not in self}, **stored}
+    # dict's own would bypass the spill: these go through the methods above.
+    pop = MutableMapping.pop
+    popitem = MutableMapping.popitem
+    setdefault = MutableMapping.setdefault
+    update = MutableMapping.update  # type: ignore[assignment]
+    clear = MutableMapping.clear
 
+    def __ior__(self, other: Any) -> Entries:  # type: ignore[override,misc]
+        self.update(other)
+        return self
 
-def _decoded(value: Any) -> Any:
-    return orjson.loads(value) if type(value) is str else value
+    def copy(self) -> dict[str, dict[str, Any]]:
+        return dict(self.items())
+
+    def write_members(self, out: BinaryIO) -> None:
+        """Write the entries as a JSON object's members (no braces): set-aside malformed
+        ones first, then those in memory, then the spilled ones as they are."""
+        in_memory = {k: v for k, v in dict.items(self) if type(v) is not int}
+        if self.malformed:
+            kept = {k: v for k, v in self.malformed.items() if k not in self}
+            in_memory = {**kept, **in_memory}
+        members = orjson.dumps(in_memory)[1:-1]
+        out.write(members)
+        if self._spilled is not None:
+            self._spilled.copy_live(out, first=not members)
 
 
 _STATUSES = frozenset(s.value for s in Status)
@@ -611,6 +642,7 @@ class ManifestStore:
         self._lock = lock
         self.max_bytes = max_bytes
         self._cached: Snapshot | None = None
+        self._body: BinaryIO | None = None  # the file each commit's body is written to
         # The manifest's own thread: on the default executor (6 threads on 2 cores) a
         # commit queued behind hundreds of result writes and downloads at C=256, and
         # every invoice waiting on that commit stalled with it.
@@ -668,20 +700,31 @@ class ManifestStore:
             raise ManifestUnreadable(self.key, str(exc)) from None
         return cached if fresh is None else self._decode(fresh.body, fresh.etag)
 
-    def _encode(self, snap: Snapshot, revision: int, now: dt.datetime) -> bytes:
+    def _encode(self, snap: Snapshot, revision: int, now: dt.datetime) -> BinaryIO:
+        """The manifest as it would be written, in this store's body file, rewound.
+
+        Written piece by piece, never whole in memory: at 10,000 entries a body is 5 MB,
+        and botocore reads a file in chunks to sign it and to send it.
+        """
+        if self._body is None:
+            self._body = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as self)
+        body = self._body
+        body.seek(0)
+        body.truncate()
+        head = {"format": FORMAT_VERSION, "revision": revision, "updated_at": now.isoformat()}
+        body.write(orjson.dumps(head)[:-1] + b',"entries":{')
         entries = snap.entries
-        doc = {
-            "format": FORMAT_VERSION,
-            "revision": revision,
-            "updated_at": now.isoformat(),
-            "entries": entries.encode() if isinstance(entries, Entries) else entries,
-        }
-        body = orjson.dumps(doc)
-        if len(body) > self.max_bytes:
-            raise ManifestTooLarge(f"manifest would be {len(body)} bytes > {self.max_bytes}")
+        if isinstance(entries, Entries):
+            entries.write_members(body)
+        else:
+            body.write(orjson.dumps(entries)[1:-1])
+        body.write(b"}}")
+        if (size := body.tell()) > self.max_bytes:
+            raise ManifestTooLarge(f"manifest would be {size} bytes > {self.max_bytes}")
+        body.seek(0)
         return body
 
-    def _put(self, body: bytes, *, if_match: str | None) -> str:
+    def _put(self, body: BinaryIO, *, if_match: str | None) -> str:
         """Write `body` if the object's ETag is still `if_match`; its new ETag.
 
         A write can land and its answer be lost (a connection reset after S3 took it).
@@ -697,7 +740,7 @@ class ManifestStore:
             log.info("manifest %s: our write landed, its answer was lost", self.key)
             return etag
 
-    def _etag_if_now(self, body: bytes) -> str | None:
+    def _etag_if_now(self, body: BinaryIO) -> str | None:
         """The object's ETag if it is exactly `body` now, else None.
 
         When it is not, the object just read is kept, decoded, as the committer's copy:
@@ -707,7 +750,8 @@ class ManifestStore:
             current, etag = self.s3.get(self.key, max_bytes=self.max_bytes)
         except (KeyError, ValueError):
             return None
-        if current == body:
+        body.seek(0)
+        if body.read() == current:  # whole, but only after a 412: rare under the slot
             return etag
         with contextlib.suppress(ManifestUnreadable):  # the retry's own read says so
             self._cached = self._decode(current, etag)

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config
@@ -183,7 +183,7 @@ class S3Store:
     def put_conditional(
         self,
         key: str,
-        body: bytes,
+        body: bytes | BinaryIO,
         *,
         if_match: str | None,
         content_type: str = "application/json",

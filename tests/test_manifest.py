@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import io
 import json
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 from support import direct_s3
 
@@ -537,7 +537,19 @@ def test_no_result_or_backup_can_collide_with_the_manifest_or_a_source(
         assert collides and refused
 
 
-def test_finished_entries_are_kept_as_json_and_read_back_as_dicts() -> None:
+def written(entries: Entries) -> dict[str, Any]:
+    """What a commit would write of `entries`, decoded (strict JSON: no duplicate keys)."""
+    out = io.BytesIO()
+    entries.write_members(out)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        assert len({k for k, _ in pairs}) == len(pairs), [k for k, _ in pairs]
+        return dict(pairs)
+
+    return json.loads(b"{" + out.getvalue() + b"}", object_pairs_hook=no_duplicates)
+
+
+def test_finished_entries_are_kept_in_a_file_and_read_back_as_dicts() -> None:
     stamp = "2026-11-29T10:00:00Z"
     done = {"status": "done", "source_etag": "e1", "run_id": "r", "attempts": 1,
             "created_at": stamp, "updated_at": stamp, "vendor_name": "ACME GmbH"}  # fmt: skip
@@ -547,17 +559,51 @@ def test_finished_entries_are_kept_as_json_and_read_back_as_dicts() -> None:
     entries["a.pdf"], entries["b.pdf"] = done, live
 
     stored = dict.__getitem__(entries, "a.pdf")
-    assert type(stored) is str and sys.getsizeof(stored) < 250  # ~2 KB as a dict of strings
+    assert type(stored) is int and sys.getsizeof(stored) < 64  # a handle into the spill file
     assert dict.__getitem__(entries, "b.pdf") is live  # live: renewals change it in place
     assert entries["a.pdf"] == entries.get("a.pdf") == done and entries.get("x") is None
     assert entries.get("x", "{}") == "{}"  # only what is stored is decoded, not a default
     assert dict(entries) == {**entries} == dict(entries.items()) == {"a.pdf": done, "b.pdf": live}
     assert list(entries.values()) == [done, live] and entries == {"a.pdf": done, "b.pdf": live}
-    assert json.loads(orjson.dumps({"entries": entries.encode()})) == {"entries": entries}
+    assert written(entries) == {"a.pdf": done, "b.pdf": live}
     # A fresh read keeps them the same way.
-    assert type(dict.__getitem__(Entries.decode({"a.pdf": done}), "a.pdf")) is str
+    assert type(dict.__getitem__(Entries.decode({"a.pdf": done}), "a.pdf")) is int
 
     later = dt.datetime(2026, 11, 29, 10, 5, tzinfo=dt.UTC)
     assert Renew("r").apply(entries, later).attempt == 1  # renewed: the live one only
     assert entries["b.pdf"]["updated_at"] == "2026-11-29T10:05:00Z"
     assert entries["a.pdf"] == done  # a finished entry is never renewed
+
+
+@pytest.mark.parametrize("malformed", [False, True])
+def test_spilled_entries_replaced_or_deleted_are_written_once_or_not_at_all(
+    malformed: bool,
+) -> None:
+    """Past the spill's write buffer, every way to change or remove an entry is honoured
+    in what a commit writes, as in what is read: nothing twice, nothing resurrected."""
+    stamp = "2026-11-29T10:00:00Z"
+
+    def entry(i: int, status: str) -> dict[str, Any]:
+        return {"status": status, "source_etag": f"e{i}", "run_id": "r", "attempts": 1,
+                "created_at": stamp, "updated_at": stamp, "vendor_name": "V" * 900}  # fmt: skip
+
+    entries = Entries.decode({"odd": "kept as it is"} if malformed else {})
+    expected: dict[str, Any] = {"odd": "kept as it is"} if malformed else {}
+    for i in range(600):  # ~0.6 MB of members: the spill's buffer is written out twice
+        entries[f"k{i}"] = expected[f"k{i}"] = entry(i, "done")
+    entries["k0"] = expected["k0"] = entry(0, "failed")  # replaced by a finished one
+    entries["k1"] = expected["k1"] = entry(1, "pending")  # re-claimed: back in memory
+    del entries["k2"], expected["k2"]
+    assert entries.pop("k3") == expected.pop("k3")  # a dict, not the stored handle
+    entries.update({"k4": entry(4, "gave_up")})
+    expected["k4"] = entry(4, "gave_up")
+    entries |= {"k5": entry(5, "processing")}
+    expected["k5"] = entry(5, "processing")
+    assert entries.setdefault("k6", {}) == expected["k6"]
+    entries["k599"] = expected["k599"] = entry(599, "failed")  # still in the buffer
+
+    assert dict(entries.items()) == {k: v for k, v in expected.items() if k != "odd"}
+    assert entries.copy() == dict(entries.items())
+    assert written(entries) == expected
+    entries.clear()
+    assert written(entries) == ({"odd": "kept as it is"} if malformed else {})
