@@ -106,6 +106,3 @@ class SpilledMembers:
             os.pwrite(self._fd, self._buffer, self._flushed)
             self._flushed += len(self._buffer)
             self._buffer.clear()
-
-    def close(self) -> None:
-        self._file.close()
