@@ -409,12 +409,15 @@ class Entries(dict[str, dict[str, Any]]):
         return entries
 
     def __setitem__(self, key: str, value: dict[str, Any]) -> None:
-        self._drop_spilled(key)
+        stored: Any = value
         if type(value) is dict and value.get("status") in FINISHED:
             if self._spilled is None:
                 self._spilled = SpilledMembers()
-            value = self._spilled.add(key, orjson.dumps(value))  # type: ignore[assignment]
-        super().__setitem__(key, value)
+            stored = self._spilled.add(key, orjson.dumps(value))
+        # Only once the new value is stored: a value that cannot be encoded raises
+        # above and leaves the old member live, so the manifest still writes it.
+        self._drop_spilled(key)
+        super().__setitem__(key, stored)
 
     def __delitem__(self, key: str) -> None:
         self._drop_spilled(key)

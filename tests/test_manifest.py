@@ -607,3 +607,13 @@ def test_spilled_entries_replaced_or_deleted_are_written_once_or_not_at_all(
     assert written(entries) == expected
     entries.clear()
     assert written(entries) == ({"odd": "kept as it is"} if malformed else {})
+
+
+def test_a_finished_entry_that_cannot_be_encoded_leaves_the_stored_one_in_place() -> None:
+    stamp = "2026-11-29T10:00:00Z"
+    done = {"status": "done", "source_etag": "e1", "run_id": "r", "attempts": 1,
+            "created_at": stamp, "updated_at": stamp}  # fmt: skip
+    entries = Entries({"a.pdf": done})
+    with pytest.raises(TypeError):
+        entries["a.pdf"] = {**done, "attempts": 2, "tags": {"not", "json"}}
+    assert entries["a.pdf"] == done and written(entries) == {"a.pdf": done}
