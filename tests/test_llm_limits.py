@@ -336,9 +336,14 @@ async def test_provider_limit_holds_across_concurrent_runs(
     # Provider-wide: never more than 4 calls at the server, though the runs allow 16.
     assert 2 <= stats["max_in_flight"] <= 4
     assert elapsed >= 24 * 0.3 / 4 * 0.9
-    utilisation = slot_utilisation([lim.stats for lim in limiters if lim], slots=4)
+    runs = [lim.stats for lim in limiters if lim]
+    utilisation = slot_utilisation(runs, slots=4)
     print(f"provider slot utilisation across two runs: {utilisation:.0%} in {elapsed:.2f} s")
-    assert 0.3 < utilisation <= 1.0
+    # Accounting, not speed (how busy the slots stay is the benchmark's figure): every
+    # call held a slot for at least the server's latency, and no more than 4 slot-seconds
+    # per second of the runs' span were counted.
+    assert sum(run.busy_s for run in runs) >= 24 * 0.3 * 0.9
+    assert 0.0 < utilisation <= 1.0
 
     names = ProviderLimitNames.for_block(block_name)
     async with get_client() as client:
