@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, BinaryIO, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -181,8 +181,9 @@ def breakdown(
     now = dt.datetime.now(dt.UTC)
     updates = updates_for(kind, batch, round_no)
     _outcomes, apply_s = timed(lambda: [u.apply(snap.entries, now) for u in updates])
-    encode: Callable[[Snapshot, int, dt.datetime], bytes] = store._encode
+    encode: Callable[[Snapshot, int, dt.datetime], BinaryIO] = store._encode
     body, encode_s = timed(lambda: encode(snap, snap.revision + 1, now))
+    size = os.fstat(body.fileno()).st_size  # a file, written and rewound by `_encode`
     _etag, write_s = timed(lambda: store.s3.put_conditional(store.key, body, if_match=snap.etag))
     return {
         "read_ms": read_s * 1000,
@@ -192,7 +193,7 @@ def breakdown(
         "encode_ms": encode_s * 1000,
         "write_ms": write_s * 1000,
         "total_ms": (read_s + apply_s + encode_s + write_s) * 1000,
-        "bytes": len(body),
+        "bytes": size,
         "entries": len(snap.entries),
     }
 

@@ -69,3 +69,24 @@ def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
     assert 1 <= doc["manifest_writes"] < 20
     assert doc["slot_acquisitions"] >= doc["manifest_writes"]
     assert doc["cpu_ms_per_invoice"] > 0 and doc["peak_rss_mb"] > 0
+
+
+def test_manifest_scale_bench_times_each_commit_and_reports_its_size(tmp_path: Path) -> None:
+    """`benchmarks.manifest_scale` through the real `ManifestStore` (its body is a file)."""
+    output = tmp_path / "bench-manifest-scale.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.manifest_scale", "--entries", "50",
+         "--repeat", "1", "--output", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(output.read_text())["commits"]
+    assert [(r["updates"], r["batch"]) for r in rows] == [
+        ("claim", 1), ("claim", 1000), ("done", 1), ("done", 16)
+    ]  # fmt: skip
+    # Each body holds every entry so far: 1,000 more claims make a larger one.
+    assert all(r["bytes"] > 0 for r in rows)
+    assert rows[1]["bytes"] > rows[0]["bytes"] + 1000 * 100
