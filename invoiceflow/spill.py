@@ -24,12 +24,12 @@ import orjson
 _LENGTH_BITS = 32
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _FLUSH_AT = 256 * 1024  # members are buffered and written to the file this much at a time
-COPY_CHUNK = 1024 * 1024  # bytes copied at a time into a body
+_COPY_CHUNK = 1024 * 1024  # bytes copied at a time into a body
 
 
-def member(key: str, value: bytes) -> bytes:
-    """`value` (JSON) as a member of an object, after another: `,"key":value`."""
-    return b"," + orjson.dumps(key) + b":" + value
+def _prefix(key: str) -> bytes:
+    """What precedes `key`'s value in its member, which follows another: `,"key":`."""
+    return b"," + orjson.dumps(key) + b":"
 
 
 def _span(handle: int) -> tuple[int, int]:
@@ -54,7 +54,7 @@ class SpilledMembers:
 
     def add(self, key: str, value: bytes) -> int:
         """Append `key`'s member; its handle (offset and length packed in one int)."""
-        data = member(key, value)
+        data = _prefix(key) + value
         with self._lock:
             handle = (self._flushed + len(self._buffer)) << _LENGTH_BITS | len(data)
             self._buffer += data
@@ -65,19 +65,18 @@ class SpilledMembers:
     def value(self, key: str, handle: int) -> bytes:
         """The JSON value of `key`'s member `handle`."""
         start, end = _span(handle)
+        start += len(_prefix(key))
         with self._lock:
             if start >= self._flushed:
-                data = bytes(self._buffer[start - self._flushed : end - self._flushed])
-            else:
-                data = os.pread(self._fd, end - start, start)
-        return data[len(orjson.dumps(key)) + 2 :]
+                return bytes(self._buffer[start - self._flushed : end - self._flushed])
+            return os.pread(self._fd, end - start, start)
 
     def drop(self, handle: int) -> None:
         """Leave member `handle` out of every later copy (its key was replaced or deleted)."""
         self._dead.append(handle)
 
-    def copy_live(self, out: BinaryIO, *, first: bool) -> bool:
-        """Write the live members to `out` in the order added; whether any was written.
+    def copy_live(self, out: BinaryIO, *, first: bool) -> None:
+        """Write the live members to `out` in the order added.
 
         `first`: nothing precedes them in their object, so the first one's comma goes.
         """
@@ -90,14 +89,13 @@ class SpilledMembers:
                 self._copy(out, position + skip, start)
                 first = False
             position = end
-        return not first
 
     def _dead_ranges(self) -> list[tuple[int, int]]:
         return sorted(_span(handle) for handle in self._dead)
 
     def _copy(self, out: BinaryIO, start: int, end: int) -> None:
         while start < end:
-            chunk = os.pread(self._fd, min(COPY_CHUNK, end - start), start)
+            chunk = os.pread(self._fd, min(_COPY_CHUNK, end - start), start)
             out.write(chunk)
             start += len(chunk)
 
