@@ -23,6 +23,7 @@ from invoiceflow.schema import ExtractionResult, Invoice, LineItem, Truncation
 from invoiceflow.storage import S3Store
 from invoiceflow.validate import (
     check_invoice,
+    compact,
     ground,
     validate_extraction,
 )
@@ -253,6 +254,34 @@ def test_record_done_flags_at_apply_time() -> None:
     assert entries["second.pdf"]["review_reasons"] == [
         "duplicate of first.pdf (same vendor and invoice number)"
     ]
+
+
+def test_record_done_keeps_the_number_index_of_one_manifest_copy_current() -> None:
+    """On `Entries` the number index is built once and updated by each done commit:
+    twins found through it, a shared number kept for both vendors, a re-done entry
+    not counted twice."""
+    from invoiceflow.manifest import Entries
+
+    entries = Entries({"a.pdf": _entry("done", invoice_number="N-1", vendor_name="V")})
+    for key in ("b.pdf", "c.pdf", "d.pdf"):
+        entries[key] = _entry("processing", attempts=1)
+
+    def done(key: str, vendor: str) -> str | None:
+        entries[key] = _entry("processing", attempts=1)  # re-claimed
+        update = RecordDone(
+            Transition(key, 1, Status.done, {"invoice_number": "N 1", "vendor_name": vendor})
+        )
+        assert update.apply(entries, utcnow()).applied
+        return update.duplicate_of
+
+    assert done("b.pdf", "Other") is None  # same number, other vendor
+    assert "invoice_number" in entries.indexes
+    assert done("c.pdf", "Other") == "b.pdf"  # found through the index's shared number
+    assert done("a.pdf", "V") is None  # itself, re-done: the only V entry
+    assert done("d.pdf", "V") == "a.pdf"
+    index = entries.indexes["invoice_number"]
+    assert sorted(index.keys_with(compact("N-1"))) == ["a.pdf", "b.pdf", "c.pdf", "d.pdf"]
+    assert index.keys_with(compact("N-2")) == ()
 
 
 # --- through the real pipeline -----------------------------------------------------------------
