@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,21 +37,27 @@ TOP_LEVEL_KEYS = {
 }
 
 
-def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
-    output = tmp_path / "bench-results.json"
-    # The harness starts its own stack; don't let it inherit the test session's.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _run_bench(output: Path, module: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run a benchmark module as `make bench` does; the JSON it wrote to `output`."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--n", "20", "--latency", "0.05",
-         "--concurrency", "8", "--naive-n", "10", "--output", str(output)],
+        [sys.executable, "-m", module, *args, "--output", str(output)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
+    # The harness starts its own stack; don't let it inherit the test session's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    doc = _run_bench(
+        tmp_path / "bench-results.json", "benchmarks.run", "--n", "20", "--latency", "0.05",
+        "--concurrency", "8", "--naive-n", "10", env=env,
+    )  # fmt: skip
     assert set(doc) == TOP_LEVEL_KEYS
     assert (doc["n"], doc["naive_n"], doc["concurrency"]) == (20, 10, 8)
     assert doc["lost_updates"] == 0
@@ -73,17 +80,10 @@ def test_bench_harness_writes_complete_results(tmp_path: Path) -> None:
 
 def test_manifest_scale_bench_times_each_commit_and_reports_its_size(tmp_path: Path) -> None:
     """`benchmarks.manifest_scale` through the real `ManifestStore` (its body is a file)."""
-    output = tmp_path / "bench-manifest-scale.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.manifest_scale", "--entries", "50",
-         "--repeat", "1", "--output", str(output)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(output.read_text())["commits"]
+    rows = _run_bench(
+        tmp_path / "bench-manifest-scale.json", "benchmarks.manifest_scale",
+        "--entries", "50", "--repeat", "1",
+    )["commits"]  # fmt: skip
     assert [(r["updates"], r["batch"]) for r in rows] == [
         ("claim", 1), ("claim", 1000), ("done", 1), ("done", 16)
     ]  # fmt: skip
