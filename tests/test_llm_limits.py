@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -192,14 +192,18 @@ class AnsweredSharedSlots(FakeSharedSlots):
         async with super().slot(wanted) as granted:
             yield granted
 
-    async def answer_pending(self) -> None:
-        """Wait (up to 5 s) for an acquisition to be asked for, then answer all of them."""
+    async def answer_pending(self, *, unless: Callable[[], bool]) -> bool:
+        """Wait (up to 5 s) for an acquisition to be asked for, then answer all of them;
+        False, answering none, once ``unless()`` holds first."""
         async with asyncio.timeout(5):
             while not self.pending:
+                if unless():
+                    return False
                 await asyncio.sleep(0.005)
         for answer in self.pending:
             answer.set_result(None)
         self.pending.clear()
+        return True
 
 
 async def test_a_run_takes_hundreds_of_slots_in_a_few_round_trips() -> None:
@@ -219,10 +223,8 @@ async def test_a_run_takes_hundreds_of_slots_in_a_few_round_trips() -> None:
 
     calls = [asyncio.create_task(call()) for _ in range(512)]
     round_trips = 0
-    while started < 256 and round_trips < 10:
-        await shared.answer_pending()
+    while round_trips < 10 and await shared.answer_pending(unless=lambda: started == 256):
         round_trips += 1
-        await asyncio.sleep(0.01)  # the answered leases hand out their slots
     assert started == 256
     assert round_trips <= 2
     assert shared.max_held == 256

@@ -263,11 +263,9 @@ def test_record_done_keeps_the_number_index_of_one_manifest_copy_current() -> No
     from invoiceflow.manifest import Entries
 
     entries = Entries({"a.pdf": _entry("done", invoice_number="N-1", vendor_name="V")})
-    for key in ("b.pdf", "c.pdf", "d.pdf"):
-        entries[key] = _entry("processing", attempts=1)
 
     def done(key: str, vendor: str) -> str | None:
-        entries[key] = _entry("processing", attempts=1)  # re-claimed
+        entries[key] = _entry("processing", attempts=1)  # claimed (again, for a.pdf)
         update = RecordDone(
             Transition(key, 1, Status.done, {"invoice_number": "N 1", "vendor_name": vendor})
         )
