@@ -25,6 +25,13 @@ T = TypeVar("T")
 # processes (which do the CPU work, off the flow's GIL), so a few keep the pool busy.
 PARSE_THREADS = 4
 
+# Invoices read that may wait, beyond the LLM calls in flight, for a slot or a commit:
+# three per slot (an invoice waits on its `processing` and `done` commits about as long
+# as on its LLM call), but no more than this many. At C=256 on 2 cores a run is
+# CPU-bound at ~40-45 invoices/s, each ~3-4 s in flight, so ~200 suffice; 3 x 256
+# waiting held ~10 KB each and bought no throughput (benchmarks/README.md, issue 13 #4).
+MAX_WAITING_INVOICES = 256
+
 DOCUMENT_DEFAULTS = DocumentLimits()
 
 
@@ -271,8 +278,9 @@ class ProcessInvoicesParams(BaseModel):
         return chunked(items, size, ramp=claimed_before == 0)
 
     def invoices_in_flight(self, chunk_size: int) -> int:
-        """Invoices read and not yet finished, at most: the parse threads' chunks plus
-        four times the LLM concurrency (an invoice waits on its `processing` and `done`
-        commits about as long as on its LLM call). Documents are read only this far
-        ahead of the LLM calls, so memory follows what is in flight, not the run's size."""
-        return PARSE_THREADS * chunk_size + 4 * self.max_llm_concurrency
+        """Invoices read and not yet finished, at most: the parse threads' chunks, the
+        LLM calls in flight, and those waiting (`MAX_WAITING_INVOICES`). Documents are
+        read only this far ahead of the LLM calls, so memory follows what is in flight,
+        not the run's size."""
+        calls = self.max_llm_concurrency
+        return PARSE_THREADS * chunk_size + calls + min(3 * calls, MAX_WAITING_INVOICES)

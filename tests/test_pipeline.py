@@ -404,6 +404,16 @@ def test_the_parse_window_follows_the_llm_concurrency_not_the_run_size() -> None
         assert params.invoices_in_flight(size) <= PARSE_THREADS * 100 + 4 * 32
 
 
+def test_the_invoices_waiting_for_the_llm_are_capped_at_high_concurrency() -> None:
+    """Issue 13 #4: at C=256 a 2-core run is CPU-bound; 3 x C invoices waiting for a
+    slot held ~10 KB each and bought no throughput, so at most 256 wait."""
+    from flows.params import MAX_WAITING_INVOICES, PARSE_THREADS, ProcessInvoicesParams
+
+    assert ProcessInvoicesParams(max_llm_concurrency=32).invoices_in_flight(20) == 4 * 20 + 4 * 32
+    wide = ProcessInvoicesParams(max_llm_concurrency=256).invoices_in_flight(100)
+    assert wide == PARSE_THREADS * 100 + 256 + MAX_WAITING_INVOICES == 912
+
+
 async def test_the_invoice_window_admits_chunks_in_order_as_invoices_finish() -> None:
     from flows.tasks import InvoiceWindow
 
