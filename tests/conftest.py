@@ -25,6 +25,25 @@ S3_PORT = stack.free_port()
 _info = stack.StackInfo(str(STATE_DIR), PREFECT_PORT, S3_PORT, 0, 0, "invoiceflow-test")
 os.environ.update(_info.env())
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+# The server logs why it answered 503 (a SQLite lock), for the failure reports below.
+os.environ["PREFECT_SERVER_LOG_RETRYABLE_ERRORS"] = "true"
+SERVER_LOG = STATE_DIR / "logs" / "prefect-server.log"
+SERVER_LOG_LINES = 40
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A failed test on the session's stack reports the end of the Prefect server's log.
+
+    The stack's state dir is deleted at the end of the session, and CI shows only what
+    pytest prints.
+    """
+    report = yield
+    on_stack = "local_stack" in getattr(item, "fixturenames", ())
+    if report.failed and on_stack and SERVER_LOG.exists():
+        tail = SERVER_LOG.read_text(errors="replace").splitlines()[-SERVER_LOG_LINES:]
+        report.sections.append(("Prefect server log, last lines", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")

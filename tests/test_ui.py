@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Response, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from prefect.client.schemas.objects import StateType
 from support import (
     OUTPUT_DIR,
@@ -55,6 +56,14 @@ SCREENSHOTS = OUTPUT_DIR / "ui"
 LOGS = OUTPUT_DIR / "ui"
 API_KEY = "sk-test-ui-" + uuid.uuid4().hex
 UI_TIMEOUT_MS = 60_000  # the UI's first load on a busy 2-core machine
+# Prefect's server answers 503 when SQLite reports a lock it could not wait out
+# (`is_client_retryable_exception` in prefect/server/api/server.py); nothing was written.
+# Its Python client retries those; the UI shows "Oops. Something went wrong." and leaves
+# the form as it was, so an operator clicks again. So does this test, a few times. A write
+# may first wait out SQLite's busy timeout (60 s, prefect/server/database/configurations.py).
+RETRYABLE = 503
+CLICK_ATTEMPTS = 3
+ANSWER_TIMEOUT_MS = 90_000
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +124,34 @@ def form_field(page: Page, title: str) -> Locator:
     ).first
 
 
+def click_until_accepted(page: Page, button: Locator, *endpoints: str) -> Response:
+    """Click `button` until the POSTs it sends to `endpoints`, in order, are not a 503.
+
+    Returns the answer of the last endpoint; any other failure fails the test at once,
+    naming every API call that failed meanwhile.
+    """
+    failures: list[str] = []
+    page.on("response", lambda r: r.ok or failures.append(f"{r.request.method} {r.url} {r.status}"))
+    page.on("requestfailed", lambda r: failures.append(f"{r.method} {r.url} {r.failure}"))
+
+    def settles(response: Response) -> bool:
+        if response.request.method != "POST" or not response.url.endswith(endpoints):
+            return False
+        return response.status == RETRYABLE or response.url.endswith(endpoints[-1])
+
+    for _ in range(CLICK_ATTEMPTS):
+        try:
+            with page.expect_response(settles, timeout=ANSWER_TIMEOUT_MS) as answer:
+                button.click()
+        except PlaywrightTimeoutError:
+            pytest.fail(f"no answer from {endpoints[-1]}; failed API calls: {failures}")
+        response = answer.value
+        if response.status != RETRYABLE:
+            assert response.ok, f"{response.url}: {response.status} {response.text()}"
+            return response
+    pytest.fail(f"{CLICK_ATTEMPTS} clicks answered {RETRYABLE}; failed API calls: {failures}")
+
+
 def test_custom_run_from_the_deployment_page(
     local_stack: stack.StackInfo,
     deployed: dict[str, Any],
@@ -137,7 +174,8 @@ def test_custom_run_from_the_deployment_page(
     expect(source_prefix).to_have_value("incoming/")  # the deployment's default
     source_prefix.fill(prefix)
     page.screenshot(path=SCREENSHOTS / "custom-run-form.png")
-    page.get_by_role("button", name="Submit").click()
+    submit = page.get_by_role("button", name="Submit")
+    click_until_accepted(page, submit, "/ui/schemas/validate", "/create_flow_run")
     expect(page.get_by_text(f"{run_name} scheduled to start").first).to_be_visible()
 
     flow_run = find_run_by_name(deployment.id, run_name)
@@ -192,7 +230,7 @@ def test_retry_button_finishes_a_failed_run_without_rebilling(
     page.get_by_role("button", name="Retry", exact=True).click()
     dialog = page.get_by_role("dialog")
     expect(dialog).to_contain_text(f"Retry {failed.name}?")
-    dialog.get_by_role("button", name="Retry", exact=True).click()
+    click_until_accepted(page, dialog.get_by_role("button", name="Retry", exact=True), "/set_state")
     retried = wait_for_final_state(flow_run.id, worker)
 
     assert retried.state.type == StateType.COMPLETED, retried.state.message
