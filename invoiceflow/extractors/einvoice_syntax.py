@@ -127,7 +127,13 @@ def decimal(element: Element | None, what: str) -> Decimal | None:
 
 def money(element: Element | None, what: str) -> Decimal | None:
     value = decimal(element, what)
-    if value is not None and value != value.quantize(_MONEY_PLACES):
+    if value is None:
+        return None
+    try:
+        exact = value.quantize(_MONEY_PLACES)
+    except InvalidOperation as exc:  # more digits than the context holds: "1E+40"
+        raise SyntaxReadError(f"{what} {value} is not an amount") from exc
+    if value != exact:
         # Rounding would change a legally binding amount: refuse instead.
         raise SyntaxReadError(f"{what} {value} has more than 4 decimal places")
     return value
@@ -578,7 +584,10 @@ def _unit_price(price: Decimal | None, basis: Decimal | None) -> Decimal | None:
     if basis is None or basis == 1:
         unit = price
     elif basis > 0:
-        unit = price / basis
+        try:
+            unit = price / basis
+        except ArithmeticError:  # a basis like 1E-999999 overflows the context
+            return None
         if unit * basis != price:
             return None
     else:

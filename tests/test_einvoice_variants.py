@@ -1,0 +1,56 @@
+"""Standard-conformant and hostile variations of the e-invoices the readers accept.
+
+Each variation is derived from a generated e-invoice by editing its XML, as a supplier
+whose software writes slightly different XML (or a hostile one) would.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from invoiceflow.extractors.einvoice import EInvoiceError, embedded_xml_files, read_einvoice_xml
+from invoiceflow.samples import generate_invoice
+from invoiceflow.schema import Invoice
+
+
+def generated_xml(flavor: str, seed: int = 31) -> tuple[bytes, Invoice]:
+    pdf, truth = generate_invoice(seed, einvoice=flavor)  # type: ignore[arg-type]
+    (embedded,) = embedded_xml_files(pdf)
+    return embedded.data, truth
+
+
+def _replace_text(xml: bytes, start_tag: bytes, value: bytes) -> bytes:
+    """The first element opened by ``start_tag`` (attributes included) with a new text."""
+    start = xml.index(start_tag) + len(start_tag)
+    end = xml.index(b"<", start)
+    return xml[:start] + value + xml[end:]
+
+
+@pytest.mark.parametrize("value", [b"1E+40", b"1" * 40 + b".00", b"1E+999999"])
+@pytest.mark.parametrize(
+    ("flavor", "tag"),
+    [
+        ("factur-x", b"<ram:GrandTotalAmount>"),
+        ("factur-x", b"<ram:LineTotalAmount>"),
+        ("xrechnung-ubl", b'<cbc:PayableAmount currencyID="GBP">'),
+    ],
+)
+def test_an_amount_past_any_precision_is_refused_not_a_crash(
+    flavor: str, tag: bytes, value: bytes
+) -> None:
+    xml, _ = generated_xml(flavor)
+    with pytest.raises(EInvoiceError, match="is not an amount") as caught:
+        read_einvoice_xml(_replace_text(xml, tag, value), "x.xml")
+    assert caught.value.kind == "einvoice_invalid"
+
+
+def test_a_price_basis_too_small_to_divide_by_leaves_the_unit_price_out() -> None:
+    xml, truth = generated_xml("factur-x")
+    price = b"<ram:ChargeAmount>275.00</ram:ChargeAmount>"
+    tiny = xml.replace(price, price + b"<ram:BasisQuantity>1E-999999</ram:BasisQuantity>", 1)
+    assert tiny != xml
+    invoice = read_einvoice_xml(tiny, "x.xml").invoice
+    assert invoice.line_items[0].unit_price is None
+    assert invoice.line_items[0].amount == Decimal("275.00") == truth.line_items[0].amount
