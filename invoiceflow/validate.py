@@ -205,13 +205,8 @@ def check_invoice(
 
     items = invoice.line_items
     for number, item in enumerate(items, start=1):
-        if item.quantity is not None and item.unit_price is not None and item.amount is not None:
-            product = item.quantity * item.unit_price
-            if abs(product - item.amount) > tolerance:
-                reasons.append(
-                    f"line {number}: {item.quantity} x {item.unit_price} = {product}, "
-                    f"not {item.amount}"
-                )
+        if (reason := _line_arithmetic(number, item, tolerance)) is not None:
+            reasons.append(reason)
     line_amounts = [item.amount for item in items if item.amount is not None]
     lines_complete = bool(items) and len(line_amounts) == len(items)
     lines_sum = sum(line_amounts, Decimal(0))
@@ -245,6 +240,18 @@ def check_invoice(
     if invoice.due_date and invoice.invoice_date and invoice.due_date < invoice.invoice_date:
         reasons.append(f"due date {invoice.due_date} is before invoice date {invoice.invoice_date}")
     return reasons + payment_and_tax_reasons(invoice, tolerance=tolerance)
+
+
+def _line_arithmetic(number: int, item: LineItem, tolerance: Decimal) -> str | None:
+    if item.quantity is None or item.unit_price is None or item.amount is None:
+        return None
+    try:
+        product = item.quantity * item.unit_price
+    except ArithmeticError:  # the quantity is unbounded: 1E+999999 overflows the context
+        return f"line {number}: {item.quantity} x {item.unit_price} cannot be computed"
+    if abs(product - item.amount) > tolerance:
+        return f"line {number}: {item.quantity} x {item.unit_price} = {product}, not {item.amount}"
+    return None
 
 
 def validate_extraction(

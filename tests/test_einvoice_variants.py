@@ -13,6 +13,7 @@ import pytest
 from invoiceflow.extractors.einvoice import EInvoiceError, embedded_xml_files, read_einvoice_xml
 from invoiceflow.samples import generate_invoice
 from invoiceflow.schema import Invoice
+from invoiceflow.validate import validate_extraction
 
 
 def generated_xml(flavor: str, seed: int = 31) -> tuple[bytes, Invoice]:
@@ -54,3 +55,12 @@ def test_a_price_basis_too_small_to_divide_by_leaves_the_unit_price_out() -> Non
     invoice = read_einvoice_xml(tiny, "x.xml").invoice
     assert invoice.line_items[0].unit_price is None
     assert invoice.line_items[0].amount == Decimal("275.00") == truth.line_items[0].amount
+
+
+def test_a_quantity_too_large_to_multiply_is_flagged_not_a_crash() -> None:
+    xml, _ = generated_xml("factur-x")
+    huge = _replace_text(xml, b'<ram:BilledQuantity unitCode="C62">', b"1E+999999")
+    extraction = read_einvoice_xml(huge, "x.xml")
+    assert extraction.invoice.line_items[0].quantity == Decimal("1E+999999")
+    reasons = validate_extraction(extraction, "").reasons
+    assert reasons == ("line 1: 1E+999999 x 275.00 cannot be computed",)
