@@ -112,7 +112,9 @@ EXPECTED: Final[dict[str, str]] = {
     "validator__XRechnung_internalRecalcBug.xml": READ,
     "validator__ZUGFeRD-invoice_rabatte_3_abschlag_duepayableamount.xml": READ,
     "validator__ZUGFeRD-invoice_rabatte_4_abschlag_taxbasistotalamount.xml": READ,
-    "validator__corruptedV2PDF.pdf": NO_EINVOICE,  # no attachment readable
+    # Its catalog /Names points at the wrong object; both attachments are still listed
+    # in /AF and say what the visible text says (RE-20171118/506, 571.04 EUR).
+    "validator__corruptedV2PDF.pdf": READ,
     "validator__invalidArithmetics.xml": READ,  # 2 x 160 = 160: validate flags the line
     "validator__invalidSubInvoiceLineHierarchy.xml": REVIEW,
     "validator__invalidV1.xml": INVALID,  # misspelt HederExchangedDocument: no number/date
@@ -276,9 +278,13 @@ _STANDARD_NAMES: Final = ("factur-x.xml", "zugferd-invoice.xml", "xrechnung.xml"
 def xml_of(path: Path) -> bytes:
     if path.suffix.lower() == ".xml":
         return path.read_bytes()
-    attachments = PdfReader(io.BytesIO(path.read_bytes())).attachments  # trusted corpus
+    reader = PdfReader(io.BytesIO(path.read_bytes()))  # trusted corpus
+    attachments = {name: data[0] for name, data in reader.attachments.items()}
+    for spec in reader.trailer["/Root"].get("/AF", []):  # files listed only in /AF
+        spec = spec.get_object()
+        attachments.setdefault(spec["/F"], spec["/EF"]["/F"].get_object().get_data())
     names = sorted(attachments, key=lambda n: n.lower() not in _STANDARD_NAMES)
-    return attachments[names[0]][0]
+    return attachments[names[0]]
 
 
 def header_from_xml(xml: bytes) -> tuple[object, ...]:

@@ -6,11 +6,19 @@ whose software writes slightly different XML (or a hostile one) would.
 
 from __future__ import annotations
 
+import io
 from decimal import Decimal
 
 import pytest
+from pypdf import PdfReader, PdfWriter
+from pypdf.generic import ArrayObject, NameObject
 
-from invoiceflow.extractors.einvoice import EInvoiceError, embedded_xml_files, read_einvoice_xml
+from invoiceflow.extractors.einvoice import (
+    EInvoiceError,
+    embedded_xml_files,
+    read_einvoice_xml,
+    read_embedded,
+)
 from invoiceflow.samples import generate_invoice
 from invoiceflow.schema import Invoice
 from invoiceflow.validate import validate_extraction
@@ -64,3 +72,40 @@ def test_a_quantity_too_large_to_multiply_is_flagged_not_a_crash() -> None:
     assert extraction.invoice.line_items[0].quantity == Decimal("1E+999999")
     reasons = validate_extraction(extraction, "").reasons
     assert reasons == ("line 1: 1E+999999 x 275.00 cannot be computed",)
+
+
+def _attached_only_via_af(pdf: bytes, name: str, data: bytes) -> bytes:
+    """The PDF with ``data`` associated to the document (PDF/A-3 ``/AF``) but not
+    listed in the EmbeddedFiles name tree."""
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.add_attachment(name, data)
+    catalog = writer.root_object
+    spec = catalog["/Names"]["/EmbeddedFiles"]["/Names"][1]
+    catalog[NameObject("/AF")] = ArrayObject([spec])
+    del catalog["/Names"]
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["factur-x.xml", "rechnung-4711.xml"])
+def test_an_attachment_reachable_only_via_af_is_read(name: str) -> None:
+    xml, truth = generated_xml("factur-x", seed=8)
+    pdf, _ = generate_invoice(8)
+    hybrid = _attached_only_via_af(pdf, name, xml)
+    assert "/EmbeddedFiles" not in str(PdfReader(io.BytesIO(hybrid)).trailer["/Root"])
+    assert [f.name for f in embedded_xml_files(hybrid)] == [name]
+    extraction = read_embedded(hybrid).extraction
+    assert extraction is not None and extraction.invoice.total == truth.total
+
+
+def test_an_attachment_in_both_the_name_tree_and_af_is_read_once() -> None:
+    xml, _ = generated_xml("factur-x", seed=8)
+    pdf, _ = generate_invoice(8)
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.add_attachment("factur-x.xml", xml)
+    catalog = writer.root_object
+    catalog[NameObject("/AF")] = ArrayObject([catalog["/Names"]["/EmbeddedFiles"]["/Names"][1]])
+    out = io.BytesIO()
+    writer.write(out)
+    assert [f.name for f in embedded_xml_files(out.getvalue())] == ["factur-x.xml"]

@@ -83,14 +83,29 @@ def _xml_candidates(pdf: bytes) -> list[_Candidate]:
         reader = PdfReader(io.BytesIO(pdf), strict=False)
         if reader.is_encrypted and not reader.decrypt(""):
             return []
-        names = _resolve(_resolve(reader.trailer["/Root"]).get("/Names"))
+        catalog = _resolve(reader.trailer["/Root"])
+        names = _resolve(catalog.get("/Names"))
         tree = _resolve(names.get("/EmbeddedFiles")) if isinstance(names, dict) else None
-        if not isinstance(tree, dict):
-            return []
-        return [c for c in _walk(tree) if c.name.lower().endswith(".xml")]
+        found = list(_walk(tree)) if isinstance(tree, dict) else []
+        found += _associated(catalog)
     except Exception as exc:  # a broken PDF simply has no usable attachment
         log.debug("no attachments readable: %s", exc)
         return []
+    # The same file is usually in both places (Factur-X requires it): read it once.
+    unique: dict[int, _Candidate] = {}
+    for candidate in found:
+        unique.setdefault(id(candidate.stream), candidate)
+    return [c for c in unique.values() if c.name.lower().endswith(".xml")]
+
+
+def _associated(catalog: DictionaryObject) -> list[_Candidate]:
+    """Files associated with the document (PDF/A-3 ``/AF``): a producer may list the
+    invoice there and leave it out of the EmbeddedFiles name tree."""
+    specs = _resolve(catalog.get("/AF"))
+    if not isinstance(specs, list):
+        return []
+    found = (_candidate("", _resolve(spec)) for spec in specs[:MAX_NAME_TREE_ENTRIES])
+    return [c for c in found if c is not None]
 
 
 def _walk(tree: DictionaryObject) -> Iterator[_Candidate]:
