@@ -109,3 +109,25 @@ def test_an_attachment_in_both_the_name_tree_and_af_is_read_once() -> None:
     out = io.BytesIO()
     writer.write(out)
     assert [f.name for f in embedded_xml_files(out.getvalue())] == ["factur-x.xml"]
+
+
+def test_an_unknown_declared_encoding_is_refused_not_a_crash() -> None:
+    xml, _ = generated_xml("factur-x", seed=8)
+    declaration = b"<?xml version='1.0' encoding='utf-8'?>"
+    assert xml.startswith(declaration)
+    bogus = xml.replace(declaration, b'<?xml version="1.0" encoding="no-such-charset"?>', 1)
+    with pytest.raises(EInvoiceError, match="not well-formed XML") as caught:
+        read_einvoice_xml(bogus, "x.xml")
+    assert caught.value.kind == "einvoice_invalid"
+    # Embedded, the PDF's text is read instead, with the reason.
+    pdf, _ = generate_invoice(8)
+    read = read_embedded(_with_attachment(pdf, "factur-x.xml", bogus))
+    assert read.extraction is None and "no-such-charset" in read.notes[0]
+
+
+def _with_attachment(pdf: bytes, name: str, data: bytes) -> bytes:
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.add_attachment(name, data)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()

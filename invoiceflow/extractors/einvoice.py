@@ -189,7 +189,8 @@ def _parse(data: bytes) -> Element:
         ) from exc
     except DefusedXmlException as exc:
         raise EInvoiceError(f"XML uses forbidden constructs: {exc!r}") from exc
-    except (SafeET.ParseError, ValueError) as exc:
+    except (SafeET.ParseError, ValueError, LookupError) as exc:
+        # LookupError: the declaration names an encoding Python does not know.
         raise EInvoiceError(f"not well-formed XML: {exc}") from exc
 
 
