@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 from pypdf import PdfReader, PdfWriter
-from pypdf.generic import ArrayObject, NameObject
+from pypdf.generic import ArrayObject, DictionaryObject, NameObject, NullObject, PdfObject
 
 from invoiceflow.extractors.einvoice import (
     EInvoiceError,
@@ -131,3 +131,19 @@ def _with_attachment(pdf: bytes, name: str, data: bytes) -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+@pytest.mark.parametrize("predictor", [NameObject("/Foo"), NullObject()])
+def test_a_predictor_that_is_not_a_number_falls_back_to_the_text(predictor: PdfObject) -> None:
+    xml, _ = generated_xml("factur-x", seed=8)
+    pdf, _ = generate_invoice(8)
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.add_attachment("factur-x.xml", xml)
+    spec = writer.root_object["/Names"]["/EmbeddedFiles"]["/Names"][1].get_object()
+    stream = spec["/EF"]["/F"].get_object()
+    stream[NameObject("/DecodeParms")] = DictionaryObject({NameObject("/Predictor"): predictor})
+    out = io.BytesIO()
+    writer.write(out)
+    read = read_embedded(out.getvalue())
+    assert read.extraction is None
+    assert len(read.notes) == 1 and "parameters we do not decode" in read.notes[0]

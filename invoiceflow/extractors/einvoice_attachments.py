@@ -175,7 +175,11 @@ def _has_predictor(stream: StreamObject) -> bool:
     params = _resolve(stream.get("/DecodeParms"))
     for entry in params if isinstance(params, list) else [params]:
         entry = _resolve(entry)
-        if isinstance(entry, dict) and int(_resolve(entry.get("/Predictor", 1))) > 1:
+        if not isinstance(entry, dict):
+            continue
+        predictor = _resolve(entry.get("/Predictor", 1))
+        # One that is not a number (a name, null) is not a predictor we decode either.
+        if not isinstance(predictor, int | float) or int(predictor) > 1:
             return True
     return False
 
