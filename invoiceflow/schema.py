@@ -97,7 +97,8 @@ class Invoice(BaseModel):
             return None
         code = value.strip().upper()
         if code not in ISO_4217:
-            raise ValueError(f"currency {value!r} is not an ISO 4217 code")
+            # Cut short: the message becomes a failure reason in the manifest.
+            raise ValueError(f"currency {value[:20]!r} is not an ISO 4217 code")
         return code
 
     @classmethod

@@ -147,3 +147,35 @@ def test_a_predictor_that_is_not_a_number_falls_back_to_the_text(predictor: PdfO
     read = read_embedded(out.getvalue())
     assert read.extraction is None
     assert len(read.notes) == 1 and "parameters we do not decode" in read.notes[0]
+
+
+MEGABYTE = b"9" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        pytest.param(b'<ram:BilledQuantity unitCode="C62">', MEGABYTE, id="quantity"),
+        pytest.param(b"<ram:GrandTotalAmount>", MEGABYTE, id="grand-total"),
+        pytest.param(b"<ram:GrandTotalAmount>", b"x" * 1_000_000, id="not-a-number"),
+        pytest.param(b'<udt:DateTimeString format="102">', MEGABYTE, id="issue-date"),
+        pytest.param(b"<ram:InvoiceCurrencyCode>", b"E" * 1_000_000, id="currency"),
+    ],
+)
+def test_a_megabyte_value_is_refused_in_a_short_message(tag: bytes, value: bytes) -> None:
+    """Refusals become failure reasons in the manifest and every table: a megabyte
+    "quantity" must not travel there, neither as a value nor inside the message."""
+    xml, _ = generated_xml("factur-x")
+    with pytest.raises(EInvoiceError) as caught:
+        read_einvoice_xml(_replace_text(xml, tag, value), "x.xml")
+    assert caught.value.kind == "einvoice_invalid"
+    assert len(str(caught.value)) < 300, str(caught.value)[:300]
+
+
+def test_a_megabyte_optional_date_is_left_out_with_a_short_note() -> None:
+    xml, _ = generated_xml("xrechnung-ubl")
+    due = b"<cbc:DueDate>" + MEGABYTE + b"</cbc:DueDate>"
+    long_due = xml.replace(b"<cbc:InvoiceTypeCode>", due + b"<cbc:InvoiceTypeCode>", 1)
+    extraction = read_einvoice_xml(long_due, "x.xml")
+    assert extraction.invoice.due_date is None
+    assert len(extraction.notes) == 1 and len(extraction.notes[0]) < 300

@@ -38,6 +38,11 @@ CREDIT_NOTE_TYPE_CODES: Final = frozenset(
 # Sub-lines (Factur-X/ZUGFeRD Extended) that are not summed into the line total.
 _NOT_SUMMED_LINE_STATUS: Final = frozenset({"DETAIL", "INFORMATION"})
 _IBAN_SHAPE: Final = re.compile(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}")
+# Longest number read: money has at most 18 digits, quantities and rates far fewer. A
+# megabyte "quantity" would travel into the result, its review reasons and the manifest.
+_MAX_NUMBER_CHARS: Final = 100
+# How much of an unreadable value a message quotes: messages become failure reasons.
+_MAX_QUOTED_CHARS: Final = 40
 
 
 class SyntaxReadError(ValueError):
@@ -112,16 +117,25 @@ def text_at(base: Element | None, path: str) -> str | None:
     return text(find(base, path))
 
 
+def _quoted(value: str) -> str:
+    """``value`` quoted for a message, cut short when it is long."""
+    if len(value) <= _MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:_MAX_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
+
 def decimal(element: Element | None, what: str) -> Decimal | None:
     value = text(element)
     if value is None:
         return None
+    if len(value) > _MAX_NUMBER_CHARS:
+        raise SyntaxReadError(f"{what} {_quoted(value)} is too long to be a number")
     try:
         number = Decimal(value)
     except InvalidOperation as exc:
-        raise SyntaxReadError(f"{what} {value!r} is not a decimal number") from exc
+        raise SyntaxReadError(f"{what} {_quoted(value)} is not a decimal number") from exc
     if not number.is_finite():
-        raise SyntaxReadError(f"{what} {value!r} is not a finite number")
+        raise SyntaxReadError(f"{what} {_quoted(value)} is not a finite number")
     return number
 
 
@@ -149,7 +163,7 @@ def iso_date(value: str | None, what: str) -> dt.date | None:
             raise ValueError(value)
         return dt.date.fromisoformat(match.group(1))
     except ValueError as exc:
-        raise SyntaxReadError(f"{what} {value!r} is not an ISO date") from exc
+        raise SyntaxReadError(f"{what} {_quoted(value)} is not an ISO date") from exc
 
 
 def cii_date(element: Element | None, what: str) -> dt.date | None:
@@ -166,10 +180,12 @@ def cii_date(element: Element | None, what: str) -> dt.date | None:
         try:
             return dt.datetime.strptime(value, "%Y%m%d").date()
         except ValueError as exc:
-            raise SyntaxReadError(f"{what} {value!r} is not a YYYYMMDD date") from exc
+            raise SyntaxReadError(f"{what} {_quoted(value)} is not a YYYYMMDD date") from exc
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         return iso_date(value, what)
-    raise SyntaxReadError(f"{what} {value!r} (format {fmt}) is not a YYYYMMDD date")
+    raise SyntaxReadError(
+        f"{what} {_quoted(value)} (format {fmt[:_MAX_QUOTED_CHARS]}) is not a YYYYMMDD date"
+    )
 
 
 class OptionalValues:
