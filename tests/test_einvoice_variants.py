@@ -179,3 +179,17 @@ def test_a_megabyte_optional_date_is_left_out_with_a_short_note() -> None:
     extraction = read_einvoice_xml(long_due, "x.xml")
     assert extraction.invoice.due_date is None
     assert len(extraction.notes) == 1 and len(extraction.notes[0]) < 300
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        pytest.param(b"<" + b"a" * 1_000_000 + b"/>", id="name"),
+        pytest.param(b'<r xmlns="urn:' + b"u" * 1_000_000 + b'"/>', id="namespace"),
+    ],
+)
+def test_a_megabyte_root_element_is_named_in_a_short_message(xml: bytes) -> None:
+    with pytest.raises(EInvoiceError, match="is not an e-invoice") as caught:
+        read_einvoice_xml(xml, "x.xml")
+    assert caught.value.kind == "unsupported_document"
+    assert len(str(caught.value)) < 400

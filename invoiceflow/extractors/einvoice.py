@@ -240,8 +240,10 @@ def _read_root(root: Element, filename: str) -> tuple[SyntaxRead, str]:
         )
         raise EInvoiceError(f"values do not fit the invoice schema: {problems}") from exc
     what = _NOT_INVOICES.get(root.tag, "not an e-invoice")
+    # Cut short: a hostile megabyte tag would become the failure reason in the manifest.
+    tag = root.tag if len(root.tag) <= 200 else f"{root.tag[:200]}..."
     raise EInvoiceError(
-        f"root element {root.tag!r} is {what}; read are UBL 2.1 Invoice/CreditNote, "
+        f"root element {tag!r} is {what}; read are UBL 2.1 Invoice/CreditNote, "
         "UN/CEFACT CrossIndustryInvoice and ZUGFeRD 1.0 CrossIndustryDocument",
         kind="unsupported_document",
     )
