@@ -193,3 +193,28 @@ def test_a_megabyte_root_element_is_named_in_a_short_message(xml: bytes) -> None
         read_einvoice_xml(xml, "x.xml")
     assert caught.value.kind == "unsupported_document"
     assert len(str(caught.value)) < 400
+
+
+def test_a_megabyte_attachment_name_gives_a_short_note() -> None:
+    pdf, _ = generate_invoice(8)
+    name = "x" * 1_000_000 + ".xml"
+    read = read_embedded(_with_attachment(pdf, name, b"<not-closed"))
+    assert read.extraction is None
+    assert len(read.notes) == 1 and "not well-formed" in read.notes[0]
+    assert len(read.notes[0]) < 600
+    (embedded,) = embedded_xml_files(_with_attachment(pdf, name, b"<r/>"))
+    assert embedded.name.endswith("xxx.xml") and len(embedded.name) < 300
+
+
+def test_a_long_filter_chain_gives_a_short_note() -> None:
+    pdf, _ = generate_invoice(8)
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
+    writer.add_attachment("factur-x.xml", b"<r/>")
+    spec = writer.root_object["/Names"]["/EmbeddedFiles"]["/Names"][1].get_object()
+    stream = spec["/EF"]["/F"].get_object()
+    stream[NameObject("/Filter")] = ArrayObject([NameObject("/ASCIIHexDecode")] * 100_000)
+    out = io.BytesIO()
+    writer.write(out)
+    read = read_embedded(out.getvalue())
+    assert len(read.notes) == 1 and "parameters we do not decode" in read.notes[0]
+    assert len(read.notes[0]) < 300

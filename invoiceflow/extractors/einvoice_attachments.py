@@ -39,6 +39,8 @@ MAX_XML_ATTACHMENTS: Final = 8
 # Name-tree entries walked at most (a hostile tree may be wide, deep or cyclic).
 MAX_NAME_TREE_ENTRIES: Final = 1_000
 _FLATE: Final = frozenset({"/FlateDecode", "/Fl"})
+# Longest attachment name kept whole (file systems allow 255).
+_MAX_NAME_CHARS: Final = 255
 
 
 class AttachmentTooLarge(ValueError):
@@ -130,6 +132,9 @@ def _candidate(key: str, spec: Any) -> _Candidate | None:
     if not isinstance(spec, dict):
         return None
     name = str(_resolve(spec.get("/UF")) or _resolve(spec.get("/F")) or key)
+    if len(name) > _MAX_NAME_CHARS:
+        # The name travels into notes and failure reasons; its extension still counts.
+        name = f"{name[: _MAX_NAME_CHARS // 2]}...{name[-_MAX_NAME_CHARS // 2 :]}"
     files = _resolve(spec.get("/EF"))
     if not isinstance(files, dict):
         return None
@@ -152,7 +157,7 @@ def _decode(candidate: _Candidate, max_bytes: int) -> bytes:
     if filters is not None and not stages:
         stages = [str(filters)]
     if any(stage not in _FLATE for stage in stages) or _has_predictor(stream):
-        raise _Undecodable(f"uses filters {stages} with parameters we do not decode")
+        raise _Undecodable(f"uses filters {stages[:5]} with parameters we do not decode")
     for _ in stages:
         data = _inflate(data, max_bytes, name)
     return data
