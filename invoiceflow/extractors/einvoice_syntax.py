@@ -38,6 +38,10 @@ CREDIT_NOTE_TYPE_CODES: Final = frozenset(
 # Sub-lines (Factur-X/ZUGFeRD Extended) that are not summed into the line total.
 _NOT_SUMMED_LINE_STATUS: Final = frozenset({"DETAIL", "INFORMATION"})
 _IBAN_SHAPE: Final = re.compile(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}")
+# What stands in the purchase order reference (BT-13) when there is none: UBL requires
+# cac:OrderReference/cbc:ID, so a document with only a sales order reference (BT-14)
+# writes "NA" there (Peppol BIS 3 sales-order example); producers also write "N/A".
+_NO_ORDER_REFERENCE: Final = frozenset({"NA", "N/A"})
 # Longest number read: money has at most 18 digits, quantities and rates far fewer. A
 # megabyte "quantity" would travel into the result, its review reasons and the manifest.
 _MAX_NUMBER_CHARS: Final = 100
@@ -222,6 +226,13 @@ def iban(value: str | None) -> str | None:
     return compact if _IBAN_SHAPE.fullmatch(compact) else None
 
 
+def order_reference(value: str | None) -> str | None:
+    """A purchase order reference (BT-13), or None for a placeholder standing in for none."""
+    if value is None or value.upper() in _NO_ORDER_REFERENCE:
+        return None
+    return value
+
+
 def join_address(parts: list[str | None]) -> str | None:
     return ", ".join(p for p in parts if p) or None
 
@@ -307,8 +318,10 @@ class CiiReader:
             vendor_name=text_at(seller, "Name"),
             vendor_tax_id=self._tax_id(seller),
             customer_name=text_at(buyer, "Name"),
-            po_number=text_at(self.agreement, "BuyerOrderReferencedDocument/IssuerAssignedID")
-            or text_at(self.agreement, "BuyerOrderReferencedDocument/ID"),
+            po_number=order_reference(
+                text_at(self.agreement, "BuyerOrderReferencedDocument/IssuerAssignedID")
+                or text_at(self.agreement, "BuyerOrderReferencedDocument/ID")
+            ),
             **stated.invoice_fields(self.currency, self._line_items()),
             document_type=document_type(type_code),
             customer_tax_id=self._tax_id(buyer),
@@ -465,7 +478,7 @@ class UblReader:
             vendor_name=self._name(seller),
             vendor_tax_id=self._tax_id(seller),
             customer_name=self._name(buyer),
-            po_number=text_at(root, "OrderReference/ID"),
+            po_number=order_reference(text_at(root, "OrderReference/ID")),
             **stated.invoice_fields(self.currency, self._line_items()),
             document_type=document_type(type_code, credit_note_root=self.credit_note),
             customer_tax_id=self._tax_id(buyer),
