@@ -215,3 +215,40 @@ def test_purchase_order_is_neither_the_sales_order_nor_the_buyer_reference(
     """BT-13, not the sales order reference BT-14 nor the buyer reference BT-10."""
     xml = _edited(flavor, old, new)
     assert read_einvoice_xml(xml, "x.xml").invoice.po_number == "PO-28296"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param("Foretaksregisteret", id="NO-R-002"),
+        pytest.param("GODKÄND FÖR F-SKATT", id="SE-R-005"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("flavor", "old", "new"),
+    [
+        pytest.param(
+            "xrechnung-ubl",
+            UBL_SELLER_VAT,
+            "<cac:PartyTaxScheme><cbc:CompanyID>{}</cbc:CompanyID>"
+            "<cac:TaxScheme><cbc:ID>TAX</cbc:ID></cac:TaxScheme></cac:PartyTaxScheme>",
+            id="ubl",
+        ),
+        pytest.param(
+            "factur-x",
+            CII_SELLER_VAT,
+            '<ram:SpecifiedTaxRegistration><ram:ID schemeID="FC">{}</ram:ID>'
+            "</ram:SpecifiedTaxRegistration></ram:SellerTradeParty>",
+            id="cii",
+        ),
+    ],
+)
+def test_a_national_statement_in_the_tax_registration_is_no_tax_id(
+    flavor: str, old: bytes, new: str, statement: str
+) -> None:
+    """Peppol BIS 3 has Norwegian sellers state "Foretaksregisteret" (NO-R-002) and
+    Swedish ones "Godkänd för F-skatt" (SE-R-005, fatal) in the seller tax registration
+    identifier (BT-32). For a seller with no VAT identifier that statement is all there is:
+    no tax identifier, not a vendor_tax_id of "Foretaksregisteret"."""
+    xml = _edited(flavor, old, new.format(statement).encode())
+    assert read_einvoice_xml(xml, "x.xml").invoice.vendor_tax_id is None

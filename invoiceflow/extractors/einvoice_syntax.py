@@ -233,6 +233,16 @@ def order_reference(value: str | None) -> str | None:
     return value
 
 
+def tax_identifier(value: str | None) -> str | None:
+    """A tax registration as an identifier, or None for a statement without digits.
+
+    Peppol BIS 3 has sellers state "Foretaksregisteret" (NO-R-002) or "Godkänd för
+    F-skatt" (SE-R-005) where EN 16931 puts the tax registration identifier (BT-32);
+    every VAT or tax number has digits.
+    """
+    return value if value is not None and any(ch.isdigit() for ch in value) else None
+
+
 def join_address(parts: list[str | None]) -> str | None:
     return ", ".join(p for p in parts if p) or None
 
@@ -372,7 +382,7 @@ class CiiReader:
         # producer left out the scheme.
         for scheme in ("VA", "FC", None):
             for element in registrations:
-                if element.get("schemeID") == scheme and (value := text(element)):
+                if element.get("schemeID") == scheme and (value := tax_identifier(text(element))):
                     return value
         return None
 
@@ -519,7 +529,7 @@ class UblReader:
         schemes = find_all(party, "PartyTaxScheme")
         # The VAT number first (TaxScheme ID "VAT"), then any other tax registration.
         for scheme in sorted(schemes, key=lambda s: text_at(s, "TaxScheme/ID") != "VAT"):
-            if value := text_at(scheme, "CompanyID"):
+            if value := tax_identifier(text_at(scheme, "CompanyID")):
                 return value
         return None
 
