@@ -540,3 +540,21 @@ def test_amount_beyond_the_schema_is_left_out_with_a_reason() -> None:
     invoice, notes = extract_invoice_with_notes("Invoice No.: 7\nTotal 123456789012345.00\n")
     assert invoice.total is None
     assert any("beyond what the schema holds" in note for note in notes), notes
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A field line above the letterhead-free header: not a name.
+        "Kd.-Nr.: 4471\nAuftrag vom 02.03.2026\nRechnung Nr. 88\nSumme brutto 119,00 €\n",
+        # The issue date printed under the title, no label: not a name either.
+        "Invoice 2231\nMarch 4, 2026\nTotal $ 50.00\n",
+    ],
+)
+def test_a_field_or_a_date_at_the_top_is_not_the_vendor(text: str) -> None:
+    assert extract_invoice(text).vendor_name is None
+
+
+def test_the_letterhead_above_a_field_line_is_still_the_vendor() -> None:
+    text = "Hofmann Elektro\nTel.: 0711 123456\nRechnung Nr. 88\nSumme brutto 119,00 €\n"
+    assert extract_invoice(text).vendor_name == "Hofmann Elektro"

@@ -438,6 +438,8 @@ _LEGAL_FORM: Final = re.compile(
     r"AB|AS|ASA|ApS|A/S|Oy|Oyj|SARL|SAS|SA|S\.A\.|S\.L\.|S\.r\.l\.|S\.p\.A\.|B\.V\.|N\.V\.|BV|NV|"
     r"Pty|Sp\. z o\.o\.|s\.r\.o\.|K\.K\.|SRL|SPRL|BVBA|VOF|OG|e\.U\.)(?!\w)"
 )
+# "Kundennummer:2", "Phone: 0123": a labelled field, so the letterhead (if any) is above it.
+_FIELD_LINE: Final = re.compile(r"^[^\W\d][\w.\- ]{0,30}:\s*\S")
 _EIN: Final = re.compile(r"^\d{2}-\d{7}$")
 _US_HINT: Final = re.compile(
     r"\b(?:USA|U\.S\.A\.|United States)\b|,\s*[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"
@@ -907,8 +909,12 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
             continue  # above or beside the letterhead, not the end of it
         if _RE_ANY_LABEL.search(line.text) or _table_columns(line.text) is not None:
             break
+        if _FIELD_LINE.match(line.text):
+            break
         if _TITLE.match(line.text) or not any(ch.isalpha() for ch in line.text):
             continue
+        if DATE_PATTERN.fullmatch(line.text.strip()):
+            continue  # "February 17, 2026" under the title: the issue date, not a name
         if any(pattern.match(line.text) for _, pattern in _TOTAL_LABELS):
             break
         # Letterheads often run name and address together: "Acme Ltd · 1 Main St"; a
