@@ -558,3 +558,16 @@ def test_a_field_or_a_date_at_the_top_is_not_the_vendor(text: str) -> None:
 def test_the_letterhead_above_a_field_line_is_still_the_vendor() -> None:
     text = "Hofmann Elektro\nTel.: 0711 123456\nRechnung Nr. 88\nSumme brutto 119,00 €\n"
     assert extract_invoice(text).vendor_name == "Hofmann Elektro"
+
+
+@pytest.mark.parametrize(
+    ("row", "tax"),
+    [
+        # VAT summary rows print net, tax and gross: the tax is the middle column.
+        ("VAT 20% 150.00 30.00 180.00", Decimal("30.00")),
+        ("USt. 7 % 1.200,00 84,00 1.284,00", Decimal("84.00")),
+        ("MwSt. 19 % 84,03 15,97", Decimal("15.97")),  # rate, net, tax: the last one
+    ],
+)
+def test_tax_from_a_vat_summary_row(row: str, tax: Decimal) -> None:
+    assert extract_invoice(f"Invoice No. 7\n{row}\nTotal 9,99\n").tax_total == tax

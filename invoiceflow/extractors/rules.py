@@ -1015,7 +1015,7 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
         match = pattern.match(text)
         if match is not None:
             amounts = _AMOUNT.findall(text[match.end() :])
-            return (field, amounts[-1]) if amounts else None
+            return (field, _stated_amount(field, amounts)) if amounts else None
     if not _ENDS_WITH_AMOUNT.search(text):
         return None
     # The label sits right before the amount: only the end of the line is searched.
@@ -1027,8 +1027,20 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
         if len(tail) <= 40 and _ONLY_AN_AMOUNT.fullmatch(tail):
             amounts = _AMOUNT.findall(tail)
             if amounts:
-                return _INLINE_FIELDS[match.lastgroup or ""], amounts[-1]
+                field = _INLINE_FIELDS[match.lastgroup or ""]
+                return field, _stated_amount(field, amounts)
     return None
+
+
+def _stated_amount(field: TotalField, amounts: Sequence[str]) -> str:
+    """The amount a totals line states: its last one, except on a VAT summary row
+    ("19% MwSt.: 376,37 71,51 447,88"), whose columns are net, tax and gross: the tax
+    there is the middle one. Only when the three add up, so no other row is misread."""
+    if field == "tax_total" and len(amounts) >= 3:
+        net, tax, gross = (read_amount(amount) for amount in amounts[-3:])
+        if net is not None and tax is not None and gross is not None and net + tax == gross:
+            return amounts[-2]
+    return amounts[-1]
 
 
 def _with_row_totals(
