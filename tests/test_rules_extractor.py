@@ -571,3 +571,14 @@ def test_the_letterhead_above_a_field_line_is_still_the_vendor() -> None:
 )
 def test_tax_from_a_vat_summary_row(row: str, tax: Decimal) -> None:
     assert extract_invoice(f"Invoice No. 7\n{row}\nTotal 9,99\n").tax_total == tax
+
+
+def test_a_date_labelled_as_the_referenced_invoices_is_not_the_issue_date() -> None:
+    invoice = extract_invoice(
+        "Atelier Brun SARL\nDate de facture initiale : 02/02/2026\n"
+        "Numéro de facture initiale : FA-2026-301\nAvoir n° AV-12\n"
+        "Date d'émission : 15/03/2026\nTotal TTC 120,00 €\n"
+    )
+    assert (invoice.invoice_number, invoice.invoice_date) == ("AV-12", dt.date(2026, 3, 15))
+    only_reference = "Facture n° F-9\nDate de facture associée : 30/11/2025\nTotal TTC 1,00 €\n"
+    assert extract_invoice(only_reference).invoice_date is None

@@ -76,6 +76,13 @@ _REFERENCE_QUALIFIER: Final = re.compile(
     r"|referring\s+to|against|\bfor|d['\u2019]origine|bij)\s*(?:der\s+|the\s+|de\s+la\s+)?$",
     _I,
 )
+# "Date de facture associée :", "N° de facture d'origine" (French puts the qualifier
+# after the label): again another document's.
+_REFERENCE_QUALIFIER_AFTER: Final = re.compile(
+    r"\s*(?:associ[ée]e?s?|d['\u2019]origine|initiale?|originale?|r[ée]f[ée]renc[ée]e"
+    r"|rectifi[ée]e|corrig[ée]e)(?!\w)",
+    _I,
+)
 _INVOICE_DATE: Final = (
     r"invoice\s+date",
     r"date\s+of\s+(?:issue|invoice)",
@@ -694,7 +701,9 @@ def _label_values(
     for pos, line in enumerate(lines):
         for match, _ in zip(label.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False):
             before = line.text[max(0, match.start() - 30) : match.start()]
-            if not_after is not None and not_after.search(before):
+            if not_after is not None and (
+                not_after.search(before) or _REFERENCE_QUALIFIER_AFTER.match(line.text, match.end())
+            ):
                 continue  # e.g. "zu Rechnung Nr.": another document's number
             rest = line.text[match.end() : match.end() + _VALUE_WINDOW].strip(" :#\t")
             # The next line holds the value only under a label alone on its line; the
