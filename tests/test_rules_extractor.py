@@ -582,3 +582,10 @@ def test_a_date_labelled_as_the_referenced_invoices_is_not_the_issue_date() -> N
     assert (invoice.invoice_number, invoice.invoice_date) == ("AV-12", dt.date(2026, 3, 15))
     only_reference = "Facture n° F-9\nDate de facture associée : 30/11/2025\nTotal TTC 1,00 €\n"
     assert extract_invoice(only_reference).invoice_date is None
+
+
+@pytest.mark.parametrize("label", ["N° de client :", "Code client :", "Customer ID:"])
+def test_a_customer_number_label_does_not_name_the_customer(label: str) -> None:
+    text = f"Facture n° F-31\n{label} C-00412\nClient : Boulangerie Martin\nTotal TTC 60,00 €\n"
+    assert extract_invoice(text).customer_name == "Boulangerie Martin"
+    assert extract_invoice(f"Facture n° F-31\n{label} C-00412\n").customer_name is None

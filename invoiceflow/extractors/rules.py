@@ -895,8 +895,15 @@ def _labeled_date(
     return None
 
 
+# "N° de client :", "Code client :", "Kunden-Nr."-style labels name the customer's
+# number, not the customer.
+_CUSTOMER_ID_QUALIFIER: Final = re.compile(
+    r"(?:n[°o]\.?|num[ée]ro|code|r[ée]f\.?|id|nr\.?)\s*(?:de\s+|du\s+)?$", _I
+)
+
+
 def _customer_name(lines: Sequence[_Line]) -> str | None:
-    for pos, rest in _label_values(lines, _RE_BILL_TO):
+    for pos, rest in _label_values(lines, _RE_BILL_TO, not_after=_CUSTOMER_ID_QUALIFIER):
         name = _cut_at_label(rest)
         if not name and pos + 1 < len(lines):
             name = _cut_at_label(lines[pos + 1].text[:_VALUE_WINDOW])
