@@ -589,3 +589,17 @@ def test_a_customer_number_label_does_not_name_the_customer(label: str) -> None:
     text = f"Facture n° F-31\n{label} C-00412\nClient : Boulangerie Martin\nTotal TTC 60,00 €\n"
     assert extract_invoice(text).customer_name == "Boulangerie Martin"
     assert extract_invoice(f"Facture n° F-31\n{label} C-00412\n").customer_name is None
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "Rechnung Nr. 2026-77 von 09.03.2026",
+        "Rechnungs-Nr. 2026-77 vom 09.03.2026",
+        "Rechnungsnummer 2026-77 vom 09.03.2026",
+        "Invoice number 2026-77 of 09.03.2026",
+    ],
+)
+def test_issue_date_after_the_number_label(title: str) -> None:
+    invoice = extract_invoice(f"Kessler Bau GmbH\n{title}\nGesamtbetrag 10,00 €\n")
+    assert (invoice.invoice_number, invoice.invoice_date) == ("2026-77", dt.date(2026, 3, 9))

@@ -111,9 +111,11 @@ _INVOICE_DATE: Final = (
     # "Handelsrechnung (380) 05.03.2018 Nr. 471102": the date right after the title.
     r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)(?:\s*\(\d{3}\))?"
     r"(?=\s+\d{1,2}[./-]\d{1,2}[./-]\d{2,4})",
-    # "Facture n° 2026-045 du 12/03/2026", "Rechnung Nr. 26-0107 vom 10.03.2026".
-    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)\s*(?:n[°o]\.?|nr\.?|no\.?|#)?"
-    r"\s*[\w/.-]{1,30}\s+(?:du|vom|van|d\.d\.|dated|of)(?=\s+\d)",
+    # "Facture n° 2026-045 du 12/03/2026", "Rechnung Nr. 26-0107 vom 10.03.2026",
+    # "Rechnungs-Nr. 10457 von 27.02.2026", "Rechnungsnummer 123 vom 01.02.2026".
+    r"(?:\w{0,20}rechnung|invoice|facture|factuur|gutschrift)s?[\s-]*"
+    r"(?:n[°o]\.?|nr\.?|no\.?|nummer|number|#)?"
+    r"\s*[\w/.-]{1,30}\s+(?:du|vom|von|van|d\.d\.|dated|of)(?=\s+\d)",
     # "Zürich, 31. Januar 2026": place and date alone on a line (German/French letters).
     r"^[A-ZÄÖÜ][\w.' -]{1,30},\s*(?:den\s+|le\s+|am\s+)?"
     r"(?=(?:\d{1,2}\.?\s*[A-Za-zÀ-ÿ]{3,10}\.?\s+\d{4}|\d{1,2}[./]\d{1,2}[./]\d{2,4})$)",
