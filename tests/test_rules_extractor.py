@@ -603,3 +603,15 @@ def test_a_customer_number_label_does_not_name_the_customer(label: str) -> None:
 def test_issue_date_after_the_number_label(title: str) -> None:
     invoice = extract_invoice(f"Kessler Bau GmbH\n{title}\nGesamtbetrag 10,00 €\n")
     assert (invoice.invoice_number, invoice.invoice_date) == ("2026-77", dt.date(2026, 3, 9))
+
+
+@pytest.mark.parametrize(
+    ("sentence", "due"),
+    [
+        ("Bitte überweisen Sie den Betrag bis zum 20.03.2026.", dt.date(2026, 3, 20)),
+        ("Bitte zahlen Sie bis spätestens 20.03.2026 ohne Abzug.", dt.date(2026, 3, 20)),
+        ("Zahlen Sie mit Skonto bis zum 10.03.2026.", None),  # a discount date
+    ],
+)
+def test_due_date_in_a_german_payment_request(sentence: str, due: dt.date | None) -> None:
+    assert extract_invoice(f"Rechnung Nr. 4\n{sentence}\n").due_date == due

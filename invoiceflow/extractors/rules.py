@@ -129,6 +129,9 @@ _DUE_DATE: Final = (
     r"f[äa]lligkeitsdatum",
     r"f[äa]llig(?:\s+am)?\s*:",
     r"zahlbar\s+bis",
+    # "Bitte überweisen Sie den Betrag bis zum ...", not a discount date ("mit Skonto bis").
+    r"(?:[üu]berweisen|zahlen)\s+sie(?:\s+(?!skonto)[\w-]+){0,3}?\s+bis"
+    r"(?:\s+sp[äa]testens)?(?:\s+(?:zum|am))?",
     r"date\s+d['\u2019]\s*[ée]ch[ée]ance",
     r"[ée]ch[ée]ance\s*:",
     r"[àa]\s+payer\s+avant(?:\s+le)?",
