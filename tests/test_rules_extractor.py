@@ -615,3 +615,11 @@ def test_issue_date_after_the_number_label(title: str) -> None:
 )
 def test_due_date_in_a_german_payment_request(sentence: str, due: dt.date | None) -> None:
     assert extract_invoice(f"Rechnung Nr. 4\n{sentence}\n").due_date == due
+
+
+@pytest.mark.parametrize("label", ["USt-ID:", "VAT-ID:", "MwSt-ID"])
+def test_hyphenated_vat_id_labels(label: str) -> None:
+    text = f"Rechnung Nr. 4\n{label} DE287654321\nGesamtbetrag 10,00 €\n"
+    invoice = extract_invoice(text)
+    assert invoice.vendor_tax_id == "DE287654321"
+    assert invoice.tax_total is None

@@ -177,7 +177,7 @@ _VENDOR: Final = (
 )
 _CURRENCY_LABEL: Final = (r"currency\s*:?", r"w[äa]hrung\s*:?", r"devise\s*:?", r"valuta\s*:?")
 _TAX_ID: Final = (
-    r"(?:vat|tax|gst/hst|gst|hst|ust|mwst|btw|tva|iva|moms)\s*(?:reg(?:istration)?\.?\s*)?"
+    r"(?:vat|tax|gst/hst|gst|hst|ust|mwst|btw|tva|iva|moms)[\s-]*(?:reg(?:istration)?\.?\s*)?"
     r"(?:id|no\.?|number|nr\.?|#)(?![a-z])",
     r"tax\s*id",
     r"org\.?\s*n[ro]\.?",
