@@ -623,3 +623,17 @@ def test_hyphenated_vat_id_labels(label: str) -> None:
     invoice = extract_invoice(text)
     assert invoice.vendor_tax_id == "DE287654321"
     assert invoice.tax_total is None
+
+
+def test_net_and_gross_invoice_sums() -> None:
+    invoice = extract_invoice(
+        "Rechnung Nr. 4\nRechnungsbetrag netto 200,00 €\nzzgl. 19 % USt. 38,00 €\n"
+        "Rechnungsbetrag brutto 238,00 €\n"
+    )
+    assert (invoice.subtotal, invoice.tax_total, invoice.total) == (
+        Decimal("200.00"),
+        Decimal("38.00"),
+        Decimal("238.00"),
+    )
+    # The net sum alone is not the total.
+    assert extract_invoice("Rechnungssumme netto 845,00\n").total is None

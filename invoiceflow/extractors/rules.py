@@ -256,7 +256,7 @@ _TOTAL_PATTERNS: Final[tuple[tuple[TotalField, str], ...]] = (
         r"|zwischensumme|nettobetrag|summe\s+netto|netto(?:betrag|summe)"
         r"|gesamtbetrag\s+der\s+positionen|summe\s+(?:der\s+)?positionen|warenwert"
         r"|total\s+h\.?\s?t\.?(?:v\.?a\.?)?|sous-?\s?total|montant\s+h\.?\s?t\.?(?:v\.?a\.?)?"
-        r"|gesamt(?:betrag|summe)?\s+netto|bedrag\s+excl\.?(?:\s*btw)?"
+        r"|gesamt(?:betrag|summe)?\s+netto|rechnungs(?:betrag|summe)\s+netto|bedrag\s+excl\.?(?:\s*btw)?"
         r"|subtotaal|totaal\s+excl\.?(?:\s*btw)?|netto\s+bedrag|maatstaf\s+van\s+heffing",
     ),
     (
