@@ -727,3 +727,62 @@ Total Due: $3,OOO.OO
         },
     ),
 }
+
+# Round 4: German label variants the real hybrids of the dev corpus (Mustang test files)
+# printed and the rules missed, each written here in another vendor's wording and layout.
+CASES_ROUND_4: Final[dict[str, tuple[str, dict[str, Any]]]] = {
+    "de_schreinerei_vat_table": (
+        """\
+Schreinerei Albrecht · Mühlweg 3 · 79100 Freiburg
+Familie Roth
+Schillerstraße 9
+79102 Freiburg
+Kd.-Nr.: 20417
+Rechnungs-Nr. 2026-0311 vom 12.03.2026
+Leistungszeitraum: 02.03.2026 – 06.03.2026
+Pos. Leistung Menge Einzelpreis Gesamt
+1 Einbauschrank Eiche nach Maß 1 2.350,00 € 2.350,00 €
+2 Montage 8 Std. 58,00 € 464,00 €
+Rechnungsbetrag netto 2.814,00 €
+Netto USt-Satz USt-Betrag Brutto
+2.814,00 € 19 % 534,66 € 3.348,66 €
+Rechnungsbetrag brutto 3.348,66 €
+Bitte zahlen Sie den Rechnungsbetrag bis spätestens 26.03.2026 ohne Abzug.
+Steuernummer 06/123/45678 · USt-ID: DE287654321
+""",
+        {
+            "invoice_number": "2026-0311",
+            "invoice_date": dt.date(2026, 3, 12),
+            "currency": "EUR",
+            "total": D("3348.66"),
+            "due_date": dt.date(2026, 3, 26),
+            "subtotal": D("2814.00"),
+            "vendor_tax_id": "DE287654321",
+        },
+    ),
+    "de_grosshandel_von": (
+        """\
+Lagerhaus Nordwest GmbH & Co. KG
+Hafenkante 12 · 26122 Oldenburg
+Kundennummer: 88120
+Datum der Lieferung: 16.02.2026
+Rechnung Nr. LN-26-00093 von 18.02.2026
+Menge Artikel Einzelpreis Summe
+4 Palettenregal 189,00 € 756,00 €
+Nettobetrag 756,00 €
+Endbetrag 899,64 €
+Bitte überweisen Sie den Gesamtbetrag bis zum 04.03.2026 auf das unten genannte Konto.
+USt-ID DE199887766 · IBAN DE89 3704 0044 0532 0130 00
+""",
+        {
+            "invoice_number": "LN-26-00093",
+            "invoice_date": dt.date(2026, 2, 18),
+            "currency": "EUR",
+            "total": D("899.64"),
+            "due_date": dt.date(2026, 3, 4),
+            "subtotal": D("756.00"),
+            "vendor_tax_id": "DE199887766",
+            "vendor_name": "Lagerhaus Nordwest GmbH & Co. KG",
+        },
+    ),
+}
