@@ -637,3 +637,20 @@ def test_net_and_gross_invoice_sums() -> None:
     )
     # The net sum alone is not the total.
     assert extract_invoice("Rechnungssumme netto 845,00\n").total is None
+
+
+@pytest.mark.parametrize(
+    ("sender_line", "vendor"),
+    [
+        ("Praxis Dr. Lena Vogt • Am Anger 2 • 99084 Erfurt", "Praxis Dr. Lena Vogt"),
+        ("studio nord | Seefeldstrasse 5 | CH-8008 Zürich", "studio nord"),
+    ],
+)
+def test_the_return_address_line_names_the_vendor_not_the_recipient(
+    sender_line: str, vendor: str
+) -> None:
+    text = (
+        f"{sender_line}\nMüller Haustechnik GmbH\nz. Hd. Herrn Müller\nRingstraße 4\n"
+        "99086 Erfurt\nRechnung Nr. 2026-14\nGesamtbetrag 300,00 €\n"
+    )
+    assert extract_invoice(text).vendor_name == vendor

@@ -938,6 +938,8 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
             continue  # "February 17, 2026" under the title: the issue date, not a name
         if any(pattern.match(line.text) for _, pattern in _TOTAL_LABELS):
             break
+        if sender := _return_address_name(line.text):
+            return sender
         # Letterheads often run name and address together: "Acme Ltd · 1 Main St"; a
         # two-column header puts the title beside the name: "Acme Ltd INVOICE".
         name = re.split(r" [·|•] ", line.text)[0].strip()
@@ -955,6 +957,20 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
             first = line.text.split(" · ")[0].strip()
             if _LEGAL_FORM.search(first):
                 return first
+    return None
+
+
+_SENDER_PARTS: Final = re.compile(r"\s+[·|•●]\s+")
+_POSTCODE_CITY: Final = re.compile(r"(?:[A-Z]{1,2}-)?\d{4,5}\s+[^\W\d]")
+
+
+def _return_address_name(text: str) -> str | None:
+    """The sender on a window envelope's return-address line ("weclapp.com | Somestreet 42
+    | 08155 Some city" above the recipient): it names the vendor even when the recipient
+    below it has the legal form and the letterhead is only a logo."""
+    parts = _SENDER_PARTS.split(text.strip())
+    if len(parts) >= 3 and _POSTCODE_CITY.match(parts[-1]) and any(c.isalpha() for c in parts[0]):
+        return parts[0]
     return None
 
 
