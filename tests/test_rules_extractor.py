@@ -654,3 +654,11 @@ def test_the_return_address_line_names_the_vendor_not_the_recipient(
         "99086 Erfurt\nRechnung Nr. 2026-14\nGesamtbetrag 300,00 €\n"
     )
     assert extract_invoice(text).vendor_name == vendor
+
+
+def test_the_vat_number_wins_over_the_french_company_register_number() -> None:
+    head = "Atelier Garnier SAS\nSIREN : 552 100 554\n"
+    text = f"{head}N° TVA intracom. : FR40552100554\nFacture n° 88\nTotal TTC 120,00 €\n"
+    assert extract_invoice(text).vendor_tax_id == "FR40552100554"
+    # Without a VAT number the register number is still what is printed.
+    assert extract_invoice(f"{head}Facture n° 88\n").vendor_tax_id == "552 100 554"

@@ -974,7 +974,13 @@ def _return_address_name(text: str) -> str | None:
     return None
 
 
+# France's company register number (SIREN/SIRET) is printed on every invoice, usually
+# before the VAT number ("N° TVA"): the VAT number wins when both are there.
+_REGISTER_LABEL: Final = re.compile(r"SIRE[NT]\b")
+
+
 def _vendor_tax_id(lines: Sequence[_Line]) -> str | None:
+    register_number = None
     for line in lines:
         matches = zip(_RE_TAX_ID.finditer(line.text), range(_MAX_MATCHES_PER_LINE), strict=False)
         for match, _ in matches:
@@ -990,8 +996,10 @@ def _vendor_tax_id(lines: Sequence[_Line]) -> str | None:
             value = _cut_at_label(rest)
             value = re.split(r"\s{2,}", value)[0]
             if sum(ch.isdigit() for ch in value) >= 5 and len(value) <= 32:
-                return value
-    return None
+                if not _REGISTER_LABEL.match(match.group(0)):
+                    return value
+                register_number = register_number or value
+    return register_number
 
 
 # --- totals and currency -----------------------------------------------------------------
