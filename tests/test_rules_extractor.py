@@ -662,3 +662,15 @@ def test_the_vat_number_wins_over_the_french_company_register_number() -> None:
     assert extract_invoice(text).vendor_tax_id == "FR40552100554"
     # Without a VAT number the register number is still what is printed.
     assert extract_invoice(f"{head}Facture n° 88\n").vendor_tax_id == "552 100 554"
+
+
+def test_a_return_address_line_out_of_reading_order_still_names_the_vendor() -> None:
+    # Text extraction put the window-envelope block after the totals.
+    text = (
+        "Kundennummer: 4410\nRechnung Nr. 2026-14\nGesamtbetrag: 300,00 €\n"
+        "Lieferadresse: Lager Ost KG | Hafenweg 3 | 18055 Rostock\n"
+        "Elektro Sommer ● Lindenallee 7 ● 18057 Rostock\nJana Krüger\nBreite Str. 2\n"
+    )
+    assert extract_invoice(text).vendor_name == "Elektro Sommer"
+    no_sender = text.replace("Elektro Sommer ● Lindenallee 7 ● 18057 Rostock\n", "")
+    assert extract_invoice(no_sender).vendor_name is None  # never the delivery address

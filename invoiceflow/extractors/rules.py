@@ -951,8 +951,11 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
         if not candidate[0].isdigit():
             return candidate
 
-    # Last resort: a page footer such as "Acme Ltd · 1 Main St · VAT GB123".
+    # Last resort: a return-address line printed out of reading order, or a page footer
+    # such as "Acme Ltd · 1 Main St · VAT GB123".
     for line in lines:
+        if sender := _return_address_name(line.text):
+            return sender
         if " · " in line.text:
             first = line.text.split(" · ")[0].strip()
             if _LEGAL_FORM.search(first):
@@ -969,9 +972,9 @@ def _return_address_name(text: str) -> str | None:
     | 08155 Some city" above the recipient): it names the vendor even when the recipient
     below it has the legal form and the letterhead is only a logo."""
     parts = _SENDER_PARTS.split(text.strip())
-    if len(parts) >= 3 and _POSTCODE_CITY.match(parts[-1]) and any(c.isalpha() for c in parts[0]):
-        return parts[0]
-    return None
+    if len(parts) < 3 or not _POSTCODE_CITY.match(parts[-1]) or ":" in parts[0]:
+        return None  # "Lieferadresse: Lager AG | Weg 3 | 54321 Ort" is another address
+    return parts[0] if any(c.isalpha() for c in parts[0]) else None
 
 
 # France's company register number (SIREN/SIRET) is printed on every invoice, usually
