@@ -674,3 +674,11 @@ def test_a_return_address_line_out_of_reading_order_still_names_the_vendor() -> 
     assert extract_invoice(text).vendor_name == "Elektro Sommer"
     no_sender = text.replace("Elektro Sommer ● Lindenallee 7 ● 18057 Rostock\n", "")
     assert extract_invoice(no_sender).vendor_name is None  # never the delivery address
+
+
+def test_the_letterhead_above_a_return_address_line_stays_the_vendor() -> None:
+    text = (
+        "Fotostudio Licht\nInh. Mara Licht · Domplatz 1 · 39104 Magdeburg\nHerrn\nOle Brandt\n"
+        "Rechnung Nr. 77\nGesamtbetrag 80,00 €\n"
+    )
+    assert extract_invoice(text).vendor_name == "Fotostudio Licht"

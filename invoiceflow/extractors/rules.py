@@ -938,8 +938,8 @@ def _vendor_name(lines: Sequence[_Line], *, allow_unqualified: bool) -> str | No
             continue  # "February 17, 2026" under the title: the issue date, not a name
         if any(pattern.match(line.text) for _, pattern in _TOTAL_LABELS):
             break
-        if sender := _return_address_name(line.text):
-            return sender
+        if not candidates and (sender := _return_address_name(line.text)):
+            return sender  # no letterhead above the window envelope's sender line
         # Letterheads often run name and address together: "Acme Ltd · 1 Main St"; a
         # two-column header puts the title beside the name: "Acme Ltd INVOICE".
         name = re.split(r" [·|•] ", line.text)[0].strip()
