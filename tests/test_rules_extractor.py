@@ -682,3 +682,22 @@ def test_the_letterhead_above_a_return_address_line_stays_the_vendor() -> None:
         "Rechnung Nr. 77\nGesamtbetrag 80,00 €\n"
     )
     assert extract_invoice(text).vendor_name == "Fotostudio Licht"
+
+
+@pytest.mark.parametrize(
+    ("block", "customer"),
+    [
+        ("Herrn\nOle Brandt\nSchulstraße 3\n39108 Magdeburg\n", "Ole Brandt"),
+        (
+            "Zahnarztpraxis Dr. Ilse Kern\nLange Reihe 8\n20099 Hamburg\n",
+            "Zahnarztpraxis Dr. Ilse Kern",
+        ),
+        ("Kundennummer: 10023\nRechnungsdatum: 03.03.2026\n", None),  # no address block: no guess
+    ],
+)
+def test_the_recipient_under_the_return_address_line_is_the_customer(
+    block: str, customer: str | None
+) -> None:
+    sender = "Druckerei Sand | Am Hafen 2 | 39104 Magdeburg\n"
+    text = f"{sender}{block}Rechnung Nr. 7\nGesamtbetrag 9,00 €\n"
+    assert extract_invoice(text).customer_name == customer

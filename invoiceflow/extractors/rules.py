@@ -914,6 +914,29 @@ def _customer_name(lines: Sequence[_Line]) -> str | None:
             name = _cut_at_label(lines[pos + 1].text[:_VALUE_WINDOW])
         if name and any(ch.isalpha() for ch in name):
             return name
+    return _recipient_under_return_address(lines)
+
+
+# The salutation line of an address block ("Herrn", "Firma"), above the name.
+_ADDRESS_SALUTATION: Final = re.compile(r"(?:herrn?|frau|firma|an|z\.\s?hd\.?.*)$", _I)
+
+
+def _recipient_under_return_address(lines: Sequence[_Line]) -> str | None:
+    """The first line of the address block right under the return-address line: the
+    window envelope's recipient (DIN 5008 and the like), which carries no label."""
+    for pos, line in enumerate(lines[:-1]):
+        if _return_address_name(line.text) is None:
+            continue
+        below = [ln.text.strip() for ln in lines[pos + 1 : pos + 3]]
+        name = below[1] if _ADDRESS_SALUTATION.fullmatch(below[0]) and len(below) > 1 else below[0]
+        if (
+            not name[:1].isalpha()
+            or _FIELD_LINE.match(name)
+            or _RE_ANY_LABEL.search(name)
+            or _return_address_name(name)
+        ):
+            return None  # not an address block under it: no guess
+        return name
     return None
 
 
