@@ -231,10 +231,13 @@ def check_invoice(
         and abs(lines_sum + tax - total) > lines_tolerance
     ):
         reasons.append(f"line items {lines_sum} + tax {tax} = {lines_sum + tax}, total {total}")
+    # A negative (corrective) invoice owes less the closer its due is to zero, so
+    # "exceeds" is measured in the direction of the total's sign.
+    sign = -1 if total is not None and total < 0 else 1
     if (
         invoice.amount_due is not None
         and total is not None
-        and invoice.amount_due > total + tolerance
+        and sign * invoice.amount_due > sign * total + tolerance
     ):
         reasons.append(f"amount due {invoice.amount_due} exceeds total {total}")
     if invoice.due_date and invoice.invoice_date and invoice.due_date < invoice.invoice_date:

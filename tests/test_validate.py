@@ -183,6 +183,21 @@ def test_inconsistencies_need_review(change: dict[str, Any], fragment: str) -> N
     assert fragment in reasons
 
 
+def test_amount_due_is_compared_in_the_direction_of_a_negative_total() -> None:
+    # A corrective invoice stated with negative amounts: -190.00 already settled
+    # leaves -1000.00 due, which is within the -1190.00 total, not above it.
+    negative = {
+        **HONEST,
+        "line_items": [],
+        "subtotal": "-1000.00",
+        "tax_total": "-190.00",
+        "total": "-1190.00",
+    }
+    assert check_invoice(Invoice.model_validate({**negative, "amount_due": "-1000.00"})) == []
+    reasons = check_invoice(Invoice.model_validate({**negative, "amount_due": "-1500.00"}))
+    assert "amount due -1500.00 exceeds total -1190.00" in reasons
+
+
 def test_line_arithmetic_and_tolerance() -> None:
     wrong = Invoice.model_validate(
         {
