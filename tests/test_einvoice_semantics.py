@@ -252,3 +252,36 @@ def test_a_national_statement_in_the_tax_registration_is_no_tax_id(
     no tax identifier, not a vendor_tax_id of "Foretaksregisteret"."""
     xml = _edited(flavor, old, new.format(statement).encode())
     assert read_einvoice_xml(xml, "x.xml").invoice.vendor_tax_id is None
+
+
+@pytest.mark.parametrize(
+    ("flavor", "name", "described"),
+    [
+        pytest.param(
+            "xrechnung-ubl",
+            b"<cbc:Name>Installation &amp; setup</cbc:Name>",
+            b"<cbc:Description>Installation &amp; setup</cbc:Description>",
+            id="ubl",
+        ),
+        pytest.param(
+            "factur-x",
+            b"<ram:Name>Installation &amp; setup</ram:Name>",
+            b"<ram:Description>Installation &amp; setup</ram:Description>",
+            id="cii",
+        ),
+        pytest.param(
+            "factur-x",
+            b"<ram:Name>Installation &amp; setup</ram:Name>",
+            b"<ram:Name> </ram:Name><ram:Description>Installation &amp; setup</ram:Description>",
+            id="cii-empty-name",
+        ),
+    ],
+)
+def test_a_line_without_an_item_name_is_described_by_its_item_description(
+    flavor: str, name: bytes, described: bytes
+) -> None:
+    """The item name (BT-153) is what a line is called; when a producer leaves it out
+    (or empty), the item description (BT-154) is the only text saying what was sold."""
+    xml = _edited(flavor, name, described)
+    items = read_einvoice_xml(xml, "x.xml").invoice.line_items
+    assert items[0].description == "Installation & setup"

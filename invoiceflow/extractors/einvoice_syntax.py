@@ -416,8 +416,11 @@ class CiiReader:
         for line in self._summed_lines():
             quantity = decimal(find(line, f"{self.d.line_delivery}/BilledQuantity"), "quantity")
             price = find(line, f"{self.d.line_agreement}/NetPriceProductTradePrice")
+            product = find(line, "SpecifiedTradeProduct")
             yield LineItem(
-                description=text_at(line, "SpecifiedTradeProduct/Name") or "",
+                # The item name (BT-153), else the item description (BT-154): a line
+                # without a name is still said to be something.
+                description=text_at(product, "Name") or text_at(product, "Description") or "",
                 quantity=quantity,
                 unit_price=_unit_price(
                     decimal(find(price, "ChargeAmount"), "net price"),
@@ -562,7 +565,8 @@ class UblReader:
     def _line_items(self) -> Iterator[LineItem]:
         for line in self._lines():
             yield LineItem(
-                description=text_at(line, "Item/Name") or "",
+                # The item name (BT-153), else the item description (BT-154).
+                description=text_at(line, "Item/Name") or text_at(line, "Item/Description") or "",
                 quantity=self._quantity(line),
                 unit_price=_unit_price(
                     decimal(find(line, "Price/PriceAmount"), "PriceAmount"),
