@@ -285,3 +285,27 @@ def test_a_line_without_an_item_name_is_described_by_its_item_description(
     xml = _edited(flavor, name, described)
     items = read_einvoice_xml(xml, "x.xml").invoice.line_items
     assert items[0].description == "Installation & setup"
+
+
+def test_cii_price_base_quantity_stated_with_the_gross_price() -> None:
+    """The CII binding of EN 16931 puts BT-149 on either price: a valid invoice states it
+    on at most one of them, and the line arithmetic (PEPPOL-EN16931-R120) takes the net
+    price's basis, else the gross price's. 275.00 per 10 units over 10 units is 275.00."""
+    xml = _edited(
+        "factur-x",
+        b"<ram:NetPriceProductTradePrice><ram:ChargeAmount>275.00</ram:ChargeAmount>"
+        b"</ram:NetPriceProductTradePrice></ram:SpecifiedLineTradeAgreement>"
+        b'<ram:SpecifiedLineTradeDelivery><ram:BilledQuantity unitCode="C62">1<',
+        b"<ram:GrossPriceProductTradePrice><ram:ChargeAmount>275.00</ram:ChargeAmount>"
+        b'<ram:BasisQuantity unitCode="C62">10</ram:BasisQuantity>'
+        b"</ram:GrossPriceProductTradePrice>"
+        b"<ram:NetPriceProductTradePrice><ram:ChargeAmount>275.00</ram:ChargeAmount>"
+        b"</ram:NetPriceProductTradePrice></ram:SpecifiedLineTradeAgreement>"
+        b'<ram:SpecifiedLineTradeDelivery><ram:BilledQuantity unitCode="C62">10<',
+    )
+    item = read_einvoice_xml(xml, "x.xml").invoice.line_items[0]
+    assert (item.quantity, item.unit_price, item.amount) == (
+        Decimal("10"),
+        Decimal("27.5"),
+        Decimal("275.00"),
+    )

@@ -415,7 +415,13 @@ class CiiReader:
     def _line_items(self) -> Iterator[LineItem]:
         for line in self._summed_lines():
             quantity = decimal(find(line, f"{self.d.line_delivery}/BilledQuantity"), "quantity")
-            price = find(line, f"{self.d.line_agreement}/NetPriceProductTradePrice")
+            agreement = find(line, self.d.line_agreement)
+            price = find(agreement, "NetPriceProductTradePrice")
+            # The CII binding of EN 16931 states BT-149 on either price (at most one):
+            # a basis given only with the gross price is the net price's basis too.
+            basis = find(price, "BasisQuantity")
+            if basis is None:
+                basis = find(agreement, "GrossPriceProductTradePrice/BasisQuantity")
             product = find(line, "SpecifiedTradeProduct")
             yield LineItem(
                 # The item name (BT-153), else the item description (BT-154): a line
@@ -424,7 +430,7 @@ class CiiReader:
                 quantity=quantity,
                 unit_price=_unit_price(
                     decimal(find(price, "ChargeAmount"), "net price"),
-                    decimal(find(price, "BasisQuantity"), "price basis quantity"),
+                    decimal(basis, "price basis quantity"),
                 ),
                 amount=money(self._line_amount(line), "line total"),
             )
