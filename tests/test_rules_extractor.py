@@ -567,9 +567,17 @@ def test_the_letterhead_above_a_field_line_is_still_the_vendor() -> None:
         ("VAT 20% 150.00 30.00 180.00", Decimal("30.00")),
         ("USt. 7 % 1.200,00 84,00 1.284,00", Decimal("84.00")),
         ("MwSt. 19 % 84,03 15,97", Decimal("15.97")),  # rate, net, tax: the last one
+        # The same rows with a currency sign or code beside each amount.
+        ("19 % MwSt. 756,00 € 143,64 € 899,64 €", Decimal("143.64")),
+        ("Summe 19 % MwSt. EUR 756,00 EUR 143,64 EUR 899,64", Decimal("143.64")),
+        ("Tax summary: VAT 20% £500.00 £100.00 £600.00", Decimal("100.00")),
+        ("Davon 8,1 % MWST CHF 1'000.00 CHF 81.00 CHF 1'081.00", Decimal("81.00")),
+        ("Sales tax 5% $200.00 $10.00 $210.00", Decimal("10.00")),
+        # Columns that do not add up are no summary row.
+        ("19 % MwSt. 756,00 € 143,64 € 900,00 €", None),
     ],
 )
-def test_tax_from_a_vat_summary_row(row: str, tax: Decimal) -> None:
+def test_tax_from_a_vat_summary_row(row: str, tax: Decimal | None) -> None:
     assert extract_invoice(f"Invoice No. 7\n{row}\nTotal 9,99\n").tax_total == tax
 
 

@@ -1100,7 +1100,34 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
             if amounts:
                 field = _INLINE_FIELDS[match.lastgroup or ""]
                 return field, _stated_amount(field, amounts)
+        if _INLINE_FIELDS[match.lastgroup or ""] == "tax_total":
+            tax = _summary_row_tax(tail)
+            if tax is not None:
+                return "tax_total", tax
     return None
+
+
+# A VAT summary row whose amounts each carry a currency ("756,00 € 143,64 € 899,64 €",
+# "£500.00 £100.00 £600.00") is not one amount as `_ONLY_AN_AMOUNT` sees it.
+_SUMMARY_ROW: Final = re.compile(
+    r"[\s:.)]*(?:\(?\d{1,2}(?:[.,]\d{1,2})?\s?%\)?\s*)?"
+    r"(?:(?:[A-Z]{3}|US\$|[$€£¥])?\s?-?\d[\d.,'\u2019]*\s?(?:[A-Z]{3}|[$€£])?\s*){3}"
+)
+
+
+def _summary_row_tax(tail: str) -> str | None:
+    """The middle (tax) amount of a net, tax, gross row after a VAT label, with or
+    without a currency beside each amount; only when net + tax = gross, as in
+    `_stated_amount`, so no other row is misread."""
+    if len(tail) > 60 or not _SUMMARY_ROW.fullmatch(tail):
+        return None
+    amounts = _AMOUNT.findall(tail)
+    if len(amounts) != 3:
+        return None
+    net, tax, gross = (read_amount(amount) for amount in amounts)
+    if net is None or tax is None or gross is None or net + tax != gross:
+        return None
+    return amounts[1]
 
 
 def _stated_amount(field: TotalField, amounts: Sequence[str]) -> str:
