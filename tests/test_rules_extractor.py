@@ -709,3 +709,17 @@ def test_the_recipient_under_the_return_address_line_is_the_customer(
     sender = "Druckerei Sand | Am Hafen 2 | 39104 Magdeburg\n"
     text = f"{sender}{block}Rechnung Nr. 7\nGesamtbetrag 9,00 €\n"
     assert extract_invoice(text).customer_name == customer
+
+
+def test_an_ocr_point_for_the_decimal_comma_still_reads_the_amount() -> None:
+    # OCR often reads a decimal comma as a point; "64.12" cannot be a thousands group.
+    text = (
+        "Factuur 2026-118\nFactuurdatum 04-05-2026\n"
+        "Subtotaal: 1.234,50 €\nBTW 21% 64.12 €\nTotaal: 1.298,62 €\n"
+    )
+    invoice = extract_invoice(text)
+    assert (invoice.subtotal, invoice.tax_total, invoice.total) == (
+        Decimal("1234.50"),
+        Decimal("64.12"),
+        Decimal("1298.62"),
+    )

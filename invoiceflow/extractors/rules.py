@@ -1159,10 +1159,17 @@ def _decimal_separator(amounts: Iterable[str]) -> DecimalSeparator | None:
     return "," if votes[","] > votes["."] else "."
 
 
+# One separator followed by two digits: never a thousands group (those have three), so
+# "75.04" on a decimal-comma invoice is OCR reading the comma as a point.
+_OTHER_DECIMAL: Final = re.compile(r"\D*\d{1,3}[.,]\d{2}\D*")
+
+
 def _amount(text: str | None, decimal: DecimalSeparator | None, notes: list[str]) -> Decimal | None:
     if text is None:
         return None
     value = read_amount(text, decimal=decimal, notes=notes)
+    if value is None and decimal is not None and _OTHER_DECIMAL.fullmatch(text):
+        value = read_amount(text, notes=notes)
     if value is None:
         return None
     if not _fits_money(value):
