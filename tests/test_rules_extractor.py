@@ -723,3 +723,12 @@ def test_an_ocr_point_for_the_decimal_comma_still_reads_the_amount() -> None:
         Decimal("64.12"),
         Decimal("1298.62"),
     )
+
+
+def test_a_vat_summary_row_that_does_not_add_up_gives_no_tax() -> None:
+    # OCR misread a digit of the tax column (38,00 -> 33,00): the row's last amount is
+    # its gross, never the tax, so the tax stays unknown rather than wrong.
+    text = "Facture FA-5521\nTotal HT 200,00\nTVA 19% : 200,00 33,00 238,00\nTotal TTC 238,00\n"
+    invoice = extract_invoice(text)
+    assert invoice.tax_total is None
+    assert (invoice.subtotal, invoice.total) == (Decimal("200.00"), Decimal("238.00"))

@@ -1086,7 +1086,8 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
         match = pattern.match(text)
         if match is not None:
             amounts = _AMOUNT.findall(text[match.end() :])
-            return (field, _stated_amount(field, amounts)) if amounts else None
+            stated = _stated_amount(field, amounts) if amounts else None
+            return (field, stated) if stated else None
     if not _ENDS_WITH_AMOUNT.search(text):
         return None
     # The label sits right before the amount: only the end of the line is searched.
@@ -1097,9 +1098,9 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
         tail = end[match.end() :]
         if len(tail) <= 40 and _ONLY_AN_AMOUNT.fullmatch(tail):
             amounts = _AMOUNT.findall(tail)
-            if amounts:
-                field = _INLINE_FIELDS[match.lastgroup or ""]
-                return field, _stated_amount(field, amounts)
+            field = _INLINE_FIELDS[match.lastgroup or ""]
+            if amounts and (stated := _stated_amount(field, amounts)):
+                return field, stated
         if _INLINE_FIELDS[match.lastgroup or ""] == "tax_total":
             tax = _summary_row_tax(tail)
             if tax is not None:
@@ -1130,14 +1131,19 @@ def _summary_row_tax(tail: str) -> str | None:
     return amounts[1]
 
 
-def _stated_amount(field: TotalField, amounts: Sequence[str]) -> str:
+def _stated_amount(field: TotalField, amounts: Sequence[str]) -> str | None:
     """The amount a totals line states: its last one, except on a VAT summary row
     ("19% MwSt.: 376,37 71,51 447,88"), whose columns are net, tax and gross: the tax
-    there is the middle one. Only when the three add up, so no other row is misread."""
+    there is the middle one. Only when the three add up, so no other row is misread;
+    a row that does not (an OCR-misread digit) but ends in its largest amount is still
+    such a row, and its last amount is the gross: no tax is read from it."""
     if field == "tax_total" and len(amounts) >= 3:
         net, tax, gross = (read_amount(amount) for amount in amounts[-3:])
-        if net is not None and tax is not None and gross is not None and net + tax == gross:
-            return amounts[-2]
+        if net is not None and tax is not None and gross is not None:
+            if net + tax == gross:
+                return amounts[-2]
+            if 0 < tax < net < gross:
+                return None
     return amounts[-1]
 
 
