@@ -732,3 +732,13 @@ def test_a_vat_summary_row_that_does_not_add_up_gives_no_tax() -> None:
     invoice = extract_invoice(text)
     assert invoice.tax_total is None
     assert (invoice.subtotal, invoice.total) == (Decimal("200.00"), Decimal("238.00"))
+
+
+def test_a_totals_label_line_ending_in_a_colon_states_no_amount() -> None:
+    # "Tax exemption 2 :" is a numbered label with an empty value (OCR may add the
+    # digit, too); it must not replace the tax stated above it.
+    text = (
+        "Invoice 55120\nSubtotal 240.00\nSales tax 19.80\nTotal 259.80\n"
+        "Tax exemption 2 :\nTax reference :\n"
+    )
+    assert extract_invoice(text).tax_total == Decimal("19.80")

@@ -1085,6 +1085,8 @@ def _total_on_line(text: str) -> tuple[TotalField, str] | None:
     for field, pattern in _TOTAL_LABELS:
         match = pattern.match(text)
         if match is not None:
+            if text.rstrip().endswith(":"):
+                return None  # "VAT clause 1 :": a label waiting for its value, no amount
             amounts = _AMOUNT.findall(text[match.end() :])
             stated = _stated_amount(field, amounts) if amounts else None
             return (field, stated) if stated else None
