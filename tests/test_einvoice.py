@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import io
 import json
 import pickle
 import subprocess
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import pytest
 from fpdf import FPDF
-from pypdf import PdfReader, PdfWriter
 from typer.testing import CliRunner
 
 from devtools.llm_server import LLMServerHandle, running_llm_server
-from invoiceflow.einvoice_samples import SAMPLE_KINDS, SampleKind, einvoice_sample
+from invoiceflow.einvoice_samples import SAMPLE_KINDS, SampleKind, einvoice_sample, with_attachment
 from invoiceflow.evaluate import extract_file
 from invoiceflow.extractors import Extraction
 from invoiceflow.extractors.einvoice import (
@@ -120,14 +118,6 @@ def test_broken_pdf_has_no_einvoice_and_does_not_raise(data: bytes) -> None:
     assert read_einvoice(data) is None
 
 
-def _with_attachment(pdf: bytes, name: str, data: bytes) -> bytes:
-    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
-    writer.add_attachment(name, data)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
-
-
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">]>
 <rsm:CrossIndustryInvoice xmlns:rsm="urn:un:unece:uncefact:data:standard:CrossIndustryInvoice:100">
@@ -144,7 +134,7 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 )
 def test_unusable_xml_falls_back_to_the_text(xml: bytes) -> None:
     pdf, truth = generate_invoice(8)
-    hybrid = _with_attachment(pdf, "factur-x.xml", xml)
+    hybrid = with_attachment(pdf, "factur-x.xml", xml)
     assert [f.name for f in embedded_xml_files(hybrid)] == ["factur-x.xml"]
     assert read_einvoice(hybrid) is None
     done = asyncio.run(extract_file(hybrid, RulesExtractor()))
@@ -379,7 +369,7 @@ def test_embedded_xml_that_is_invalid_is_not_used_and_says_why(
 ) -> None:
     xml, _ = generated_xml("factur-x", seed=8)
     pdf, truth = generate_invoice(8)
-    hybrid = _with_attachment(pdf, "factur-x.xml", mutate(xml))
+    hybrid = with_attachment(pdf, "factur-x.xml", mutate(xml))
     read = read_embedded(hybrid)
     assert read.extraction is None
     assert len(read.notes) == 1 and note in read.notes[0] and "factur-x.xml" in read.notes[0]
@@ -394,7 +384,7 @@ def test_pdf_carrying_an_order_is_not_an_invoice() -> None:
         b'<Order xmlns="urn:oasis:names:specification:ubl:schema:xsd:Order-2"><ID>1</ID></Order>'
     )
     with pytest.raises(EInvoiceError, match=r"order\.xml is a UBL order") as caught:
-        read_embedded(_with_attachment(pdf, "order.xml", order))
+        read_embedded(with_attachment(pdf, "order.xml", order))
     assert caught.value.kind == "unsupported_document"
 
 
@@ -761,7 +751,7 @@ def test_an_unreadable_optional_date_is_left_out_with_a_note() -> None:
     )
     # Embedded, the rest of the XML is still used, and the note still asks for review.
     pdf, _ = generate_invoice(8)
-    read = read_embedded(_with_attachment(pdf, "factur-x.xml", month))
+    read = read_embedded(with_attachment(pdf, "factur-x.xml", month))
     assert read.extraction is not None and read.extraction.notes == extraction.notes
 
 

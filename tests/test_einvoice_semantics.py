@@ -9,9 +9,9 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from test_einvoice import generated_xml
 
 from invoiceflow.extractors.einvoice import read_einvoice_xml
-from tests.test_einvoice_variants import generated_xml
 
 UBL_ORDER = b"<cac:OrderReference><cbc:ID>PO-28296</cbc:ID></cac:OrderReference>"
 CII_ORDER = (

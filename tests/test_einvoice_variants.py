@@ -12,7 +12,9 @@ from decimal import Decimal
 import pytest
 from pypdf import PdfReader, PdfWriter
 from pypdf.generic import ArrayObject, DictionaryObject, NameObject, NullObject, PdfObject
+from test_einvoice import generated_xml
 
+from invoiceflow.einvoice_samples import with_attachment
 from invoiceflow.extractors.einvoice import (
     EInvoiceError,
     embedded_xml_files,
@@ -20,14 +22,7 @@ from invoiceflow.extractors.einvoice import (
     read_embedded,
 )
 from invoiceflow.samples import generate_invoice
-from invoiceflow.schema import Invoice
 from invoiceflow.validate import validate_extraction
-
-
-def generated_xml(flavor: str, seed: int = 31) -> tuple[bytes, Invoice]:
-    pdf, truth = generate_invoice(seed, einvoice=flavor)  # type: ignore[arg-type]
-    (embedded,) = embedded_xml_files(pdf)
-    return embedded.data, truth
 
 
 def _replace_text(xml: bytes, start_tag: bytes, value: bytes) -> bytes:
@@ -121,16 +116,8 @@ def test_an_unknown_declared_encoding_is_refused_not_a_crash() -> None:
     assert caught.value.kind == "einvoice_invalid"
     # Embedded, the PDF's text is read instead, with the reason.
     pdf, _ = generate_invoice(8)
-    read = read_embedded(_with_attachment(pdf, "factur-x.xml", bogus))
+    read = read_embedded(with_attachment(pdf, "factur-x.xml", bogus))
     assert read.extraction is None and "no-such-charset" in read.notes[0]
-
-
-def _with_attachment(pdf: bytes, name: str, data: bytes) -> bytes:
-    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))
-    writer.add_attachment(name, data)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 @pytest.mark.parametrize("predictor", [NameObject("/Foo"), NullObject()])
@@ -198,11 +185,11 @@ def test_a_megabyte_root_element_is_named_in_a_short_message(xml: bytes) -> None
 def test_a_megabyte_attachment_name_gives_a_short_note() -> None:
     pdf, _ = generate_invoice(8)
     name = "x" * 1_000_000 + ".xml"
-    read = read_embedded(_with_attachment(pdf, name, b"<not-closed"))
+    read = read_embedded(with_attachment(pdf, name, b"<not-closed"))
     assert read.extraction is None
     assert len(read.notes) == 1 and "not well-formed" in read.notes[0]
     assert len(read.notes[0]) < 600
-    (embedded,) = embedded_xml_files(_with_attachment(pdf, name, b"<r/>"))
+    (embedded,) = embedded_xml_files(with_attachment(pdf, name, b"<r/>"))
     assert embedded.name.endswith("xxx.xml") and len(embedded.name) < 300
 
 
